@@ -1,0 +1,104 @@
+"""Build the tiny demo chat model, deterministically, from the bundled text: no download involved.
+
+A byte-level BPE tokenizer is trained on data/demo/*.jsonl (with the chat template's special
+tokens and a BOS token, which XTuner's encode_fn needs for tokenizers it does not special-case),
+and a Qwen2-architecture model of about 0.4 M parameters is pretrained briefly on the bundled
+general-chat rows only, in the chat template, so that it starts as a (very small) chat model that
+knows the format but not the gardening assistant's task. Same inputs, same seed: same weights.
+The whole recipe takes seconds on two CPU cores.
+
+Run: python data/tiny_model.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "demo"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 1536
+
+
+def texts() -> list[str]:
+    out = []
+    for name in ("task.jsonl", "general.jsonl"):
+        for line in (DATA / name).read_text(encoding="utf-8").splitlines():
+            out += [m["content"] for m in json.loads(line)["messages"]]
+    out += ["system", "user", "assistant", "\n"]
+    return out
+
+
+def build(out: Path, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts(), trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    hf_tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(hf_tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    pretrain(model, hf_tok, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    model.generation_config.save_pretrained(out)
+    return out
+
+
+def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr: float = 3e-3) -> None:
+    """Full-parameter next-token training on the general-chat rows, formatted like qwen_chat."""
+    import torch
+
+    rows = [json.loads(line)["messages"] for line in (DATA / "general.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = [
+        "<|endoftext|>"
+        + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        for messages in rows
+    ]
+    # The task's sentences as plain text, never as question-answer pairs: like a real base model, it
+    # has read about gardening but has not been taught to answer as the assistant.
+    for line in (DATA / "task.jsonl").read_text(encoding="utf-8").splitlines():
+        texts += ["<|endoftext|>" + m["content"] for m in json.loads(line)["messages"]]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (batch,), generator=gen)
+        out = model(input_ids=enc.input_ids[idx], attention_mask=enc.attention_mask[idx], labels=labels[idx])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    print(f"pretrained on {len(texts)} general rows: final loss {out.loss.item():.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python data/tiny_model.py OUT_DIR")
+    path = build(Path(sys.argv[1]))
+    print(f"tiny model written to {path}")

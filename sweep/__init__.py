@@ -1,0 +1,1 @@
+"""xtuner-sweep: Optuna sweeps over XTuner fine-tuning with held-out validation and MLflow tracking."""

@@ -1,0 +1,211 @@
+"""Data preparation: read chat rows, check them, split them once per study, and mix per trial.
+
+The split is made once, deterministically from the seed, and saved with a content hash in the
+study's work dir; every trial of the study (and every worker) reads the same files, so
+validation values are comparable and no validation or test row can reach training. Rows are
+de-duplicated by content before splitting, and general chat rows equal to a held-out row are
+dropped, so a copy of a held-out row cannot leak in through the mix either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweep.spec import DataSpec, SpecError
+
+ROLES = ("system", "user", "assistant")
+SPLIT_FILES = ("train", "val", "test", "general_train", "general_val")
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON list or JSONL file of OpenAI-style ``{"messages": [...]}`` rows and check each row."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: data file not found") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SpecError(f"{path}: line {line}: not UTF-8 text (byte {err.start})") from None
+    stripped = text.lstrip()
+    rows: list[Any]
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{path}: line {err.lineno}: malformed JSON: {err.msg}") from None
+        where = [f"row {i}" for i in range(len(rows))]
+    else:
+        rows, where = [], []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SpecError(f"{path}: line {lineno}: malformed JSON: {err.msg}") from None
+            where.append(f"line {lineno}")
+    if not rows:
+        raise SpecError(f"{path}: no rows")
+    for row, at in zip(rows, where):
+        _check_row(row, f"{path}: {at}")
+    return [{"messages": row["messages"]} for row in rows]
+
+
+def _check_row(row: Any, at: str) -> None:
+    if not isinstance(row, dict) or "messages" not in row:
+        raise SpecError(f"{at}: expected an object with a 'messages' list")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise SpecError(f"{at}: 'messages' must be a non-empty list")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise SpecError(f"{at}: messages[{i}] must be an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise SpecError(f"{at}: messages[{i}].role is {role!r}; expected one of {list(ROLES)}")
+        content = msg.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise SpecError(f"{at}: messages[{i}].content is empty; expected text")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SpecError(f"{at}: no assistant turn; a row needs at least one answer to learn from")
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """Content identity of a row: equal conversations have equal keys."""
+    canon = json.dumps(row["messages"], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        key = row_key(row)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def _take_fraction(rows: list[dict[str, Any]], fraction: float, rng: random.Random, name: str, path: Path):
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    n = max(1, round(len(rows) * fraction))
+    if n >= len(rows):
+        raise SpecError(f"{path}: {len(rows)} rows are too few to hold out a {name} fraction of {fraction}")
+    held = [rows[i] for i in sorted(order[:n])]
+    rest = [rows[i] for i in sorted(order[n:])]
+    return held, rest
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The study's data, as files in its work dir, and the hash that identifies them."""
+
+    folder: Path
+    counts: dict[str, int]
+    hashes: dict[str, str]
+    digest: str
+
+    def path(self, split: str) -> Path:
+        return self.folder / f"{split}.jsonl"
+
+
+def split_rows(spec: DataSpec) -> dict[str, list[dict[str, Any]]]:
+    """Check every data file and return the splits, in memory; nothing is written."""
+    rng = random.Random(spec.seed)
+    task = _dedupe(load_rows(spec.task))
+    if isinstance(spec.val, Path):
+        val = _dedupe(load_rows(spec.val))
+    else:
+        val, task = _take_fraction(task, spec.val, rng, "val", spec.task)
+    if spec.test is None:
+        test: list[dict[str, Any]] = []
+    elif isinstance(spec.test, Path):
+        test = _dedupe(load_rows(spec.test))
+    else:
+        test, task = _take_fraction(task, spec.test, rng, "test", spec.task)
+    held_keys = {row_key(r) for r in val + test}
+    overlap = [i for i, r in enumerate(task) if row_key(r) in held_keys]
+    if overlap:
+        raise SpecError(
+            f"{spec.task}: {len(overlap)} training row(s) also appear in the validation or test set "
+            f"(first at row {overlap[0]}); held-out rows must not be trained on"
+        )
+    if not task:
+        raise SpecError(f"{spec.task}: no training rows left after holding out validation and test rows")
+    general_train: list[dict[str, Any]] = []
+    general_val: list[dict[str, Any]] = []
+    if spec.general is not None:
+        general = [r for r in _dedupe(load_rows(spec.general)) if row_key(r) not in held_keys]
+        if spec.general_val > 0 and len(general) > 1:
+            general_val, general_train = _take_fraction(general, spec.general_val, rng, "general_val", spec.general)
+        else:
+            general_train = general
+    return {"train": task, "val": val, "test": test, "general_train": general_train, "general_val": general_val}
+
+
+def prepare(spec: DataSpec, folder: Path) -> PreparedData:
+    """Write the study's splits once; on later calls check the saved files still match the spec's data.
+
+    Files are written to a temporary folder and renamed into place, so a crash never leaves a
+    half-written split that a later worker would trust.
+    """
+    splits = split_rows(spec)
+    lines = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in splits.items()}
+    hashes = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in lines.items()}
+    digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+    counts = {name: len(rows) for name, rows in splits.items()}
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text())
+        if saved["digest"] != digest:
+            raise SpecError(
+                f"{manifest}: the study's data split was made from other data (hash {saved['digest']}, "
+                f"now {digest}); use a new study name or restore the original data files"
+            )
+        return PreparedData(folder, saved["counts"], saved["hashes"], saved["digest"])
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, text in lines.items():
+        (tmp / f"{name}.jsonl").write_text(text, encoding="utf-8")
+    (tmp / "manifest.json").write_text(
+        json.dumps({"digest": digest, "hashes": hashes, "counts": counts, "seed": spec.seed}, indent=2)
+    )
+    try:
+        tmp.rename(folder)
+    except OSError:  # another worker won the race: theirs must match ours
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        return prepare(spec, folder)
+    return PreparedData(folder, counts, hashes, digest)
+
+
+def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path) -> int:
+    """Write a trial's training file: the task rows plus a share of general chat rows.
+
+    ``mix_ratio`` is the general rows' share of the mixed set, so 0.2 means one general row for
+    every four task rows, capped by how many general rows there are. Returns the row count.
+    """
+    task = data.path("train").read_text(encoding="utf-8").splitlines(keepends=True)
+    general = data.path("general_train").read_text(encoding="utf-8").splitlines(keepends=True)
+    if not 0.0 <= mix_ratio < 1.0:
+        raise SpecError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
+    if mix_ratio > 0 and not general:
+        raise SpecError("mix_ratio > 0 but the spec has no data.general file to mix in")
+    want = round(len(task) * mix_ratio / (1.0 - mix_ratio))
+    rng = random.Random(seed)
+    chosen = rng.sample(general, min(want, len(general)))
+    rows = task + chosen
+    rng.shuffle(rows)
+    out.write_text("".join(rows), encoding="utf-8")
+    return len(rows)

@@ -1,0 +1,215 @@
+"""Code that runs inside the XTuner training process: the validation metric and the sweep hook.
+
+The hook places validation at fixed counts of training samples seen (``eval_every``), so trials
+with different batch sizes, epochs and packing report on the same x-axis, which is what Optuna's
+pruners compare and what MLflow plots. It streams exact (unsmoothed) values to a JSON-lines file
+the sweep process reads, saves the adapter whenever the objective improves, and, after each
+validation point, waits for the sweep's verdict (go on, or stop because the trial was pruned).
+Values come from the metric itself, never from mmengine's logs, which smooth every key that
+contains "loss".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.dist import broadcast_object_list, get_world_size, is_main_process
+from mmengine.evaluator import BaseMetric
+from mmengine.hooks import Hook
+
+from objectives.loss import mean_loss, token_loss_sum
+from sweep.launcher import CONTROL_ENV
+
+
+class ValLossMetric(BaseMetric):
+    """``val/loss``: token-mean cross-entropy over assistant tokens of unpacked validation rows."""
+
+    default_prefix = "val"
+
+    def process(self, data_batch: Any, data_samples: Any) -> None:
+        labels = data_batch["data"]["labels"]
+        for i, sample in enumerate(data_samples):
+            self.results.append(token_loss_sum(sample["logits"], labels[i]))
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        return {"loss": mean_loss(results)}
+
+
+def _unwrap(model: Any) -> Any:
+    while not hasattr(model, "llm"):
+        inner = getattr(model, "module", None) or getattr(model, "model", None)
+        if inner is None:
+            raise AttributeError(f"no XTuner model with an .llm inside {type(model).__name__}")
+        model = inner
+    return model
+
+
+class SweepHook(Hook):
+    """Validation schedule by samples seen, metric stream, best adapter, and the prune handshake."""
+
+    priority = "LOW"
+
+    def __init__(
+        self,
+        metric: str,
+        rule: str,
+        eval_every: int,
+        n_train_rows: int,
+        stream: str,
+        control: str,
+        adapter_dir: str,
+        ack_timeout: float = 900.0,
+    ) -> None:
+        self.metric = metric
+        self.better = (lambda a, b: a < b) if rule == "less" else (lambda a, b: a > b)
+        self.eval_every = eval_every
+        self.n_train_rows = n_train_rows
+        self.stream_path = Path(stream)
+        self.control_path = Path(control)
+        self.adapter_dir = Path(adapter_dir)
+        self.ack_timeout = ack_timeout
+        self.wait_for_verdict = os.environ.get(CONTROL_ENV) == "1"
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.step = 0
+        self.stopped = False
+
+    # -- the x-axis ---------------------------------------------------------------------------
+    def samples_seen(self, iters_done: int) -> int:
+        """Training rows seen after ``iters_done`` iterations, counted in rows of the trial's data."""
+        return round(iters_done * self.n_train_rows / self.iters_per_epoch)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if is_main_process():
+            with self.stream_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def before_train(self, runner) -> None:
+        self.iters_per_epoch = len(runner.train_dataloader)
+        self.max_iters = runner.max_iters
+        self.next_point = self.eval_every
+        self.final_step = self.samples_seen(self.max_iters)
+        self._emit(
+            {
+                "kind": "start",
+                "max_iters": self.max_iters,
+                "iters_per_epoch": self.iters_per_epoch,
+                "final_step": self.final_step,
+                "world_size": get_world_size(),
+                "time": time.time(),
+            }
+        )
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        seconds = time.perf_counter() - self._t0
+        done = runner.iter + 1
+        self.step = self.samples_seen(done)
+        data = (data_batch or {}).get("data", {})
+        mask = data.get("attention_mask")
+        ids = data.get("input_ids")
+        tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+        tokens *= get_world_size()
+        if torch.cuda.is_available():
+            memory_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        loss = (outputs or {}).get("loss")
+        event = {
+            "kind": "train",
+            "iter": done,
+            "step": self.step,
+            "train/loss": float(loss) if loss is not None else None,
+            "train/lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
+            "perf/tokens_per_sec": tokens / seconds if seconds > 0 else 0.0,
+            "perf/memory_mb": memory_mb,
+            "perf/iter_seconds": seconds,
+        }
+        self._emit(event)
+        if done >= self.max_iters:
+            self._validate(runner, self.final_step)
+        elif self.step >= self.next_point:
+            point = self.step - self.step % self.eval_every
+            self.next_point = point + self.eval_every
+            self._validate(runner, point)
+
+    # -- validation and the verdict -----------------------------------------------------------
+    def _validate(self, runner, step: int) -> None:
+        self._pending_step = step
+        runner.val_loop.run()
+        stop = [self._await_verdict(step) if is_main_process() else False]
+        if get_world_size() > 1:
+            broadcast_object_list(stop)
+        if stop[0] and runner.iter + 1 < self.max_iters:
+            runner.train_loop.stop_training = True
+            self.stopped = True
+
+    def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
+        metrics = metrics or {}
+        value = metrics.get(self.metric)
+        step = getattr(self, "_pending_step", self.step)
+        if value is not None and value == value and (self.best_value is None or self.better(value, self.best_value)):
+            self.best_value, self.best_step = float(value), step
+            if is_main_process():
+                self._save_adapter(runner)
+        self._emit(
+            {
+                "kind": "val",
+                "step": step,
+                "iter": runner.iter + 1,
+                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                "best_step": self.best_step,
+                "time": time.time(),
+            }
+        )
+
+    def _save_adapter(self, runner) -> None:
+        """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""
+        tmp = self.adapter_dir.with_name(self.adapter_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
+        old = self.adapter_dir.with_name(self.adapter_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.adapter_dir.exists():
+            self.adapter_dir.rename(old)
+        tmp.rename(self.adapter_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _await_verdict(self, step: int) -> bool:
+        if not self.wait_for_verdict:
+            return False
+        deadline = time.monotonic() + self.ack_timeout
+        while time.monotonic() < deadline:
+            try:
+                verdict = json.loads(self.control_path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                verdict = None
+            if verdict and verdict.get("step", -1) >= step:
+                return bool(verdict.get("stop"))
+            time.sleep(0.05)
+        runner_msg = f"no verdict from the sweep for step {step} in {self.ack_timeout:.0f}s; training on"
+        self._emit({"kind": "warning", "message": runner_msg})
+        return False
+
+    def after_train(self, runner) -> None:
+        self._emit(
+            {
+                "kind": "end",
+                "iter": runner.iter,
+                "step": self.step,
+                "best_step": self.best_step,
+                "best_value": self.best_value,
+                "stopped_early": self.stopped,
+                "adapter": str(self.adapter_dir) if self.adapter_dir.exists() else None,
+                "time": time.time(),
+            }
+        )

@@ -1,0 +1,167 @@
+"""Start XTuner training in its own process, and run it there: the one place that knows XTuner's quirks.
+
+Quirks handled here (see docs/xtuner-notes in the team's shared notes):
+- ``xtuner train`` returns exit code 0 even when training raised, so we run ``xtuner/tools/train.py``'s
+  ``main`` through ``python -m sweep.launcher`` (or torchrun on it) and read the real exit code.
+- XTuner 0.2.0 calls ``torch.cpu.is_bf16_supported()``, which current torch lacks: defined (False)
+  in the training process before the model is built.
+- Resuming a checkpoint this tool wrote needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` on torch >= 2.6.
+- With several GPUs the entry point picks a random master port; we pass our own so parallel trials
+  cannot collide.
+The training process runs in its own process group, so stopping a trial stops its workers too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+
+#: Set for the training process: the sweep hook then waits for a verdict after each validation point.
+CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
+
+
+@dataclass
+class Launch:
+    """One training process to start: its config, work dir, log file and resources."""
+
+    config: Path
+    work_dir: Path
+    log: Path
+    n_gpus: int = 0
+    gpu_ids: list[int] = field(default_factory=list)
+    threads: int | None = None
+    deepspeed: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(launch: Launch) -> list[str]:
+    """The argv that trains: the running interpreter, or torchrun when the trial spans GPUs."""
+    args = [str(launch.config), "--work-dir", str(launch.work_dir)]
+    if launch.n_gpus > 1:
+        args += ["--launcher", "pytorch", "--deepspeed", launch.deepspeed or "deepspeed_zero2"]
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={launch.n_gpus}", f"--master_port={free_port()}",
+            "-m", "sweep.launcher", *args,
+        ]  # fmt: skip
+    if launch.deepspeed:
+        args += ["--deepspeed", launch.deepspeed]
+    return [sys.executable, "-m", "sweep.launcher", *args]
+
+
+def environment(launch: Launch) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            CONTROL_ENV: "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        }
+    )
+    if launch.gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in launch.gpu_ids)
+    if launch.threads:
+        env["OMP_NUM_THREADS"] = str(launch.threads)
+        env["MKL_NUM_THREADS"] = str(launch.threads)
+    return env
+
+
+class Running:
+    """A started training process; ``stop`` ends it and everything it started."""
+
+    def __init__(self, launch: Launch) -> None:
+        launch.log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = launch.log.open("ab")
+        self.proc = subprocess.Popen(
+            command(launch),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment(launch),
+            start_new_session=True,
+        )
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, grace: float = 10.0) -> int:
+        """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return self.wait()
+
+    def wait(self) -> int:
+        rc = self.proc.wait()
+        self._log.close()
+        return rc
+
+
+def run(launch: Launch, on_poll: Callable[[], None], interval: float = 0.2) -> int:
+    """Train to the end, calling ``on_poll`` meanwhile; returns the real exit code.
+
+    Whatever ends this call early (an exception from ``on_poll``, Ctrl-C) also ends the training
+    process group: a trial never outlives the code that watches it.
+    """
+    running = Running(launch)
+    try:
+        while running.poll() is None:
+            on_poll()
+            time.sleep(interval)
+        on_poll()
+        return running.wait()
+    except BaseException:
+        running.stop()
+        raise
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The end of a training log, from the last traceback if there is one: what a failed trial says."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    at = text.rfind("Traceback (most recent call last)")
+    if at >= 0:
+        text = text[at:]
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _train_in_this_process(argv: list[str]) -> None:
+    import torch
+
+    if not hasattr(torch.cpu, "is_bf16_supported"):
+        torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
+    from xtuner.tools import train
+
+    sys.argv = ["xtuner-train", *argv]
+    train.main()
+
+
+if __name__ == "__main__":
+    _train_in_this_process(sys.argv[1:])

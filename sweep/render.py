@@ -1,0 +1,342 @@
+"""Render one trial's XTuner config from the user's base config, as a file of literal values only.
+
+The base config (a config-zoo name or the user's own file) is loaded with mmengine, the fields a
+trial owns are replaced (model path, template, data, swept knobs, validation, checkpointing) and
+the result is written back as ``name = <literal>`` lines. Objects become dotted import paths,
+which mmengine's registries resolve. Every right-hand side is checked with ``ast.literal_eval``
+before the file is written, so no value from a spec or a data file can ever run as code.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import math
+import os
+import pprint
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweep.spec import Spec, SpecError
+
+VAL_BATCH_SIZE = 4
+NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a trial trains: decides fp32/OptimWrapper on the CPU vs the base config's AMP on GPUs."""
+
+    cuda: bool
+    n_gpus: int = 1
+
+
+@dataclass(frozen=True)
+class TrialFiles:
+    """Paths a rendered config points at; all absolute."""
+
+    train: Path
+    val: Path
+    work_dir: Path
+    n_train_rows: int
+
+    @property
+    def stream(self) -> Path:
+        return self.work_dir / "sweep_metrics.jsonl"
+
+    @property
+    def control(self) -> Path:
+        return self.work_dir / "sweep_control.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.work_dir / "best_adapter"
+
+
+def resolve_base_config(name_or_path: str) -> Path:
+    """A config-zoo name (as ``xtuner list-cfg`` prints) or a file path, as a file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".py" or os.sep in name_or_path:
+        if not path.is_file():
+            raise SpecError(f"base_config: file {path} not found")
+        return path
+    from xtuner.configs import cfgs_name_path
+
+    if name_or_path in cfgs_name_path:
+        return Path(cfgs_name_path[name_or_path])
+    close = difflib.get_close_matches(name_or_path, list(cfgs_name_path), n=3)
+    hint = f"; did you mean {close}?" if close else "; `xtuner list-cfg` lists them"
+    raise SpecError(f"base_config: {name_or_path!r} is neither a file nor an XTuner config name{hint}")
+
+
+def load_base_config(name_or_path: str) -> dict[str, Any]:
+    """Execute the base config with mmengine (it is the user's own code) and return its values."""
+    from mmengine.config import Config
+
+    path = resolve_base_config(name_or_path)
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as err:  # the user's file: any error is theirs to see, with the file named
+        raise SpecError(f"base_config {path}: mmengine could not load it: {err}") from None
+    return {
+        name: _built(value)
+        for name, value in dict.items(cfg._cfg_dict)
+        if type(value).__name__ != "LazyObject"  # a top-level import of the base config, not a setting
+    }
+
+
+def _built(value: Any) -> Any:
+    """Plain values with real objects: mmengine keeps a pure-Python config's imports as lazy proxies."""
+    if type(value).__name__ in ("LazyObject", "LazyAttr"):
+        return _built(value.build())
+    if isinstance(value, dict):
+        return {k: _built(v) for k, v in dict.items(value)}
+    if isinstance(value, list):
+        return [_built(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_built(v) for v in value)
+    return value
+
+
+def prompt_template(name: str) -> dict[str, Any]:
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    if name not in PROMPT_TEMPLATE:
+        close = difflib.get_close_matches(name, list(PROMPT_TEMPLATE), n=3)
+        raise SpecError(f"model.template: unknown XTuner prompt template {name!r}; close names: {close}")
+    return dict(PROMPT_TEMPLATE[name])
+
+
+def render(
+    base: dict[str, Any],
+    spec: Spec,
+    values: dict[str, Any],
+    files: TrialFiles,
+    device: Device,
+) -> str:
+    """The source of one trial's config. ``base`` is left unchanged."""
+    cfg = copy.deepcopy(base)
+    template = prompt_template(spec.model.template)
+    model_path = str(spec.model.path)
+    old_path = _get(cfg, "model", "llm", "pretrained_model_name_or_path")
+
+    # Model and tokenizer: every place the base config named its model now names the user's.
+    _replace_values(cfg, "pretrained_model_name_or_path", old_path, model_path)
+    tokenizer = copy.deepcopy(cfg.get("tokenizer")) or {
+        "type": "transformers.AutoTokenizer.from_pretrained",
+        "pretrained_model_name_or_path": model_path,
+        "trust_remote_code": True,
+        "padding_side": "right",
+    }
+    llm = cfg["model"]["llm"]
+    if spec.model.quantize:
+        llm.setdefault(
+            "quantization_config",
+            {
+                "type": "transformers.BitsAndBytesConfig",
+                "load_in_4bit": True,
+                "load_in_8bit": False,
+                "llm_int8_threshold": 6.0,
+                "llm_int8_has_fp16_weight": False,
+                "bnb_4bit_compute_dtype": "float16",
+                "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_quant_type": "nf4",
+            },
+        )
+    else:
+        llm.pop("quantization_config", None)
+
+    lora = cfg["model"]["lora"]
+    lora["r"] = int(values["lora_r"])
+    if values.get("lora_alpha") is not None:
+        lora["lora_alpha"] = int(values["lora_alpha"])
+    if values.get("lora_dropout") is not None:
+        lora["lora_dropout"] = float(values["lora_dropout"])
+
+    # Data: the trial's mixed training file and the study's validation file, in the spec's template.
+    max_length = int(values["max_length"])
+    old_ds = _get(cfg, "train_dataloader", "dataset") or {}
+    pack = bool(old_ds.get("pack_to_max_length", True))
+    varlen = bool(cfg.get("use_varlen_attn", False))
+    n_proc = max(1, min(os.cpu_count() or 1, files.n_train_rows // 2000))
+    for name in [k for k, v in cfg.items() if v is not old_ds and v == old_ds]:
+        del cfg[name]  # the base's own dataset, kept under a variable name: not what this trial trains on
+    cfg["train_dataloader"]["dataset"] = _dataset(files.train, tokenizer, template, max_length, pack, varlen, n_proc)
+    cfg["train_dataloader"]["batch_size"] = int(values["batch_size"])
+    for key in ("max_length", "batch_size", "max_epochs", "lr", "accumulative_counts"):
+        if key in cfg and key in values:
+            cfg[key] = values[key]
+    cfg["prompt_template"] = template
+    cfg["max_length"] = max_length
+    cfg["SYSTEM"] = spec.model.system
+
+    cfg["val_dataloader"] = {
+        "batch_size": VAL_BATCH_SIZE,
+        "num_workers": 0,
+        "dataset": _dataset(files.val, tokenizer, template, max_length, False, False, 1),
+        "sampler": {"type": "mmengine.dataset.DefaultSampler", "shuffle": False},
+        "collate_fn": {"type": "xtuner.dataset.collate_fns.default_collate_fn", "use_varlen_attn": False},
+    }
+    cfg["val_evaluator"] = {"type": "sweep.hooks.ValLossMetric"}
+    cfg["val_cfg"] = {"type": "mmengine.runner.ValLoop"}
+
+    # Schedule: epochs, and the base's epoch-based LR schedule stretched to the new length.
+    old_epochs = _get(cfg, "train_cfg", "max_epochs")
+    epochs = int(values["max_epochs"])
+    cfg["train_cfg"] = {**cfg.get("train_cfg", {}), "max_epochs": epochs, "val_interval": NEVER, "val_begin": NEVER}
+    cfg["train_cfg"].pop("max_iters", None)
+    if old_epochs:
+        for sched in cfg.get("param_scheduler") or []:
+            if sched.get("by_epoch", True):
+                for key in ("begin", "end"):
+                    if isinstance(sched.get(key), (int, float)):
+                        sched[key] = sched[key] * epochs / old_epochs
+    optim = cfg["optim_wrapper"]
+    optim["optimizer"]["lr"] = float(values["lr"])
+    optim["accumulative_counts"] = int(values.get("accumulative_counts") or 1)
+
+    if not device.cuda:
+        optim["type"] = "mmengine.optim.OptimWrapper"
+        for key in ("loss_scale", "dtype"):
+            optim.pop(key, None)
+        llm["torch_dtype"] = "float32"
+        cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+
+    # Validation, streaming and best-checkpoint selection.
+    rule = "less" if spec.objective.direction == "minimize" else "greater"
+    hooks = [h for h in cfg.get("custom_hooks") or [] if "EvaluateChatHook" not in str(h.get("type"))]
+    hooks.append(
+        {
+            "type": "sweep.hooks.SweepHook",
+            "metric": spec.objective.metric,
+            "rule": rule,
+            "eval_every": spec.eval_every,
+            "n_train_rows": files.n_train_rows,
+            "stream": str(files.stream),
+            "control": str(files.control),
+            "adapter_dir": str(files.adapter),
+        }
+    )
+    cfg["custom_hooks"] = hooks
+    default_hooks = cfg.setdefault("default_hooks", {})
+    old_ckpt = default_hooks.get("checkpoint") or {}
+    keep = spec.keep_checkpoints
+    default_hooks["checkpoint"] = {
+        "type": "mmengine.hooks.CheckpointHook",
+        "by_epoch": False,
+        "interval": int(old_ckpt.get("interval", 500)) if keep > 0 else -1,
+        "max_keep_ckpts": keep if keep > 0 else -1,
+        "save_last": keep > 0,
+        "save_best": spec.objective.metric,
+        "rule": rule,
+    }
+    if "logger" in default_hooks:
+        default_hooks["logger"]["interval"] = 1
+    cfg["randomness"] = {"seed": spec.seed, "deterministic": False}
+    cfg["work_dir"] = str(files.work_dir)
+    cfg["visualizer"] = None
+    return to_source(cfg)
+
+
+def _dataset(path: Path, tokenizer: dict, template: dict, max_length: int, pack: bool, varlen: bool, n_proc: int):
+    return {
+        "type": "xtuner.dataset.process_hf_dataset",
+        "dataset": {"type": "datasets.load_dataset", "path": "json", "data_files": {"train": str(path)}},
+        "tokenizer": tokenizer,
+        "max_length": max_length,
+        "dataset_map_fn": "xtuner.dataset.map_fns.openai_map_fn",
+        "template_map_fn": {"type": "xtuner.dataset.map_fns.template_map_fn_factory", "template": template},
+        "remove_unused_columns": True,
+        "shuffle_before_pack": pack,
+        "pack_to_max_length": pack,
+        "use_varlen_attn": varlen,
+        "map_num_proc": n_proc,
+    }
+
+
+def _get(cfg: dict, *path: str) -> Any:
+    node: Any = cfg
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _replace_values(node: Any, key: str, old: Any, new: Any) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and (v == old or old is None):
+                node[k] = new
+            else:
+                _replace_values(v, key, old, new)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _replace_values(v, key, old, new)
+
+
+def _literal(value: Any, where: str) -> Any:
+    """A value as plain data: callables become the dotted paths mmengine's registries import."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SpecError(f"config key {where}: {value} cannot be written as a literal")
+        return value
+    if isinstance(value, dict):
+        return {str(k): _literal(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(_literal(v, f"{where}[{i}]") for i, v in enumerate(value))
+    try:
+        import torch
+
+        if isinstance(value, torch.dtype):
+            return str(value).removeprefix("torch.")
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    if isinstance(value, types.MethodType) and isinstance(value.__self__, type):
+        owner = value.__self__
+        return _import_path(value, owner.__module__, f"{owner.__qualname__}.{value.__name__}", where)
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        return _import_path(value, value.__module__, value.__qualname__, where)
+    raise SpecError(f"config key {where}: a {type(value).__name__} cannot be written as a literal value")
+
+
+def _import_path(obj: Any, module: str, qualname: str, where: str) -> str:
+    """The shortest dotted path that mmengine's ``get_object_from_string`` turns back into ``obj``.
+
+    The shortest public one matters: XTuner re-exports functions under their module's own name
+    (``xtuner.dataset.collate_fns.default_collate_fn`` is the function, not the module), so the
+    long ``__module__`` path does not resolve.
+    """
+    from mmengine.utils import get_object_from_string
+
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        path = ".".join(parts[:i] + [qualname])
+        try:
+            found = get_object_from_string(path)
+        except Exception:  # noqa: BLE001 - a prefix that does not import is just not the path
+            continue
+        if found is obj or (found is not None and found == obj):
+            return path
+    raise SpecError(f"config key {where}: {module}.{qualname} cannot be imported back by its dotted path")
+
+
+def to_source(cfg: dict[str, Any]) -> str:
+    """Write a config as ``name = literal`` lines; imported names of the base config are dropped."""
+    lines = ["# Rendered by xtuner-sweep: literal values only. Types are import paths mmengine resolves.\n"]
+    for name, value in cfg.items():
+        if isinstance(value, (types.ModuleType, type, types.FunctionType, types.MethodType)):
+            continue  # an import of the base config, not a setting
+        text = pprint.pformat(_literal(value, name), width=100, sort_dicts=False)
+        ast.literal_eval(text)  # proves the right-hand side is data, never code
+        if not name.isidentifier():
+            raise SpecError(f"config key {name!r} is not a Python identifier")
+        lines.append(f"{name} = {text}\n")
+    return "".join(lines)

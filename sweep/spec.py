@@ -1,0 +1,253 @@
+"""The sweep spec: one YAML file that says what to train, on which data, and what to search.
+
+Everything a study needs is read and checked here, before anything is created on disk, in
+Optuna or in MLflow, so that a typo costs a second instead of an hour of GPU time. Errors
+name the file and the dotted path of the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: The knobs a trial may vary, with the type a value must have. They map onto XTuner config
+#: fields in ``sweep.render`` (``mix_ratio`` onto the data mix in ``sweep.data``).
+KNOBS: dict[str, type] = {
+    "max_epochs": int,
+    "batch_size": int,
+    "accumulative_counts": int,
+    "lr": float,
+    "lora_r": int,
+    "lora_alpha": int,
+    "lora_alpha_ratio": float,
+    "lora_dropout": float,
+    "mix_ratio": float,
+    "max_length": int,
+}
+
+
+class SpecError(ValueError):
+    """A spec, data file or model directory that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntParam(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> IntParam:
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class FloatParam(_Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"]
+    choices: list[Union[int, float, str, bool]] = Field(min_length=1)
+
+
+Param = Annotated[Union[IntParam, FloatParam, CategoricalParam], Field(discriminator="type")]
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) is greater than high ({high})")
+    if log and low <= 0:
+        raise ValueError(f"a log range must be above 0, got low={low}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("low and high must be finite numbers")
+
+
+class ModelSpec(_Strict):
+    path: Path
+    template: str = "qwen_chat"
+    quantize: bool = False
+    system: str = ""
+
+
+class DataSpec(_Strict):
+    task: Path
+    general: Path | None = None
+    val: Union[float, Path] = 0.1
+    test: Union[float, Path, None] = None
+    general_val: float = 0.1
+    seed: int = 0
+
+    @field_validator("val", "test")
+    @classmethod
+    def _fraction(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"a fraction must be between 0 and 1 (exclusive), got {v}")
+        return v
+
+    @field_validator("general_val")
+    @classmethod
+    def _general_fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"general_val must be in [0, 1), got {v}")
+        return v
+
+
+class ObjectiveSpec(_Strict):
+    metric: str = "val/loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class SamplerSpec(_Strict):
+    type: Literal["tpe", "random", "grid", "cmaes", "nsga2"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int | None = None
+
+
+class PrunerSpec(_Strict):
+    type: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
+    n_startup_trials: int = 2
+    n_warmup_steps: int = 0
+    percentile: float = 50.0
+
+
+class RegistrySpec(_Strict):
+    name: str = Field(min_length=1)
+
+
+class Spec(_Strict):
+    """A whole sweep. Paths are resolved relative to the spec file's folder."""
+
+    study: str = Field(default="", pattern=r"^[A-Za-z0-9_.\-]*$")
+    base_config: str
+    model: ModelSpec
+    data: DataSpec
+    search_space: dict[str, Param] = Field(default_factory=dict)
+    fixed: dict[str, Union[int, float]] = Field(default_factory=dict)
+    objective: ObjectiveSpec = ObjectiveSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    n_trials: int = Field(default=10, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    eval_every: int = Field(default=64, ge=1)
+    keep_checkpoints: int = Field(default=1, ge=0)
+    registry: RegistrySpec | None = None
+    seed: int = 0
+
+    @field_validator("search_space", "fixed")
+    @classmethod
+    def _known_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if name not in KNOBS:
+                raise ValueError(f"unknown knob {name!r}; expected one of {sorted(KNOBS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        both = set(self.search_space) & set(self.fixed)
+        if both:
+            raise ValueError(f"{sorted(both)} are both searched and fixed; keep one")
+        alpha = {"lora_alpha", "lora_alpha_ratio"} & (set(self.search_space) | set(self.fixed))
+        if len(alpha) == 2:
+            raise ValueError("give lora_alpha or lora_alpha_ratio, not both")
+        for name, param in self.search_space.items():
+            want = KNOBS[name]
+            if isinstance(param, IntParam) and want is not int:
+                raise ValueError(f"search_space.{name}: is a float knob; use type: float")
+            if isinstance(param, CategoricalParam):
+                for choice in param.choices:
+                    if want is int and (isinstance(choice, bool) or not isinstance(choice, int)):
+                        raise ValueError(f"search_space.{name}: choice {choice!r} is not an int")
+                    if want is float and not isinstance(choice, (int, float)):
+                        raise ValueError(f"search_space.{name}: choice {choice!r} is not a number")
+            if isinstance(param, FloatParam) and want is int:
+                raise ValueError(f"search_space.{name}: is an int knob; use type: int")
+        return self
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.registry.name if self.registry else f"{self.study}-adapter"
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; relative paths in it become absolute (from the file's folder)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    raw.setdefault("study", path.stem.replace(" ", "_"))
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_errors(path, err)) from None
+    return _resolve_paths(spec, path.resolve().parent)
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: {err.error_count()} problem(s) in the spec"]
+    for e in err.errors():
+        # Drop pydantic's union branch names ("float", "path", "IntParam") from the key path.
+        loc = ".".join(str(p) for p in e["loc"] if not _is_branch_label(p)) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _is_branch_label(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in {"int", "float", "categorical", "str", "bool", "path", "function-after[_range(), IntParam]"}
+        or part.startswith(("function-", "lax-or-strict", "json-or-python"))
+        or part in {"IntParam", "FloatParam", "CategoricalParam", "is-instance[Path]", "function-plain"}
+    )
+
+
+def _resolve_paths(spec: Spec, base: Path) -> Spec:
+    def absolute(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+    data = spec.data.model_copy(
+        update={
+            "task": absolute(spec.data.task),
+            "general": absolute(spec.data.general),
+            "val": absolute(spec.data.val) if isinstance(spec.data.val, Path) else spec.data.val,
+            "test": absolute(spec.data.test) if isinstance(spec.data.test, Path) else spec.data.test,
+        }
+    )
+    model = spec.model.model_copy(update={"path": absolute(spec.model.path)})
+    base_config = spec.base_config
+    if base_config.endswith(".py") and not Path(base_config).is_absolute():
+        base_config = str((base / base_config).resolve())
+    return spec.model_copy(update={"data": data, "model": model, "base_config": base_config})
+
+
+def spec_summary(spec: Spec) -> dict[str, Any]:
+    """The spec as plain JSON-able data, for the MLflow parent run and Optuna's study attributes."""
+    return spec.model_dump(mode="json")

@@ -1,0 +1,123 @@
+"""MLflow: one parent run per study, one nested child run per trial, and the Model Registry.
+
+Everything goes through an explicit ``MlflowClient`` and run ids rather than MLflow's fluent
+"active run", because trials run in parallel threads (``--n-jobs``) and each logs to its own run.
+Runs are found again by tags, so a second ``sweep run`` on the same study continues the same
+parent run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+STUDY_TAG = "xtuner_sweep.study"
+ROLE_TAG = "xtuner_sweep.role"
+TRIAL_TAG = "xtuner_sweep.trial"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
+
+
+def redact(uri: str) -> str:
+    """A URI with its password replaced, so it can be shown, logged or tagged."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Tracker:
+    """The study's view of an MLflow tracking server or store."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        return self.client.create_experiment(name)
+
+    def parent_run(self, experiment_id: str, study: str, params: dict[str, Any], spec_text: str) -> str:
+        """The study's run: found by tag when the study goes on, created otherwise."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
+            max_results=1,
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            experiment_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: "study"}
+        )
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        self.client.log_text(run_id, spec_text, "spec.yaml")
+        return run_id
+
+    def start_trial(self, experiment_id: str, parent_id: str, study: str, number: int, params: dict) -> str:
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"trial-{number}",
+            tags={PARENT_TAG: parent_id, STUDY_TAG: study, ROLE_TAG: "trial", TRIAL_TAG: str(number)},
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i : i + 90])
+
+    def log_metrics(self, run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, int(step))
+            for key, value, step in rows
+            if value is not None and math.isfinite(float(value))
+        ]
+        for i in range(0, len(metrics), MAX_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), folder)
+        elif path.exists():
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
+        self.client.log_text(run_id, json.dumps(rows, ensure_ascii=False, indent=1), name)
+
+    # -- registry --------------------------------------------------------------------------
+    def version_of_run(self, name: str, run_id: str):
+        """The registered version already made from this run, if any (re-runs must not duplicate it)."""
+        for mv in self.client.search_model_versions(f"name = '{name}'"):
+            if mv.run_id == run_id:
+                return mv
+        return None
+
+    def champion(self, name: str, alias: str = "champion"):
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - no such model or alias yet
+            return None

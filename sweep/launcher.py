@@ -5,6 +5,9 @@ Quirks handled here (see docs/xtuner-notes in the team's shared notes):
   ``main`` through ``python -m sweep.launcher`` (or torchrun on it) and read the real exit code.
 - XTuner 0.2.0 calls ``torch.cpu.is_bf16_supported()``, which current torch lacks: defined (False)
   in the training process before the model is built.
+- XTuner's configs warm up for ``warmup_ratio * max_epochs`` epochs; on small data that rounds to
+  0 iterations and mmengine refuses the scheduler ("end should be larger than begin"): such an
+  empty range becomes one iteration.
 - Resuming a checkpoint this tool wrote needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` on torch >= 2.6.
 - With several GPUs the entry point picks a random master port; we pass our own so parallel trials
   cannot collide.
@@ -140,16 +143,15 @@ def run(launch: Launch, on_poll: Callable[[], None], interval: float = 0.2) -> i
         raise
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    """The end of a training log, from the last traceback if there is one: what a failed trial says."""
+def log_tail(path: Path, lines: int = 80) -> str:
+    """The end of a training log, from its first traceback among the last ``lines`` lines (chained
+    exceptions included): what a failed trial shows as its error."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
     except FileNotFoundError:
         return ""
-    at = text.rfind("Traceback (most recent call last)")
-    if at >= 0:
-        text = text[at:]
-    return "\n".join(text.splitlines()[-lines:])
+    start = next((i for i, line in enumerate(tail) if line.startswith("Traceback (most recent call last)")), None)
+    return "\n".join(tail[start:] if start is not None else tail[-30:])
 
 
 def _train_in_this_process(argv: list[str]) -> None:
@@ -157,6 +159,16 @@ def _train_in_this_process(argv: list[str]) -> None:
 
     if not hasattr(torch.cpu, "is_bf16_supported"):
         torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
+    from mmengine.optim.scheduler import param_scheduler
+
+    base_init = param_scheduler._ParamScheduler.__init__
+
+    def init_with_nonempty_range(self, optimizer, param_name, begin=0, end=param_scheduler.INF, *args, **kwargs):
+        if end <= begin:
+            end = begin + 1
+        base_init(self, optimizer, param_name, begin, end, *args, **kwargs)
+
+    param_scheduler._ParamScheduler.__init__ = init_with_nonempty_range
     from xtuner.tools import train
 
     sys.argv = ["xtuner-train", *argv]

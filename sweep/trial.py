@@ -120,7 +120,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
                     state["points"].append((step, float(value)))
                     state["best_step"] = ev.get("best_step")
                     trial.report(float(value), step)
-                    stop = trial.should_prune() and step < (state["final_step"] or step + 1)
+                    stop = bool(trial.should_prune()) and step < (state["final_step"] or step + 1)
                     state["pruned"] = state["pruned"] or stop
                     log.info(
                         "trial %d: step %d %s=%.4f%s", trial.number, step, metric, value, " -> pruned" if stop else ""

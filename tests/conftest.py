@@ -1,0 +1,125 @@
+"""Shared fixtures: the tiny model (built once per checkout) and one small end-to-end sweep.
+
+The sweep fixture trains real XTuner trials on the tiny model against a real SQLite Optuna storage
+and a real MLflow store; every end-to-end test reads the same study instead of training its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / ".cache" / "tiny-model"
+
+
+def _tiny_model() -> Path:
+    if not (TINY / "config.json").exists():
+        spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "data" / "tiny_model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.build(TINY)
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return _tiny_model()
+
+
+def write_spec(folder: Path, model: Path, **overrides: str) -> Path:
+    """A small spec over the bundled data; ``overrides`` replace whole top-level YAML blocks."""
+    blocks = {
+        "study": "study: e2e",
+        "base_config": "base_config: internlm2_1_8b_qlora_alpaca_e3",
+        "model": f"model: {{path: {model}, template: qwen_chat}}",
+        "data": textwrap.dedent(
+            f"""\
+            data:
+              task: {ROOT / 'data/demo/task.jsonl'}
+              general: {ROOT / 'data/demo/general.jsonl'}
+              val: 0.15
+              test: 0.1
+              seed: 0"""
+        ),
+        "fixed": "fixed: {max_length: 64, max_epochs: 2, batch_size: 4, lora_alpha_ratio: 2.0}",
+        "search_space": textwrap.dedent(
+            """\
+            search_space:
+              lr: {type: float, low: 1.0e-6, high: 3.0e-2, log: true}
+              lora_r: {type: categorical, choices: [8, 16]}
+              mix_ratio: {type: float, low: 0.0, high: 0.3}"""
+        ),
+        "pruner": "pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}",
+        "sampler": "sampler: {type: tpe, seed: 0}",
+        "n_trials": "n_trials: 4",
+        "eval_every": "eval_every: 32",
+        "registry": "registry: {name: e2e-model}",
+    }
+    blocks.update(overrides)
+    path = folder / "spec.yaml"
+    path.write_text("\n".join(blocks.values()) + "\n", encoding="utf-8")
+    return path
+
+
+FAIL_HOOK = """\
+# Test-only: make the training process of one trial crash the way a real bug would.
+# (site.py swallows exceptions from sitecustomize, so print the traceback and exit non-zero.)
+import traceback
+
+with open("/proc/self/cmdline", "rb") as f:
+    crash = b"trial_0001" in f.read()
+if crash:
+    try:
+        raise RuntimeError("injected training failure for the test")
+    except RuntimeError:
+        traceback.print_exc()
+    raise SystemExit(1)
+"""
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory, tiny_model):
+    """One sweep: trial 0 learns, trial 1 crashes, trial 2 barely learns (pruned), trial 3; then a second run."""
+    import optuna
+
+    from sweep import study as study_mod
+    from sweep.spec import load_spec
+
+    ws = tmp_path_factory.mktemp("e2e")
+    inject = ws / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_HOOK)
+    spec = load_spec(write_spec(ws, tiny_model))
+    opts = study_mod.RunOptions(
+        storage=f"sqlite:///{ws / 'sweep.db'}", tracking_uri=f"sqlite:///{ws / 'mlflow.db'}", work_dir=ws / "runs"
+    )
+    st = study_mod.open_study(spec, opts.storage)
+    st.enqueue_trial({"lr": 1e-2, "lora_r": 16, "mix_ratio": 0.2})
+    st.enqueue_trial({"lr": 3e-3, "lora_r": 8, "mix_ratio": 0.1})
+    st.enqueue_trial({"lr": 1e-6, "lora_r": 8, "mix_ratio": 0.0})
+    st.enqueue_trial({"lr": 5e-3, "lora_r": 16, "mix_ratio": 0.1})
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = f"{inject}{os.pathsep}{old}" if old else str(inject)
+    try:
+        first = study_mod.run(spec, opts)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    trials_after_first = len(optuna.load_study(study_name="e2e", storage=opts.storage).trials)
+    second = study_mod.run(spec, study_mod.RunOptions(**{**opts.__dict__, "n_trials": 1}))
+    return {
+        "ws": ws,
+        "spec": spec,
+        "opts": opts,
+        "first": first,
+        "second": second,
+        "trials_after_first": trials_after_first,
+        "study": optuna.load_study(study_name="e2e", storage=opts.storage),
+    }

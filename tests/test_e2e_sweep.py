@@ -1,0 +1,155 @@
+"""End-to-end: one real sweep on the tiny model (the `e2e` fixture), checked against the real stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sweep.data import row_key
+
+pytestmark = pytest.mark.e2e
+
+
+def _client(e2e) -> MlflowClient:
+    return MlflowClient(tracking_uri=e2e["opts"].tracking_uri, registry_uri=e2e["opts"].tracking_uri)
+
+
+def _trial(e2e, number):
+    return next(t for t in e2e["study"].trials if t.number == number)
+
+
+def test_states_of_the_planned_trials(e2e):
+    states = {t.number: t.state for t in e2e["study"].trials}
+    assert states[0] == TrialState.COMPLETE
+    assert states[1] == TrialState.FAIL
+    assert states[2] == TrialState.PRUNED
+    assert states[3] in (TrialState.COMPLETE, TrialState.PRUNED), "the sweep must go on after a failed trial"
+
+
+def test_failed_trial_records_the_error_tail(e2e):
+    failed = _trial(e2e, 1)
+    assert "injected training failure for the test" in failed.user_attrs["error"]
+    run = _client(e2e).get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "injected training failure" in run.data.tags["error"]
+
+
+def test_pruned_trial_stops_early_and_keeps_its_adapter(e2e):
+    pruned = _trial(e2e, 2)
+    done = _trial(e2e, 0)
+    assert max(pruned.intermediate_values) < max(done.intermediate_values), "pruned trial trained to the end"
+    adapter = Path(pruned.user_attrs["adapter_path"])
+    assert (adapter / "adapter_config.json").is_file()
+    arts = {a.path for a in _client(e2e).list_artifacts(pruned.user_attrs["mlflow_run_id"], "best_adapter")}
+    assert "best_adapter/adapter_config.json" in arts
+
+
+def test_value_is_the_best_validation_point_and_adapter_is_kept(e2e):
+    for t in e2e["study"].trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        points = t.intermediate_values
+        best_step = min(points, key=points.get)
+        assert t.value == pytest.approx(points[best_step])
+        assert t.user_attrs["best_step"] == best_step
+        assert (Path(t.user_attrs["adapter_path"]) / "adapter_model.safetensors").is_file()
+
+
+def test_best_step_follows_validation_not_the_last_step(e2e):
+    """Where validation got worse at the end, the kept step is the earlier best one."""
+    for t in e2e["study"].trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        points = t.intermediate_values
+        last = max(points)
+        best_step = t.user_attrs["best_step"]
+        assert points[best_step] <= points[last]
+        if best_step != last:
+            assert points[best_step] < points[last]
+    # the hook's own record agrees with Optuna's
+    for t in e2e["study"].trials:
+        if t.state == TrialState.COMPLETE:
+            events = [json.loads(x) for x in (Path(t.user_attrs["work_dir"]) / "sweep_metrics.jsonl").open()]
+            end = next(e for e in events if e["kind"] == "end")
+            assert end["best_step"] == t.user_attrs["best_step"]
+
+
+def test_checkpoints_on_disk_are_bounded(e2e):
+    keep = e2e["spec"].keep_checkpoints
+    for t in e2e["study"].trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            work = Path(t.user_attrs["work_dir"])
+            regular = [p for p in work.glob("iter_*.pth")]
+            best = list(work.glob("best_*.pth"))
+            assert len(regular) <= keep
+            assert len(best) == 1
+
+
+def test_no_held_out_row_reaches_training(e2e):
+    data = Path(e2e["first"]["best"]["adapter_path"]).parents[1] / "data"
+    held = {row_key(json.loads(x)) for name in ("val", "test", "general_val") for x in (data / f"{name}.jsonl").open()}
+    assert held
+    for t in e2e["study"].trials:
+        train = Path(t.user_attrs["work_dir"]) / "train.jsonl"
+        keys = {row_key(json.loads(x)) for x in train.open()}
+        assert keys and not (keys & held), f"trial {t.number} trains on held-out rows"
+    mixed = Path(_trial(e2e, 0).user_attrs["work_dir"]) / "train.jsonl"
+    general = {row_key(json.loads(x)) for x in (data / "general_train.jsonl").open()}
+    assert {row_key(json.loads(x)) for x in mixed.open()} & general, "mix_ratio 0.2 mixed no general rows in"
+
+
+def test_mlflow_parent_and_child_runs(e2e):
+    client = _client(e2e)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("xtuner_sweep.role") == "study"]
+    assert len(parents) == 1, "a second `sweep run` must continue the same parent run"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(e2e["study"].trials)
+    assert parent.data.params["data_digest"] == e2e["study"].user_attrs["data_digest"]
+    assert "data_hash.val" in parent.data.tags
+    complete = client.get_run(_trial(e2e, 0).user_attrs["mlflow_run_id"])
+    assert complete.data.tags["state"] == "COMPLETE"
+    assert complete.data.tags["best_step"] == str(_trial(e2e, 0).user_attrs["best_step"])
+    for key in ("lr", "lora_r", "lora_alpha", "max_epochs", "batch_size", "mix_ratio", "max_length"):
+        assert key in complete.data.params
+    hist = client.get_metric_history(complete.info.run_id, "val/loss")
+    assert sorted(m.step for m in hist) == sorted(_trial(e2e, 0).intermediate_values)
+    for key in ("train/loss", "train/lr", "perf/tokens_per_sec", "perf/memory_mb"):
+        assert len(client.get_metric_history(complete.info.run_id, key)) > 3, key
+    arts = {a.path for a in client.list_artifacts(complete.info.run_id, "xtuner")}
+    assert "xtuner/config.py" in arts
+    assert client.list_artifacts(complete.info.run_id, "logs")
+
+
+def test_second_run_adds_trials_to_the_same_study(e2e):
+    assert e2e["trials_after_first"] == 4
+    assert len(e2e["study"].trials) == 5
+    assert sum(e2e["second"]["counts"].values()) == 5 and e2e["second"]["counts"]["COMPLETE"] >= 1
+
+
+def test_champion_is_registered_and_answers(e2e):
+    client = _client(e2e)
+    reg = e2e["second"]["registered"]
+    assert reg["name"] == "e2e-model" and reg["alias"] == "champion"
+    mv = client.get_model_version_by_alias("e2e-model", "champion")
+    best = e2e["study"].best_trial
+    assert mv.run_id == best.user_attrs["mlflow_run_id"]
+    mlflow.set_tracking_uri(e2e["opts"].tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/e2e-model@champion")
+    answers = model.predict(["Who are you?", "你是谁？"])
+    assert isinstance(answers, list) and len(answers) == 2
+    assert all(isinstance(a, str) for a in answers)
+
+
+def test_report_json_shape(e2e):
+    rep = e2e["second"]
+    assert rep["study"] == "e2e" and rep["direction"] == "minimize"
+    assert rep["best"]["number"] == e2e["study"].best_trial.number
+    assert set(rep["best"]) == {"number", "value", "params", "best_step", "mlflow_run_id", "adapter_path"}

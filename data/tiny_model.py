@@ -74,8 +74,7 @@ def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr:
 
     rows = [json.loads(line)["messages"] for line in (DATA / "general.jsonl").read_text(encoding="utf-8").splitlines()]
     texts = [
-        "<|endoftext|>"
-        + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        "<|endoftext|>" + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         for messages in rows
     ]
     # The task's sentences as plain text, never as question-answer pairs: like a real base model, it

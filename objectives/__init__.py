@@ -19,9 +19,7 @@ class Metric:
 
 METRICS: dict[str, Metric] = {
     m.name: m
-    for m in (
-        Metric("val/loss", "minimize", "token-mean cross-entropy of assistant tokens on the validation split"),
-    )
+    for m in (Metric("val/loss", "minimize", "token-mean cross-entropy of assistant tokens on the validation split"),)
 }
 
 

@@ -16,6 +16,7 @@ from sweep.spec import SpecError, load_spec
 
 DEFAULT_STORAGE = "sqlite:///sweep.db"
 DEFAULT_TRACKING = "sqlite:///mlflow.db"
+SPEC_KEYS = ("model.", "objective.", "sampler.", "mix_ratio", "base_config", "data.")
 
 
 def _tracking_uri(arg: str | None) -> str:
@@ -32,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
     r.add_argument("--tracking-uri", help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING})")
     r.add_argument("--work-dir", type=Path, default=Path("sweep-runs"), help="where trials write (default sweep-runs/)")
-    r.add_argument("--n-trials", type=int, help="trials to add in this run (default: the spec's n_trials)")
+    r.add_argument(
+        "--n-trials", type=lambda v: int(float(v)), help="trials to add in this run (0 or unset: the spec's n_trials)"
+    )
     r.add_argument("--n-jobs", type=int, default=1, help="trials at once, each in its own process")
     r.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     r.add_argument("--json", action="store_true", help="print the final report as JSON")
@@ -57,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "validate": _validate, "report": _report}[args.command](args)
     except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err)
+        spec_file = getattr(args, "spec", None)
+        if spec_file and message.startswith(SPEC_KEYS):  # a spec value that failed a later check
+            message = f"{spec_file}: {message}"
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 
@@ -92,7 +99,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.spec}: OK")
     print(f"  study {spec.study}; base config {spec.base_config}; model {spec.model.path} ({spec.model.template})")
     print(f"  data rows: {counts}")
-    print(f"  search space: {', '.join(spec.search_space) or '(none)'}; objective {spec.objective.direction} {spec.objective.metric}")
+    print(
+        f"  search space: {', '.join(spec.search_space) or '(none)'}; objective {spec.objective.direction} {spec.objective.metric}"
+    )
     if args.output:
         args.output.write_text(checked.config_text, encoding="utf-8")
         print(f"  rendered config of one trial: {args.output}")
@@ -127,7 +136,9 @@ def _print_summary(report: dict) -> None:
     print(f"study {report['study']} ({report['direction']}): {counts or 'no trials'}")
     best = report["best"]
     if best:
-        print(f"best: trial {best['number']} value {best['value']:.4f} at step {best['best_step']} params {best['params']}")
+        print(
+            f"best: trial {best['number']} value {best['value']:.4f} at step {best['best_step']} params {best['params']}"
+        )
         print(f"      adapter {best['adapter_path']}  mlflow run {best['mlflow_run_id']}")
     reg = report["registered"]
     if reg:

@@ -54,7 +54,7 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
             where.append(f"line {lineno}")
     if not rows:
         raise SpecError(f"{path}: no rows")
-    for row, at in zip(rows, where):
+    for row, at in zip(rows, where, strict=False):
         _check_row(row, f"{path}: {at}")
     return [{"messages": row["messages"]} for row in rows]
 

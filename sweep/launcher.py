@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-
 #: Set for the training process: the sweep hook then waits for a verdict after each validation point.
 CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
 

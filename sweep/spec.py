@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,10 +65,10 @@ class FloatParam(_Strict):
 
 class CategoricalParam(_Strict):
     type: Literal["categorical"]
-    choices: list[Union[int, float, str, bool]] = Field(min_length=1)
+    choices: list[int | float | str | bool] = Field(min_length=1)
 
 
-Param = Annotated[Union[IntParam, FloatParam, CategoricalParam], Field(discriminator="type")]
+Param = Annotated[IntParam | FloatParam | CategoricalParam, Field(discriminator="type")]
 
 
 def _check_range(low: float, high: float, log: bool) -> None:
@@ -90,8 +90,8 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     task: Path
     general: Path | None = None
-    val: Union[float, Path] = 0.1
-    test: Union[float, Path, None] = None
+    val: float | Path = 0.1
+    test: float | Path | None = None
     general_val: float = 0.1
     seed: int = 0
 
@@ -140,7 +140,7 @@ class Spec(_Strict):
     model: ModelSpec
     data: DataSpec
     search_space: dict[str, Param] = Field(default_factory=dict)
-    fixed: dict[str, Union[int, float]] = Field(default_factory=dict)
+    fixed: dict[str, int | float] = Field(default_factory=dict)
     objective: ObjectiveSpec = ObjectiveSpec()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()

@@ -174,8 +174,12 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         "data_digest": prepared.digest,
         **{f"data_rows.{k}": v for k, v in prepared.counts.items()},
     }
-    parent = tracker.parent_run(experiment_id, spec.study, params, yaml.safe_dump(spec_summary(spec), allow_unicode=True))
-    tracker.set_tags(parent, {"optuna_storage": redact(opts.storage), **{f"data_hash.{k}": v for k, v in prepared.hashes.items()}})
+    parent = tracker.parent_run(
+        experiment_id, spec.study, params, yaml.safe_dump(spec_summary(spec), allow_unicode=True)
+    )
+    tracker.set_tags(
+        parent, {"optuna_storage": redact(opts.storage), **{f"data_hash.{k}": v for k, v in prepared.hashes.items()}}
+    )
     study.set_user_attr("mlflow_parent_run_id", parent)
 
     threads = None if device.cuda else max(1, (os.cpu_count() or 1) // max(1, opts.n_jobs))
@@ -274,5 +278,12 @@ def promote(study: optuna.Study, ctx: StudyContext) -> dict[str, Any] | None:
         client.set_model_version_tag(name, version.version, "mlflow_run_id", run_id)
         client.set_model_version_tag(name, version.version, spec.objective.metric, str(best.value))
     client.set_registered_model_alias(name, CHAMPION, version.version)
-    log.info("study %s: trial %d is %s, registered as %s version %s", spec.study, best.number, CHAMPION, name, version.version)
+    log.info(
+        "study %s: trial %d is %s, registered as %s version %s",
+        spec.study,
+        best.number,
+        CHAMPION,
+        name,
+        version.version,
+    )
     return {"name": name, "version": str(version.version), "alias": CHAMPION}

@@ -61,9 +61,7 @@ class Tracker:
             run_id = runs[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(
-            experiment_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: "study"}
-        )
+        run = self.client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: "study"})
         run_id = run.info.run_id
         self.log_params(run_id, params)
         self.client.log_text(run_id, spec_text, "spec.yaml")

@@ -31,17 +31,17 @@ def tiny_model() -> Path:
     return _tiny_model()
 
 
-def write_spec(folder: Path, model: Path, **overrides: str) -> Path:
+def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
     """A small spec over the bundled data; ``overrides`` replace whole top-level YAML blocks."""
     blocks = {
         "study": "study: e2e",
         "base_config": "base_config: internlm2_1_8b_qlora_alpaca_e3",
-        "model": f"model: {{path: {model}, template: qwen_chat}}",
+        "model": f"model: {{path: {model_dir}, template: qwen_chat}}",
         "data": textwrap.dedent(
             f"""\
             data:
-              task: {ROOT / 'data/demo/task.jsonl'}
-              general: {ROOT / 'data/demo/general.jsonl'}
+              task: {ROOT / "data/demo/task.jsonl"}
+              general: {ROOT / "data/demo/general.jsonl"}
               val: 0.15
               test: 0.1
               seed: 0"""

@@ -1,0 +1,89 @@
+"""The rendered XTuner config: literal values only, the trial's values in the right fields, no code from input."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from sweep.render import Device, TrialFiles, load_base_config, render
+from sweep.space import base_values, trial_values
+from sweep.spec import SpecError, load_spec
+from tests.conftest import ROOT
+
+INJECT = "__import__('os').system('touch /tmp/xtuner-sweep-pwned')"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_config("internlm2_1_8b_qlora_alpaca_e3")
+
+
+CPU = Device(cuda=False)
+
+
+def _render(base, spec, device=CPU, **sampled):
+    values = trial_values(spec, sampled, base_values(base))
+    files = TrialFiles(Path("/w/train.jsonl"), Path("/w/val.jsonl"), Path("/w"), 100)
+    return render(base, spec, values, files, device)
+
+
+def _load(text: str) -> dict:
+    tree = ast.parse(text)
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body}
+
+
+def test_every_assignment_is_a_literal_and_knobs_land(base):
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    cfg = _load(
+        _render(base, spec, lr=0.005, max_epochs=6, batch_size=8, lora_r=16, lora_alpha_ratio=2.0, mix_ratio=0.1)
+    )
+    assert cfg["optim_wrapper"]["optimizer"]["lr"] == 0.005
+    assert cfg["optim_wrapper"]["type"] == "mmengine.optim.OptimWrapper"  # CPU: no AMP
+    assert cfg["train_cfg"]["max_epochs"] == 6
+    assert cfg["train_dataloader"]["batch_size"] == 8
+    assert cfg["model"]["lora"]["r"] == 16 and cfg["model"]["lora"]["lora_alpha"] == 32
+    assert cfg["model"]["llm"]["pretrained_model_name_or_path"] == str(spec.model.path)
+    assert "quantization_config" not in cfg["model"]["llm"]
+    assert cfg["train_dataloader"]["dataset"]["max_length"] == 64
+    assert cfg["val_dataloader"]["dataset"]["pack_to_max_length"] is False
+    assert cfg["default_hooks"]["checkpoint"]["save_best"] == "val/loss"
+    assert cfg["default_hooks"]["checkpoint"]["max_keep_ckpts"] == spec.keep_checkpoints
+    # the base's epoch-based schedule is stretched to the trial's 6 epochs (the base had 3)
+    assert cfg["param_scheduler"][-1]["end"] == pytest.approx(6.0)
+    assert "alpaca_en" not in cfg, "the base's own dataset is not what the trial trains on"
+    assert not any("EvaluateChatHook" in str(h) for h in cfg["custom_hooks"])
+
+
+def test_gpu_keeps_amp_and_quantization(base):
+    spec = load_spec(ROOT / "configs" / "internlm2_chat_1_8b_qlora.yaml")
+    cfg = _load(_render(base, spec, device=Device(cuda=True), lr=1e-4, lora_r=64))
+    assert cfg["optim_wrapper"]["type"].endswith("AmpOptimWrapper")
+    assert cfg["model"]["llm"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert cfg["prompt_template"]["INSTRUCTION"].startswith("<|im_start|>user")
+
+
+def test_values_from_input_never_become_code(base, tmp_path: Path):
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    spec = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"system": INJECT, "path": Path("/m/" + INJECT)})}
+    )
+    values = trial_values(spec, {"lr": 0.01}, base_values(base))
+    files = TrialFiles(Path(f"/w/{INJECT}.jsonl"), Path("/w/val.jsonl"), Path("/w"), 10)
+    text = render(base, spec, values, files, Device(cuda=False))
+    cfg = _load(text)  # would raise if any right-hand side were not a plain literal
+    assert cfg["SYSTEM"] == INJECT
+    assert cfg["train_dataloader"]["dataset"]["dataset"]["data_files"]["train"] == f"/w/{INJECT}.jsonl"
+    assert cfg["model"]["llm"]["pretrained_model_name_or_path"] == "/m/" + INJECT
+
+
+def test_unknown_base_config_and_template(base, tmp_path: Path):
+    with pytest.raises(SpecError, match="did you mean"):
+        load_base_config("internlm2_1_8b_qlora_alpaca_e4")
+    with pytest.raises(SpecError, match="not found"):
+        load_base_config(str(tmp_path / "mine.py"))
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"template": "qwen_chatt"})})
+    with pytest.raises(SpecError, match="unknown XTuner prompt template 'qwen_chatt'"):
+        _render(base, spec)

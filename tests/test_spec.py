@@ -1,0 +1,62 @@
+"""The spec: every problem names the file and the key, and good specs load with absolute paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweep.spec import SpecError, load_spec
+from tests.conftest import ROOT, write_spec
+
+
+def test_demo_spec_loads_with_paths_from_its_folder():
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    assert spec.study == "demo"
+    assert spec.model.path == (ROOT / ".cache" / "tiny-model").resolve()
+    assert spec.data.task == ROOT / "data" / "demo" / "task.jsonl"
+    assert spec.n_trials >= 6
+
+
+def test_tutorial_spec_loads():
+    spec = load_spec(ROOT / "configs" / "internlm2_chat_1_8b_qlora.yaml")
+    assert spec.base_config == "internlm2_1_8b_qlora_alpaca_e3"
+    assert spec.model.quantize is True
+    assert spec.model.template == "internlm2_chat"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"registry": "registry: {name: x}\nbogus: 1"}, "bogus: unknown key"),
+        ({"search_space": "search_space:\n  lr: {type: float, low: 0.1, high: 0.01}"}, "search_space.lr"),
+        ({"search_space": "search_space:\n  lr: {type: float, low: 0.0, high: 0.1, log: true}"}, "log range"),
+        ({"search_space": "search_space:\n  warmup: {type: float, low: 0.0, high: 0.1}"}, "unknown knob 'warmup'"),
+        ({"search_space": "search_space:\n  lora_r: {type: float, low: 1.0, high: 2.0}"}, "int knob"),
+        ({"search_space": "search_space:\n  lora_r: {type: categorical, choices: [8, x]}"}, "not an int"),
+        ({"model": "model: {path: /m, template: qwen_chat, quantise: true}"}, "model.quantise: unknown key"),
+        (
+            {"fixed": "fixed: {lr: 0.1}", "search_space": "search_space:\n  lr: {type: float, low: 0.01, high: 0.1}"},
+            "both searched and fixed",
+        ),
+        ({"n_trials": "n_trials: 0"}, "n_trials"),
+    ],
+)
+def test_bad_spec_names_the_key(tmp_path: Path, override, expected):
+    path = write_spec(tmp_path, Path("/m"), **override)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_not_yaml_and_not_utf8(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_bytes(b"study: \xff\xfe\n")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")

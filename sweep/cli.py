@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--n-jobs", type=int, default=1, help="trials at once, each in its own process")
     r.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    r.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        help="seconds between trial heartbeats; a trial of a dead worker is "
+        "failed and queued again after twice this long (0: off)",
+    )
     r.add_argument("--json", action="store_true", help="print the final report as JSON")
 
     v = sub.add_parser("validate", help="check a spec, its data and model dir; render one trial's config")
@@ -81,13 +89,38 @@ def _run(args: argparse.Namespace) -> int:
         n_trials=args.n_trials,
         n_jobs=args.n_jobs,
         timeout=args.timeout,
+        heartbeat=args.heartbeat or None,
     )
-    report = study.run(spec, opts)
+    _stop_on_signals()
+    try:
+        report = study.run(spec, opts)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: running trials were stopped and recorded; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         _print_summary(report)
     return 0
+
+
+def _stop_on_signals() -> None:
+    """First SIGINT/SIGTERM: stop running trials cleanly (recorded, queued again). Second: stop at once."""
+    from sweep.launcher import STOP
+
+    def handler(signum: int, frame) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        logging.getLogger("sweep").warning(
+            "%s received: stopping running trials (send again to stop at once)", signal.Signals(signum).name
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -16,11 +16,14 @@ The training process runs in its own process group, so stopping a trial stops it
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,22 @@ from pathlib import Path
 
 #: Set for the training process: the sweep hook then waits for a verdict after each validation point.
 CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
+
+#: Set (by a signal handler) to stop every running trial of this process and start no new one.
+STOP = threading.Event()
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_PR_SET_PDEATHSIG = 1
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+class Interrupted(KeyboardInterrupt):
+    """The sweep was asked to stop (SIGINT/SIGTERM) while this trial trained."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the sweep process dies, even by SIGKILL."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass
@@ -98,6 +117,7 @@ class Running:
             stdin=subprocess.DEVNULL,
             env=environment(launch),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def poll(self) -> int | None:
@@ -129,9 +149,13 @@ def run(launch: Launch, on_poll: Callable[[], None], interval: float = 0.2) -> i
     Whatever ends this call early (an exception from ``on_poll``, Ctrl-C) also ends the training
     process group: a trial never outlives the code that watches it.
     """
+    if STOP.is_set():
+        raise Interrupted("the sweep is stopping; trial not started")
     running = Running(launch)
     try:
         while running.poll() is None:
+            if STOP.is_set():
+                raise Interrupted("the sweep was asked to stop")
             on_poll()
             time.sleep(interval)
         on_poll()
@@ -150,6 +174,11 @@ def log_tail(path: Path, lines: int = 80) -> str:
         return ""
     start = next((i for i, line in enumerate(tail) if line.startswith("Traceback (most recent call last)")), None)
     return "\n".join(tail[start:] if start is not None else tail[-30:])
+
+
+def is_oom(rc: int, tail: str) -> bool:
+    """CUDA out of memory in the log, or the kernel's OOM killer (SIGKILL, which nothing else here sends)."""
+    return rc in (-signal.SIGKILL, 128 + signal.SIGKILL) or any(m in tail for m in OOM_MARKERS)
 
 
 def _train_in_this_process(argv: list[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class RunOptions:
     n_trials: int | None = None
     n_jobs: int = 1
     timeout: float | None = None
+    heartbeat: int = 60  # seconds; a trial silent for 2x this long is failed and queued again
 
 
 @dataclass
@@ -124,7 +126,39 @@ def detect_device() -> Device:
     return Device(cuda=False)
 
 
-def open_study(spec: Spec, storage: str, create: bool = True) -> optuna.Study:
+def make_storage(url: str, heartbeat: int | None = None, tracking_uri: str | None = None):
+    """An Optuna RDB storage; with heartbeats, trials of dead workers are failed and queued again."""
+    if not url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        return url  # e.g. a journal storage URL: Optuna resolves it
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = {
+            "heartbeat_interval": heartbeat,
+            "grace_period": 2 * heartbeat,
+            "heartbeat_stale_trial_callback": _StaleTrial(tracking_uri),
+        }
+    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+
+
+class _StaleTrial:
+    """A trial whose worker died: queue it again (Optuna's retry callback) and end its MLflow run as KILLED."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.tracking_uri:
+            tracker = Tracker(self.tracking_uri)
+            tracker.set_tags(run_id, {"state": "FAIL", "reason": "worker lost (no heartbeat)"})
+            tracker.finish(run_id, "KILLED")
+        log.warning("trial %d: its worker stopped sending heartbeats; failed and queued again", trial.number)
+
+
+def open_study(spec: Spec, storage, create: bool = True) -> optuna.Study:
     try:
         if not create:
             return optuna.load_study(study_name=spec.study, storage=storage)
@@ -137,18 +171,33 @@ def open_study(spec: Spec, storage: str, create: bool = True) -> optuna.Study:
             load_if_exists=True,
         )
     except (KeyError, optuna.exceptions.StorageInternalError) as err:
-        raise SpecError(f"storage {redact(storage)}: {err}") from None
-    except Exception as err:
-        if "sqlalchemy" in type(err).__module__ or "OperationalError" in type(err).__name__:
-            raise SpecError(f"storage {redact(storage)}: cannot be reached: {str(err).splitlines()[0]}") from None
-        raise
+        raise SpecError(f"storage {_url(storage)}: {err}") from None
+
+
+def _url(storage: Any) -> str:
+    return redact(storage if isinstance(storage, str) else getattr(storage, "url", str(storage)))
+
+
+def connect_storage(url: str, heartbeat: int | None, tracking_uri: str | None):
+    """Open the storage or fail with exit-code-2 clarity, before anything is created."""
+    for attempt in range(4):
+        try:
+            return make_storage(url, heartbeat, tracking_uri)
+        except Exception as err:  # noqa: BLE001 - any driver's error means the same to the user
+            text = str(err)
+            if attempt < 3 and ("already exists" in text or "UniqueViolation" in text or "IntegrityError" in text):
+                time.sleep(1 + attempt)  # workers that start together race to create the tables
+                continue
+            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            raise SpecError(f"storage {redact(url)}: cannot be reached: {first}") from None
 
 
 def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     """Run (or continue) the study; returns the report of `sweep report --json`."""
     device = detect_device()
     checked = check(spec, device)
-    study = open_study(spec, opts.storage)
+    storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
+    study = open_study(spec, storage)
     root = opts.work_dir.resolve() / spec.study
     root.mkdir(parents=True, exist_ok=True)
     prepared = data_mod.prepare(spec.data, root / "data")
@@ -202,6 +251,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         spec.study, n_trials, opts.n_jobs, redact(opts.storage), redact(opts.tracking_uri), root,
     )  # fmt: skip
     status = "FAILED"
+    registered = None
     try:
         study.optimize(
             lambda trial: run_trial(trial, ctx),
@@ -213,6 +263,9 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         )
         registered = promote(study, ctx)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         _log_study_summary(study, tracker, parent)
         tracker.finish(parent, status)
@@ -274,10 +327,20 @@ def promote(study: optuna.Study, ctx: StudyContext) -> dict[str, Any] | None:
         import mlflow
 
         mlflow.set_registry_uri(ctx.tracker.uri)
-        version = mlflow.register_model(uri, name, tags={"study": spec.study, "trial": str(best.number)})
-        client.set_model_version_tag(name, version.version, "mlflow_run_id", run_id)
-        client.set_model_version_tag(name, version.version, spec.objective.metric, str(best.value))
-    client.set_registered_model_alias(name, CHAMPION, version.version)
+        mine = mlflow.register_model(uri, name, tags={"study": spec.study, "trial": str(best.number)})
+        client.set_model_version_tag(name, mine.version, "mlflow_run_id", run_id)
+        client.set_model_version_tag(name, mine.version, spec.objective.metric, str(best.value))
+        version = ctx.tracker.version_of_run(name, run_id)  # the oldest, if workers registered at once
+        if int(version.version) != int(mine.version):
+            client.delete_model_version(name, mine.version)
+    for attempt in range(4):  # workers finishing together race to move the alias
+        try:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            break
+        except Exception:  # noqa: BLE001
+            if attempt == 3:
+                raise
+            time.sleep(1 + attempt)
     log.info(
         "study %s: trial %d is %s, registered as %s version %s",
         spec.study,

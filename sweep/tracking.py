@@ -41,6 +41,14 @@ class Tracker:
     def __init__(self, tracking_uri: str) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        for attempt in range(4):  # workers that start together race to create a new store's tables
+            try:
+                self.client.search_experiments(max_results=1)
+                break
+            except Exception as err:  # noqa: BLE001
+                if attempt == 3 or not any(s in str(err) for s in ("already exists", "UniqueViolation", "locked")):
+                    raise
+                time.sleep(1 + attempt)
 
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -48,24 +56,43 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        return self.client.create_experiment(name)
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # noqa: BLE001 - another worker created it a moment ago
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def parent_run(self, experiment_id: str, study: str, params: dict[str, Any], spec_text: str) -> str:
-        """The study's run: found by tag when the study goes on, created otherwise."""
-        runs = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
-            max_results=1,
-        )
-        if runs:
-            run_id = runs[0].info.run_id
+        """The study's run: found by tag when the study goes on, created otherwise.
+
+        Workers that start at the same moment may each create one; all then agree on the oldest
+        and the others delete their own, so a study has exactly one parent run.
+        """
+        existing = self._parent_runs(experiment_id, study)
+        if existing:
+            run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(experiment_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: "study"})
-        run_id = run.info.run_id
-        self.log_params(run_id, params)
-        self.client.log_text(run_id, spec_text, "spec.yaml")
-        return run_id
+        mine = run.info.run_id
+        oldest = self._parent_runs(experiment_id, study)[0].info.run_id
+        if oldest != mine:
+            self.client.delete_run(mine)
+            self.client.update_run(oldest, status="RUNNING")
+            return oldest
+        self.log_params(mine, params)
+        self.client.log_text(mine, spec_text, "spec.yaml")
+        return mine
+
+    def _parent_runs(self, experiment_id: str, study: str) -> list:
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
+            max_results=50,
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
     def start_trial(self, experiment_id: str, parent_id: str, study: str, number: int, params: dict) -> str:
         run = self.client.create_run(
@@ -108,11 +135,13 @@ class Tracker:
 
     # -- registry --------------------------------------------------------------------------
     def version_of_run(self, name: str, run_id: str):
-        """The registered version already made from this run, if any (re-runs must not duplicate it)."""
-        for mv in self.client.search_model_versions(f"name = '{name}'"):
-            if mv.run_id == run_id:
-                return mv
-        return None
+        """The oldest registered version made from this run, if any (re-runs must not duplicate it)."""
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except Exception:  # noqa: BLE001 - no such registered model yet
+            return None
+        mine = sorted((mv for mv in versions if mv.run_id == run_id), key=lambda mv: int(mv.version))
+        return mine[0] if mine else None
 
     def champion(self, name: str, alias: str = "champion"):
         try:

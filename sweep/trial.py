@@ -81,6 +81,8 @@ def _write_verdict(path: Path, step: int, stop: bool) -> None:
 
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
     """The Optuna objective: train one configuration and return its best validation value."""
+    if launcher.STOP.is_set():
+        raise launcher.Interrupted("the sweep is stopping; trial not started")
     spec = ctx.spec
     metric = spec.objective.metric
     values = trial_values(spec, suggest(trial, spec), ctx.base_knobs)
@@ -145,6 +147,8 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
         if rc != 0:
             tail = launcher.log_tail(train_log)
             trial.set_user_attr("error", tail[-2000:])
+            if launcher.is_oom(rc, tail):
+                return _out_of_memory(trial, ctx, run_id, state["points"], rc)
             ctx.tracker.set_tags(run_id, {"state": "FAIL", "error": tail[-4000:], "exit_code": rc})
             log.error("trial %d: training failed (exit code %d):\n%s", trial.number, rc, tail[-1500:])
             raise TrialFailed(f"training exited with code {rc}; see {train_log}")
@@ -177,11 +181,33 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
             trial.number, "pruned," if state["pruned"] else "done,", metric, best, best_step,
             final.get("step", "?"), seconds,
         )  # fmt: skip
+        trial.set_constraint("oom", 0.0)
         if state["pruned"]:
             raise optuna.TrialPruned(f"pruned at step {state['points'][-1][0]}")
         return best
+    except launcher.Interrupted:
+        status = "KILLED"
+        ctx.tracker.set_tags(run_id, {"state": "INTERRUPTED"})
+        # Queue the same values again, so that the next `sweep run` resumes where this one stopped.
+        trial.study.enqueue_trial(trial.params, user_attrs={"resumes_trial": trial.number})
+        log.warning("trial %d: interrupted; queued again for the next `sweep run`", trial.number)
+        raise
     finally:
         ctx.tracker.finish(run_id, status)
+
+
+def _out_of_memory(trial: optuna.Trial, ctx: StudyContext, run_id: str, points: list, rc: int) -> float:
+    """Record an out-of-memory trial as infeasible: the sampler learns to avoid that region."""
+    trial.set_user_attr("reason", "oom")
+    trial.set_constraint("oom", 1.0)
+    ctx.tracker.set_tags(run_id, {"state": "OOM", "reason": "oom", "exit_code": rc})
+    log.error("trial %d: out of memory (exit code %d); marked infeasible", trial.number, rc)
+    worst = max if ctx.spec.objective.direction == "minimize" else min
+    return (
+        worst([v for _, v in points])
+        if points
+        else (float("inf") if ctx.spec.objective.direction == "minimize" else float("-inf"))
+    )
 
 
 def _short(values: dict[str, Any]) -> str:

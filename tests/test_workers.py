@@ -1,0 +1,179 @@
+"""Many workers, clean stops, dead workers: real PostgreSQL and SQLite storages, real `sweep run` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import write_spec
+
+pytestmark = pytest.mark.e2e
+PG = "postgresql://postgres:s3cret-pw@127.0.0.1:5432/{db}"  # trust auth: any password is accepted
+FAST = {
+    "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 4, lora_r: 8}",
+    "search_space": "search_space:\n  lr: {type: float, low: 1.0e-3, high: 2.0e-2, log: true}",
+    "pruner": "pruner: {type: none}",
+}
+
+
+def _pg_database() -> str:
+    psycopg = pytest.importorskip("psycopg")
+    name = f"xts_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
+    except psycopg.OperationalError as err:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not running ({err}); .ci/run starts it")
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return name
+
+
+def _sweep(cwd: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "run", *args], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen,
+    )  # fmt: skip
+
+
+def _wait_for_training(stream: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stream.exists() and '"kind": "train"' in stream.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"training never started ({stream})")
+
+
+def _training_processes(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"sweep.launcher" in cmd and marker.encode() in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_two_workers_share_one_postgres_study(tmp_path, tiny_model):
+    storage = PG.format(db=_pg_database())
+    tracking = PG.format(db=_pg_database())
+    spec = write_spec(tmp_path, tiny_model, study="study: pg-two", **FAST)
+    args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "3"]
+    workers = [_sweep(tmp_path, *args) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [out[-3000:] for out in outputs]
+    for out in outputs:
+        assert "s3cret-pw" not in out, "a password reached the output"
+
+    study = optuna.load_study(study_name="pg-two", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == 6 and sorted(numbers) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    client = MlflowClient(tracking_uri=tracking)
+    exp = client.get_experiment_by_name("pg-two")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("xtuner_sweep.role") == "study"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    by_trial = sorted(int(r.data.tags["xtuner_sweep.trial"]) for r in children)
+    assert by_trial == list(range(6)), "every trial has exactly one MLflow child run"
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+    # the data split was made once and used by both workers
+    manifest = json.loads((tmp_path / "sweep-runs" / "pg-two" / "data" / "manifest.json").read_text())
+    assert study.user_attrs["data_digest"] == manifest["digest"]
+    assert {r.data.params["data_digest"] for r in children} == {manifest["digest"]}
+    # no password in anything MLflow shows
+    for run in runs:
+        shown = json.dumps([run.data.params, run.data.tags])
+        assert "s3cret-pw" not in shown
+    assert "***" in parents[0].data.tags["optuna_storage"]
+
+
+def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
+    spec = write_spec(
+        tmp_path,
+        tiny_model,
+        study="study: stop",
+        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, lora_r: 8}"},
+    )
+    storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1"]
+    worker = _sweep(tmp_path, *args)
+    _wait_for_training(tmp_path / "sweep-runs" / "stop" / "trial_0000" / "sweep_metrics.jsonl")
+    worker.send_signal(signal.SIGINT)
+    out = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130, out
+    assert "run the same command again to resume" in out
+    assert not _training_processes("trial_0000"), "the training process outlived the stop"
+
+    study = optuna.load_study(study_name="stop", storage=storage)
+    first = study.trials[0]
+    assert first.state == TrialState.FAIL
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == first.params
+    client = MlflowClient(tracking_uri=tracking)
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    parent = client.search_runs(
+        [client.get_experiment_by_name("stop").experiment_id], "tags.`xtuner_sweep.role` = 'study'"
+    )
+    assert parent[0].info.status == "KILLED"
+
+    fixed = {**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 2, lora_r: 8}"}
+    write_spec(tmp_path, tiny_model, study="study: stop", **fixed)
+    again = _sweep(tmp_path, *args)
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out
+    study = optuna.load_study(study_name="stop", storage=storage)
+    resumed = study.trials[1]
+    assert resumed.state == TrialState.COMPLETE and resumed.params == first.params
+    assert resumed.user_attrs["resumes_trial"] == 0
+
+
+def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
+    spec = write_spec(
+        tmp_path,
+        tiny_model,
+        study="study: kill",
+        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, lora_r: 8}"},
+    )
+    storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1", "--heartbeat", "2"]
+    worker = _sweep(tmp_path, *args)
+    _wait_for_training(tmp_path / "sweep-runs" / "kill" / "trial_0000" / "sweep_metrics.jsonl")
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while _training_processes("kill/trial_0000") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _training_processes("kill/trial_0000"), "training outlived its SIGKILLed worker"
+    study = optuna.load_study(study_name="kill", storage=storage)
+    assert study.trials[0].state == TrialState.RUNNING
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    time.sleep(5)  # past the grace period (2 x heartbeat)
+
+    write_spec(tmp_path, tiny_model, study="study: kill", **FAST)  # the retry may train briefly
+    later = _sweep(tmp_path, *args)
+    out = later.communicate(timeout=300)[0]
+    assert later.returncode == 0, out
+    study = optuna.load_study(study_name="kill", storage=storage)
+    assert study.trials[0].state == TrialState.FAIL
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback
+    retried = [t for t in study.trials if retry.retried_trial_number(t) == 0]
+    assert retried and retried[0].params == study.trials[0].params
+    assert retried[0].state == TrialState.COMPLETE
+    assert MlflowClient(tracking_uri=tracking).get_run(run_id).info.status == "KILLED"

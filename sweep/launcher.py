@@ -6,8 +6,9 @@ Quirks handled here (see docs/xtuner-notes in the team's shared notes):
 - XTuner 0.2.0 calls ``torch.cpu.is_bf16_supported()``, which current torch lacks: defined (False)
   in the training process before the model is built.
 - XTuner's configs warm up for ``warmup_ratio * max_epochs`` epochs; on small data that rounds to
-  0 iterations and mmengine refuses the scheduler ("end should be larger than begin"): such an
-  empty range becomes one iteration.
+  0 iterations (mmengine refuses: "end should be larger than begin") or to 1, where LinearLR never
+  ramps and the learning rate stays at ``start_factor * lr`` (1e-5 of it) for the whole run. Such a
+  range is widened to 2 iterations, the shortest warm-up that reaches the full rate.
 - Resuming a checkpoint this tool wrote needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` on torch >= 2.6.
 - With several GPUs the entry point picks a random master port; we pass our own so parallel trials
   cannot collide.
@@ -181,21 +182,35 @@ def is_oom(rc: int, tail: str) -> bool:
     return rc in (-signal.SIGKILL, 128 + signal.SIGKILL) or any(m in tail for m in OOM_MARKERS)
 
 
+def _widen_short_schedules() -> None:
+    """Give every parameter scheduler at least 2 iterations (see the module docstring)."""
+    import functools
+    import inspect
+
+    from mmengine.optim.scheduler import param_scheduler as ps
+
+    for cls in (ps._ParamScheduler, ps.LinearParamScheduler):
+        original = cls.__init__
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def init(self, *args, __original=original, __signature=signature, **kwargs):
+            bound = __signature.bind(self, *args, **kwargs)
+            begin = bound.arguments.get("begin", 0)
+            end = bound.arguments.get("end", ps.INF)
+            if end - begin < 2:
+                bound.arguments["end"] = begin + 2
+            __original(*bound.args, **bound.kwargs)
+
+        cls.__init__ = init
+
+
 def _train_in_this_process(argv: list[str]) -> None:
     import torch
 
     if not hasattr(torch.cpu, "is_bf16_supported"):
         torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
-    from mmengine.optim.scheduler import param_scheduler
-
-    base_init = param_scheduler._ParamScheduler.__init__
-
-    def init_with_nonempty_range(self, optimizer, param_name, begin=0, end=param_scheduler.INF, *args, **kwargs):
-        if end <= begin:
-            end = begin + 1
-        base_init(self, optimizer, param_name, begin, end, *args, **kwargs)
-
-    param_scheduler._ParamScheduler.__init__ = init_with_nonempty_range
+    _widen_short_schedules()
     from xtuner.tools import train
 
     sys.argv = ["xtuner-train", *argv]

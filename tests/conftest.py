@@ -46,7 +46,7 @@ def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
               test: 0.1
               seed: 0"""
         ),
-        "fixed": "fixed: {max_length: 64, max_epochs: 2, batch_size: 4, lora_alpha_ratio: 2.0}",
+        "fixed": "fixed: {max_length: 64, max_epochs: 3, batch_size: 4, accumulative_counts: 1, lora_alpha_ratio: 2.0}",
         "search_space": textwrap.dedent(
             """\
             search_space:

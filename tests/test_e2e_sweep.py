@@ -153,3 +153,9 @@ def test_report_json_shape(e2e):
     assert rep["study"] == "e2e" and rep["direction"] == "minimize"
     assert rep["best"]["number"] == e2e["study"].best_trial.number
     assert set(rep["best"]) == {"number", "value", "params", "best_step", "mlflow_run_id", "adapter_path"}
+
+
+def test_trials_really_learn(e2e):
+    """Guards the warm-up fix: on small data XTuner's warm-up once left the learning rate at 1e-5 of itself."""
+    learned, untouched = _trial(e2e, 0), _trial(e2e, 2)  # lr 1e-2 vs lr 1e-6
+    assert learned.value < untouched.value - 0.5

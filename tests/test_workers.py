@@ -21,7 +21,7 @@ from tests.conftest import write_spec
 pytestmark = pytest.mark.e2e
 PG = "postgresql://postgres:s3cret-pw@127.0.0.1:5432/{db}"  # trust auth: any password is accepted
 FAST = {
-    "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 4, lora_r: 8}",
+    "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 4, accumulative_counts: 1, lora_r: 8}",
     "search_space": "search_space:\n  lr: {type: float, low: 1.0e-3, high: 2.0e-2, log: true}",
     "pruner": "pruner: {type: none}",
 }
@@ -109,7 +109,7 @@ def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
         tmp_path,
         tiny_model,
         study="study: stop",
-        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, lora_r: 8}"},
+        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, accumulative_counts: 1, lora_r: 8}"},
     )
     storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
     args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1"]
@@ -133,7 +133,7 @@ def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
     )
     assert parent[0].info.status == "KILLED"
 
-    fixed = {**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 2, lora_r: 8}"}
+    fixed = {**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 2, accumulative_counts: 1, lora_r: 8}"}
     write_spec(tmp_path, tiny_model, study="study: stop", **fixed)
     again = _sweep(tmp_path, *args)
     out = again.communicate(timeout=300)[0]
@@ -149,7 +149,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
         tmp_path,
         tiny_model,
         study="study: kill",
-        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, lora_r: 8}"},
+        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, accumulative_counts: 1, lora_r: 8}"},
     )
     storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
     args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1", "--heartbeat", "2"]

@@ -133,7 +133,10 @@ def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
     )
     assert parent[0].info.status == "KILLED"
 
-    fixed = {**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 2, accumulative_counts: 1, lora_r: 8}"}
+    fixed = {
+        **FAST,
+        "fixed": "fixed: {max_length: 64, max_epochs: 1, batch_size: 2, accumulative_counts: 1, lora_r: 8}",
+    }
     write_spec(tmp_path, tiny_model, study="study: stop", **fixed)
     again = _sweep(tmp_path, *args)
     out = again.communicate(timeout=300)[0]

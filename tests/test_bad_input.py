@@ -1,0 +1,127 @@
+"""Bad input: exit code 2, a message naming the file and the row or key, and nothing created anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sweep.cli import main
+from tests.conftest import ROOT, write_spec
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+
+
+def _task(folder: Path, bad_line: str | bytes) -> Path:
+    path = folder / "task.jsonl"
+    good = "".join(
+        json.dumps({**GOOD_ROW, "messages": [{"role": "user", "content": f"q{i}"}, GOOD_ROW["messages"][1]]}) + "\n"
+        for i in range(20)
+    )
+    path.write_bytes(good.encode() + (bad_line if isinstance(bad_line, bytes) else bad_line.encode()) + b"\n")
+    return path
+
+
+def _data_block(task: Path, extra: str = "") -> str:
+    return f"data:\n  task: {task}\n  val: 0.2\n  seed: 0\n{extra}"
+
+
+CASES = {
+    "malformed json": (lambda d, m: {"data": _data_block(_task(d, '{"messages": ['))}, "line 21: malformed JSON"),
+    "no messages": (
+        lambda d, m: {"data": _data_block(_task(d, '{"text": "x"}'))},
+        "line 21: expected an object with a 'messages' list",
+    ),
+    "unknown role": (
+        lambda d, m: {"data": _data_block(_task(d, '{"messages": [{"role": "bot", "content": "x"}]}'))},
+        "messages[0].role is 'bot'",
+    ),
+    "empty content": (
+        lambda d, m: {
+            "data": _data_block(
+                _task(d, '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}')
+            )
+        },
+        "messages[1].content is empty",
+    ),
+    "no assistant": (
+        lambda d, m: {"data": _data_block(_task(d, '{"messages": [{"role": "user", "content": "q"}]}'))},
+        "no assistant turn",
+    ),
+    "not utf-8": (lambda d, m: {"data": _data_block(_task(d, b'{"messages": "\xff"}'))}, "line 21: not UTF-8"),
+    "val overlaps train": (
+        lambda d, m: {"data": f"data:\n  task: {_task(d, json.dumps(GOOD_ROW))}\n  val: {_val_file(d)}\n"},
+        "also appear in the validation or test set",
+    ),
+    "missing model dir": (lambda d, m: {"model": f"model: {{path: {d / 'nope'}}}"}, "model.path"),
+    "model without tokenizer": (lambda d, m: {"model": f"model: {{path: {_bare_model(d)}}}"}, "has no tokenizer"),
+    "low > high": (
+        lambda d, m: {"search_space": "search_space:\n  lr: {type: float, low: 0.1, high: 0.01}"},
+        "search_space.lr: low (0.1) is greater than high",
+    ),
+    "log range with 0": (
+        lambda d, m: {"search_space": "search_space:\n  lr: {type: float, low: 0, high: 0.1, log: true}"},
+        "log range must be above 0",
+    ),
+    "unknown key": (lambda d, m: {"n_trials": "n_trials: 2\nn_trails: 3"}, "n_trails: unknown key"),
+    "unknown metric": (
+        lambda d, m: {"n_trials": "n_trials: 2\nobjective: {metric: val/bleu}"},
+        "objective.metric: 'val/bleu' is produced by nothing",
+    ),
+}
+
+
+def _val_file(folder: Path) -> Path:
+    path = folder / "val.jsonl"
+    path.write_text(json.dumps(GOOD_ROW) + "\n")
+    return path
+
+
+def _bare_model(folder: Path) -> Path:
+    path = folder / "bare-model"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_and_creates_nothing(case, tmp_path, monkeypatch, capsys, tiny_model):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    make, expected = CASES[case]
+    spec = write_spec(inputs, tiny_model, **make(inputs, tiny_model))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _files(tmp_path)
+    rc = main(["run", str(spec)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert expected in err, err
+    assert str(inputs) in err, "the message names the file"
+    assert _files(tmp_path) == before, "bad input left files behind"
+
+
+def test_unreachable_storage_exits_2_and_hides_the_password(tmp_path, monkeypatch, capsys, tiny_model):
+    spec = write_spec(tmp_path, tiny_model)
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    rc = main(["run", str(spec), "--storage", "postgresql://user:hunter2@127.0.0.1:1/none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be reached" in err
+    assert "hunter2" not in err and "***" in err
+    assert _files(tmp_path) == before
+
+
+def test_validate_renders_one_config(tmp_path, capsys, tiny_model):
+    out = tmp_path / "trial.py"
+    assert main(["validate", str(ROOT / "configs" / "demo.yaml"), "--output", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert "sweep.hooks.SweepHook" in out.read_text()
+    assert main(["validate", str(ROOT / "configs" / "internlm2_chat_1_8b_qlora.yaml")]) == 2
+    assert "internlm2_chat_1_8b_qlora.yaml: model.path" in capsys.readouterr().err

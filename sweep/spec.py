@@ -148,6 +148,7 @@ class Spec(_Strict):
     timeout: float | None = Field(default=None, gt=0)
     eval_every: int = Field(default=64, ge=1)
     keep_checkpoints: int = Field(default=1, ge=0)
+    keep_adapters: int | None = Field(default=None, ge=1)
     registry: RegistrySpec | None = None
     seed: int = 0
 

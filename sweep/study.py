@@ -260,6 +260,9 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
             n_jobs=opts.n_jobs,
             catch=(TrialFailed,),
             gc_after_trial=False,
+            callbacks=[_AdapterBudget(spec.keep_adapters, champion_run=_champion_run(ctx))]
+            if spec.keep_adapters
+            else None,
         )
         registered = promote(study, ctx)
         status = "FINISHED"
@@ -272,6 +275,44 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     from sweep.report import study_report
 
     return study_report(study, registered)
+
+
+def _champion_run(ctx: StudyContext) -> str | None:
+    mv = ctx.tracker.champion(ctx.spec.registered_model_name, CHAMPION)
+    return mv.run_id if mv is not None else None
+
+
+class _AdapterBudget:
+    """Keep adapters on disk only for the best ``keep`` trials (and the registered champion's).
+
+    Deleted adapters stay in MLflow as artifacts of their trial's run; only the local copy goes.
+    """
+
+    def __init__(self, keep: int, champion_run: str | None = None) -> None:
+        self.keep = keep
+        self.champion_run = champion_run
+
+    def __call__(self, study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        import shutil
+
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        with_adapter = [
+            t
+            for t in study.get_trials(deepcopy=False, states=states)
+            if t.user_attrs.get("adapter_path") and Path(t.user_attrs["adapter_path"]).is_dir()
+        ]
+        sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+        ranked = sorted(with_adapter, key=lambda t: (t.state != optuna.trial.TrialState.COMPLETE, sign * _score(t)))
+        for t in ranked[self.keep :]:
+            if t.user_attrs.get("mlflow_run_id") == self.champion_run:
+                continue
+            shutil.rmtree(t.user_attrs["adapter_path"], ignore_errors=True)
+            log.info("trial %d: adapter removed from disk (kept in MLflow); keep_adapters=%d", t.number, self.keep)
+
+
+def _score(t: optuna.trial.FrozenTrial) -> float:
+    value = t.value if t.value is not None else t.user_attrs.get("best_value")
+    return float("inf") if value is None else float(value)
 
 
 def _log_study_summary(study: optuna.Study, tracker: Tracker, parent: str) -> None:

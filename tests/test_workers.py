@@ -180,3 +180,39 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
     assert retried and retried[0].params == study.trials[0].params
     assert retried[0].state == TrialState.COMPLETE
     assert MlflowClient(tracking_uri=tracking).get_run(run_id).info.status == "KILLED"
+
+
+OOM_HOOK = """\
+import sys
+with open("/proc/self/cmdline", "rb") as f:
+    oom = b"trial_0000" in f.read()
+if oom:  # what a CUDA OOM in training prints, without needing a GPU
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
+    raise SystemExit(1)
+"""
+
+
+def test_out_of_memory_trial_is_infeasible_and_the_sweep_goes_on(tmp_path, tiny_model, monkeypatch):
+    from sweep import study as study_mod
+    from sweep.spec import load_spec
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(OOM_HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: oom", n_trials="n_trials: 2", **FAST))
+    opts = study_mod.RunOptions(
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        work_dir=tmp_path / "runs",
+    )
+    report = study_mod.run(spec, opts)
+    study = optuna.load_study(study_name="oom", storage=opts.storage)
+    oom, ok = study.trials
+    assert oom.user_attrs["reason"] == "oom"
+    assert oom.state == TrialState.COMPLETE and oom.constraints == {"oom": 1.0}, "infeasible, so the sampler avoids it"
+    assert ok.state == TrialState.COMPLETE and ok.constraints == {"oom": 0.0}
+    assert study.best_trial.number == 1 and report["best"]["number"] == 1
+    tags = MlflowClient(tracking_uri=opts.tracking_uri).get_run(oom.user_attrs["mlflow_run_id"]).data.tags
+    assert tags["reason"] == "oom"

@@ -30,7 +30,15 @@ def texts() -> list[str]:
     return out
 
 
-def build(out: Path, seed: int = 0) -> Path:
+#: ``--shape qwen2-1.5b``: the Qwen2-1.5B shape (1.5 B parameters, random init, bf16), for GPU runs
+#: where speed and memory matter and the loss values do not.
+QWEN2_1_5B = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+)  # fmt: skip
+
+
+def build(out: Path, seed: int = 0, shape: str = "tiny") -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -48,21 +56,24 @@ def build(out: Path, seed: int = 0) -> Path:
     )
     hf_tok.save_pretrained(out)
     torch.manual_seed(seed)
+    dims = QWEN2_1_5B if shape == "qwen2-1.5b" else dict(
+        vocab_size=len(hf_tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
     cfg = Qwen2Config(
-        vocab_size=len(hf_tok),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        **dims,
         tie_word_embeddings=True,
         bos_token_id=hf_tok.bos_token_id,
         eos_token_id=hf_tok.eos_token_id,
         pad_token_id=hf_tok.pad_token_id,
     )
-    model = Qwen2ForCausalLM(cfg)
-    pretrain(model, hf_tok, seed)
+    if shape == "qwen2-1.5b":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    else:
+        model = Qwen2ForCausalLM(cfg)
+        pretrain(model, hf_tok, seed)
     model.save_pretrained(out, safe_serialization=True)
     model.generation_config.save_pretrained(out)
     return out
@@ -97,7 +108,11 @@ def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python data/tiny_model.py OUT_DIR")
-    path = build(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    shape = "tiny"
+    if len(args) == 3 and args[0] == "--shape" and args[1] in ("tiny", "qwen2-1.5b"):
+        shape, args = args[1], args[2:]
+    if len(args) != 1:
+        sys.exit("usage: python data/tiny_model.py [--shape tiny|qwen2-1.5b] OUT_DIR")
+    path = build(Path(args[0]), shape=shape)
     print(f"tiny model written to {path}")

@@ -25,7 +25,7 @@ from sweep.render import Device, TrialFiles, load_base_config, prompt_template, 
 from sweep.serving import log_chat_model
 from sweep.space import base_values, first_point, trial_values
 from sweep.spec import Spec, SpecError, spec_summary
-from sweep.tracking import Tracker, redact
+from sweep.tracking import RACE_MARKERS, Tracker, redact
 from sweep.trial import StudyContext, TrialFailed, run_trial
 
 log = logging.getLogger("sweep")
@@ -185,7 +185,7 @@ def connect_storage(url: str, heartbeat: int | None, tracking_uri: str | None):
             return make_storage(url, heartbeat, tracking_uri)
         except Exception as err:  # noqa: BLE001 - any driver's error means the same to the user
             text = str(err)
-            if attempt < 3 and ("already exists" in text or "UniqueViolation" in text or "IntegrityError" in text):
+            if attempt < 3 and any(marker in text for marker in RACE_MARKERS):
                 time.sleep(1 + attempt)  # workers that start together race to create the tables
                 continue
             first = text.strip().splitlines()[0] if text.strip() else type(err).__name__

@@ -23,7 +23,14 @@ STUDY_TAG = "xtuner_sweep.study"
 ROLE_TAG = "xtuner_sweep.role"
 TRIAL_TAG = "xtuner_sweep.trial"
 PARENT_TAG = "mlflow.parentRunId"
-MAX_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
+MAX_BATCH = 900
+RACE_MARKERS = (
+    "already exists",
+    "UniqueViolation",
+    "duplicate key",
+    "IntegrityError",
+    "locked",
+)  # MLflow's log_batch takes at most 1000 metrics per call
 
 
 def redact(uri: str) -> str:
@@ -40,13 +47,14 @@ class Tracker:
 
     def __init__(self, tracking_uri: str) -> None:
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        for attempt in range(4):  # workers that start together race to create a new store's tables
+        for attempt in range(5):  # workers that start together race to create a new store's tables
             try:
+                self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
                 self.client.search_experiments(max_results=1)
+                self.client.search_registered_models(max_results=1)
                 break
             except Exception as err:  # noqa: BLE001
-                if attempt == 3 or not any(s in str(err) for s in ("already exists", "UniqueViolation", "locked")):
+                if attempt == 4 or not any(s in str(err) for s in RACE_MARKERS):
                     raise
                 time.sleep(1 + attempt)
 

@@ -196,8 +196,8 @@ class SweepHook(Hook):
             if verdict and verdict.get("step", -1) >= step:
                 return bool(verdict.get("stop"))
             time.sleep(0.05)
-        runner_msg = f"no verdict from the sweep for step {step} in {self.ack_timeout:.0f}s; training on"
-        self._emit({"kind": "warning", "message": runner_msg})
+        message = f"no verdict from the sweep for step {step} in {self.ack_timeout:.0f}s; training on"
+        self._emit({"kind": "warning", "message": message})
         return False
 
     def after_train(self, runner) -> None:

@@ -223,11 +223,11 @@ def _format_errors(path: Path, err: ValidationError) -> str:
 
 
 def _is_branch_label(part: Any) -> bool:
-    return isinstance(part, str) and (
-        part in {"int", "float", "categorical", "str", "bool", "path", "function-after[_range(), IntParam]"}
-        or part.startswith(("function-", "lax-or-strict", "json-or-python"))
-        or part in {"IntParam", "FloatParam", "CategoricalParam", "is-instance[Path]", "function-plain"}
-    )
+    """Pydantic names the branch of a union it tried ("float", "function-after[...]"): not a key of the file."""
+    return isinstance(part, str) and (part in UNION_BRANCHES or "[" in part or part.startswith("function-"))
+
+
+UNION_BRANCHES = {"int", "float", "categorical", "str", "bool", "path", "IntParam", "FloatParam", "CategoricalParam"}
 
 
 def _resolve_paths(spec: Spec, base: Path) -> Spec:

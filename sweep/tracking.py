@@ -8,7 +8,6 @@ parent run instead of starting a new one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable
@@ -137,9 +136,6 @@ class Tracker:
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
-
-    def log_table(self, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
-        self.client.log_text(run_id, json.dumps(rows, ensure_ascii=False, indent=1), name)
 
     # -- registry --------------------------------------------------------------------------
     def version_of_run(self, name: str, run_id: str):

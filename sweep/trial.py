@@ -98,7 +98,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
     run_id = ctx.tracker.start_trial(ctx.experiment_id, ctx.parent_run_id, spec.study, trial.number, params)
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("work_dir", str(work))
-    trial.set_user_attr("values", {k: v for k, v in values.items()})
+    trial.set_user_attr("values", dict(values))
     ctx.tracker.log_artifact(run_id, config, "xtuner")
     log.info("trial %d: started %s", trial.number, _short(values))
 

@@ -216,3 +216,24 @@ def test_out_of_memory_trial_is_infeasible_and_the_sweep_goes_on(tmp_path, tiny_
     assert study.best_trial.number == 1 and report["best"]["number"] == 1
     tags = MlflowClient(tracking_uri=opts.tracking_uri).get_run(oom.user_attrs["mlflow_run_id"]).data.tags
     assert tags["reason"] == "oom"
+
+
+def test_two_jobs_in_one_worker(tmp_path, tiny_model):
+    """--n-jobs 2: two trials train at once in one `sweep run`, each in its own process and MLflow run."""
+    from sweep import study as study_mod
+    from sweep.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: jobs", n_trials="n_trials: 2", **FAST))
+    opts = study_mod.RunOptions(
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        work_dir=tmp_path / "runs",
+        n_jobs=2,
+    )
+    study_mod.run(spec, opts)
+    study = optuna.load_study(study_name="jobs", storage=opts.storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    first, second = sorted(study.trials, key=lambda t: t.datetime_start)
+    assert second.datetime_start < first.datetime_complete, "the two trials did not overlap"
+    runs = {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert len(runs) == 2

@@ -19,7 +19,10 @@ class Metric:
 
 METRICS: dict[str, Metric] = {
     m.name: m
-    for m in (Metric("val/loss", "minimize", "token-mean cross-entropy of assistant tokens on the validation split"),)
+    for m in (
+        Metric("val/loss", "minimize", "token-mean cross-entropy of assistant tokens on the validation split"),
+        Metric("val/rouge_l", "maximize", "ROUGE-L F1 (CJK-aware) of greedy answers to the first validation rows"),
+    )
 }
 
 

@@ -51,6 +51,17 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
+def _first_turn(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """The question (user text before the first answer) and that answer, as openai_map_fn pairs them."""
+    question = []
+    for m in messages:
+        if m["role"] == "assistant":
+            return "".join(question), m["content"]
+        if m["role"] == "user":
+            question.append(m["content"])
+    return "".join(question), ""
+
+
 class SweepHook(Hook):
     """Validation schedule by samples seen, metric stream, best adapter, and the prune handshake."""
 
@@ -65,6 +76,7 @@ class SweepHook(Hook):
         stream: str,
         control: str,
         adapter_dir: str,
+        generation: dict[str, Any] | None = None,
         ack_timeout: float = 900.0,
     ) -> None:
         self.metric = metric
@@ -80,6 +92,8 @@ class SweepHook(Hook):
         self.best_step: int | None = None
         self.step = 0
         self.stopped = False
+        self.generation = generation
+        self.val_seconds = 0.0
 
     # -- the x-axis ---------------------------------------------------------------------------
     def samples_seen(self, iters_done: int) -> int:
@@ -106,8 +120,19 @@ class SweepHook(Hook):
                 "time": time.time(),
             }
         )
+        if self.generation:
+            from xtuner.registry import BUILDER
+
+            self.tokenizer = BUILDER.build(self.generation["tokenizer"])
+            lines = Path(self.generation["val_file"]).read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+            pairs = [_first_turn(r["messages"]) for r in rows[: self.generation["max_rows"]]]
+            self.questions = [q for q, _ in pairs]
+            self.references = [a for _, a in pairs]
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        if runner.iter == 0:  # after every hook's before_train (CheckpointHook's too)
+            self._validate(runner, 0)  # the untrained starting point: a baseline, and "before training" samples
         self._t0 = time.perf_counter()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
@@ -145,8 +170,10 @@ class SweepHook(Hook):
     # -- validation and the verdict -----------------------------------------------------------
     def _validate(self, runner, step: int) -> None:
         self._pending_step = step
+        started = time.perf_counter()
         runner.val_loop.run()
-        stop = [self._await_verdict(step) if is_main_process() else False]
+        self.val_seconds += time.perf_counter() - started
+        stop = [self._await_verdict(step) if is_main_process() and step > 0 else False]
         if get_world_size() > 1:
             broadcast_object_list(stop)
         if stop[0] and runner.iter + 1 < self.max_iters:
@@ -154,9 +181,11 @@ class SweepHook(Hook):
             self.stopped = True
 
     def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
-        metrics = metrics or {}
-        value = metrics.get(self.metric)
+        metrics = metrics if metrics is not None else {}
         step = getattr(self, "_pending_step", self.step)
+        if self.generation:
+            self._generate(runner, step, metrics)  # adds val/rouge_l before CheckpointHook (lower priority) reads it
+        value = metrics.get(self.metric)
         if value is not None and value == value and (self.best_value is None or self.better(value, self.best_value)):
             self.best_value, self.best_step = float(value), step
             if is_main_process():
@@ -171,6 +200,27 @@ class SweepHook(Hook):
                 "time": time.time(),
             }
         )
+
+    def _generate(self, runner, step: int, metrics: dict[str, float]) -> None:
+        from objectives.rouge import rouge_l
+        from sweep.generation import generate_answers
+
+        gen = self.generation
+        score = [None]
+        if is_main_process():
+            llm = _unwrap(runner.model).llm
+            args = dict(template=gen["template"], system=gen["system"], max_new_tokens=gen["max_new_tokens"])
+            if gen["rouge"] and self.questions:
+                answers = generate_answers(llm, self.tokenizer, questions=self.questions, **args)
+                score = [rouge_l(answers, self.references)]
+            if gen["probes"]:
+                answers = generate_answers(llm, self.tokenizer, questions=gen["probes"], **args)
+                rows = [{"step": step, "question": q, "answer": a} for q, a in zip(gen["probes"], answers, strict=True)]
+                self._emit({"kind": "samples", "step": step, "rows": rows})
+        if get_world_size() > 1:
+            broadcast_object_list(score)
+        if score[0] is not None:
+            metrics["val/rouge_l"] = float(score[0])
 
     def _save_adapter(self, runner) -> None:
         """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""
@@ -209,6 +259,7 @@ class SweepHook(Hook):
                 "best_step": self.best_step,
                 "best_value": self.best_value,
                 "stopped_early": self.stopped,
+                "val_seconds": round(self.val_seconds, 3),
                 "adapter": str(self.adapter_dir) if self.adapter_dir.exists() else None,
                 "time": time.time(),
             }

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep.spec import Spec, SpecError
+from sweep.spec import GenerationSpec, Spec, SpecError
 
 VAL_BATCH_SIZE = 4
 NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
@@ -218,6 +218,7 @@ def render(
             "stream": str(files.stream),
             "control": str(files.control),
             "adapter_dir": str(files.adapter),
+            "generation": _generation(spec, files, tokenizer, template),
         }
     )
     cfg["custom_hooks"] = hooks
@@ -239,6 +240,22 @@ def render(
     cfg["work_dir"] = str(files.work_dir)
     cfg["visualizer"] = None
     return to_source(cfg)
+
+
+def _generation(spec: Spec, files: TrialFiles, tokenizer: dict, template: dict) -> dict | None:
+    if not spec.generates:
+        return None
+    gen = spec.generation or GenerationSpec()
+    return {
+        "val_file": str(files.val),
+        "rouge": spec.objective.metric == "val/rouge_l" or spec.generation is not None,
+        "max_rows": gen.max_rows,
+        "max_new_tokens": gen.max_new_tokens,
+        "probes": list(spec.probes),
+        "template": template,
+        "system": spec.model.system,
+        "tokenizer": tokenizer,
+    }
 
 
 def _dataset(path: Path, tokenizer: dict, template: dict, max_length: int, pack: bool, varlen: bool, n_proc: int):

@@ -19,18 +19,6 @@ from mlflow.pyfunc import PythonModel
 BUNDLE_LIMIT_BYTES = 200 * 2**20
 
 
-def format_prompt(template: dict[str, Any], question: str, system: str = "") -> str:
-    """The first turn of a conversation as XTuner's template_map_fn lays it out for training."""
-    prompt = template.get("SYSTEM", "").format(system=system) if system and "SYSTEM" in template else ""
-    return prompt + template["INSTRUCTION"].format(input=question, round=1)
-
-
-def needs_bos(tokenizer: Any) -> bool:
-    """XTuner's encode_fn prepends BOS except for the tokenizer families it special-cases."""
-    name = type(tokenizer).__name__
-    return tokenizer.bos_token_id is not None and not name.startswith(("Qwen", "QWen", "ChatGLM"))
-
-
 class AdapterChatModel(PythonModel):
     """A base LLM plus a LoRA adapter, answering a list of questions with greedy decoding."""
 
@@ -49,43 +37,15 @@ class AdapterChatModel(PythonModel):
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=dtype, trust_remote_code=True)
         self.model = PeftModel.from_pretrained(model, context.artifacts["adapter"]).to(device).eval()
-        self.device = device
         self.template = cfg["template"]
         self.system = cfg.get("system", "")
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
-        stop = [self.tokenizer.eos_token_id]
-        for word in self.template.get("STOP_WORDS", []):
-            ids = self.tokenizer.encode(word, add_special_tokens=False)
-            if len(ids) == 1:
-                stop.append(ids[0])
-        self.stop_ids = sorted({i for i in stop if i is not None})
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        import torch
+        from sweep.generation import generate_answers
 
-        questions = list(model_input)
-        prompts = [format_prompt(self.template, q, self.system) for q in questions]
-        bos = [self.tokenizer.bos_token_id] if needs_bos(self.tokenizer) else []
-        ids = [bos + self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=self.stop_ids,
-                pad_token_id=pad,
-            )
-        answers = []
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            answers.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return answers
+        return generate_answers(self.model, self.tokenizer, self.template, list(model_input), self.system, max_new)
 
 
 def _folder_bytes(path: Path) -> int:

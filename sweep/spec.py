@@ -128,6 +128,13 @@ class PrunerSpec(_Strict):
     percentile: float = 50.0
 
 
+class GenerationSpec(_Strict):
+    """Greedy answers during validation: for ``val/rouge_l`` and the probe questions' sample table."""
+
+    max_new_tokens: int = Field(default=48, ge=1)
+    max_rows: int = Field(default=32, ge=1)  # the first N validation rows, the same in every trial
+
+
 class RegistrySpec(_Strict):
     name: str = Field(min_length=1)
 
@@ -151,6 +158,12 @@ class Spec(_Strict):
     keep_adapters: int | None = Field(default=None, ge=1)
     registry: RegistrySpec | None = None
     seed: int = 0
+    generation: GenerationSpec | None = None
+    probes: list[str] = Field(default_factory=list)
+
+    @property
+    def generates(self) -> bool:
+        return self.generation is not None or bool(self.probes) or self.objective.metric == "val/rouge_l"
 
     @field_validator("search_space", "fixed")
     @classmethod

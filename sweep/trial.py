@@ -103,7 +103,9 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
     log.info("trial %d: started %s", trial.number, _short(values))
 
     stream = MetricStream(files.stream)
-    state: dict[str, Any] = {"points": [], "pruned": False, "best_step": None, "end": None, "final_step": None}
+    state: dict[str, Any] = {
+        "points": [], "pruned": False, "best_step": None, "end": None, "final_step": None, "samples": [],
+    }  # fmt: skip
     started = time.monotonic()
 
     def on_poll() -> None:
@@ -122,12 +124,19 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
                     state["points"].append((step, float(value)))
                     state["best_step"] = ev.get("best_step")
                     trial.report(float(value), step)
-                    stop = bool(trial.should_prune()) and step < (state["final_step"] or step + 1)
+                    stop = step > 0 and bool(trial.should_prune()) and step < (state["final_step"] or step + 1)
                     state["pruned"] = state["pruned"] or stop
                     log.info(
                         "trial %d: step %d %s=%.4f%s", trial.number, step, metric, value, " -> pruned" if stop else ""
                     )
                 _write_verdict(files.control, step, stop)
+            elif kind == "samples":
+                state["samples"] += ev["rows"]
+                ctx.tracker.client.log_table(
+                    run_id,
+                    {k: [r[k] for r in state["samples"]] for k in ("step", "question", "answer")},
+                    "samples.json",
+                )
             elif kind == "end":
                 state["end"] = ev
             elif kind == "warning":
@@ -165,6 +174,8 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
         trial.set_user_attr("best_value", best)
         trial.set_user_attr("seconds", round(seconds, 1))
         final = state["end"] or {}
+        if final.get("val_seconds") is not None and seconds > 0:
+            trial.set_user_attr("val_share", round(final["val_seconds"] / seconds, 3))
         ctx.tracker.set_tags(
             run_id,
             {

@@ -41,10 +41,10 @@ def champion_info(tracker, name: str, alias: str = "champion") -> dict[str, Any]
 
 
 def trials_table(study: optuna.Study) -> str:
-    """A plain-text table of every trial: state, value, best step, time and parameters."""
+    """A plain-text table of every trial: state, value, best step, time, validation's share of it, parameters."""
     trials = study.get_trials(deepcopy=False)
     names = sorted({k for t in trials for k in t.params})
-    head = ["#", "state", "value", "best_step", "last_step", "secs", *names]
+    head = ["#", "state", "value", "best_step", "last_step", "secs", "val%", *names]
     rows = []
     for t in trials:
         steps = sorted(t.intermediate_values)
@@ -56,6 +56,7 @@ def trials_table(study: optuna.Study) -> str:
                 str(t.user_attrs.get("best_step", "")),
                 str(steps[-1]) if steps else "",
                 str(t.user_attrs.get("seconds", "")),
+                f"{100 * t.user_attrs['val_share']:.0f}" if "val_share" in t.user_attrs else "",
                 *[_fmt(t.params.get(n)) for n in names],
             ]
         )

@@ -104,7 +104,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
 
     stream = MetricStream(files.stream)
     state: dict[str, Any] = {
-        "points": [], "pruned": False, "best_step": None, "end": None, "final_step": None, "samples": [],
+        "points": [], "pruned": False, "best_step": None, "end": None, "final_step": None,
     }  # fmt: skip
     started = time.monotonic()
 
@@ -130,12 +130,10 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
                         "trial %d: step %d %s=%.4f%s", trial.number, step, metric, value, " -> pruned" if stop else ""
                     )
                 _write_verdict(files.control, step, stop)
-            elif kind == "samples":
-                state["samples"] += ev["rows"]
+            elif kind == "samples":  # MLflow appends to an existing table: log only the new rows
+                rows_new = ev["rows"]
                 ctx.tracker.client.log_table(
-                    run_id,
-                    {k: [r[k] for r in state["samples"]] for k in ("step", "question", "answer")},
-                    "samples.json",
+                    run_id, {k: [r[k] for r in rows_new] for k in ("step", "question", "answer")}, "samples.json"
                 )
             elif kind == "end":
                 state["end"] = ev

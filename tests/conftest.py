@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / ".cache" / "tiny-model"
 
@@ -94,7 +96,8 @@ def e2e(tmp_path_factory, tiny_model):
     inject = ws / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FAIL_HOOK)
-    spec = load_spec(write_spec(ws, tiny_model))
+    probes = 'n_trials: 4\nprobes: ["Who are you?", "你是谁？"]\ngeneration: {max_new_tokens: 8, max_rows: 4}'
+    spec = load_spec(write_spec(ws, tiny_model, n_trials=probes))
     opts = study_mod.RunOptions(
         storage=f"sqlite:///{ws / 'sweep.db'}", tracking_uri=f"sqlite:///{ws / 'mlflow.db'}", work_dir=ws / "runs"
     )

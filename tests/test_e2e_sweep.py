@@ -159,3 +159,19 @@ def test_trials_really_learn(e2e):
     """Guards the warm-up fix: on small data XTuner's warm-up once left the learning rate at 1e-5 of itself."""
     learned, untouched = _trial(e2e, 0), _trial(e2e, 2)  # lr 1e-2 vs lr 1e-6
     assert learned.value < untouched.value - 0.5
+
+
+def test_answers_are_scored_and_probe_samples_logged(e2e):
+    client = _client(e2e)
+    t = _trial(e2e, 0)
+    run_id = t.user_attrs["mlflow_run_id"]
+    rouge = client.get_metric_history(run_id, "val/rouge_l")
+    assert sorted(m.step for m in rouge) == sorted(t.intermediate_values)
+    assert all(0.0 <= m.value <= 1.0 for m in rouge)
+    table = json.loads(Path(client.download_artifacts(run_id, "samples.json")).read_text())
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert {r["step"] for r in rows} == set(t.intermediate_values), "probes answered at every validation point"
+    assert {r["question"] for r in rows} == {"Who are you?", "你是谁？"}
+    assert len(rows) == 2 * len(t.intermediate_values), "each answer logged once"
+    assert 0 in {r["step"] for r in rows}, "answers before training are logged too"
+    assert 0 < t.user_attrs["val_share"] < 1

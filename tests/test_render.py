@@ -67,7 +67,10 @@ def test_gpu_keeps_amp_and_quantization(base):
 def test_values_from_input_never_become_code(base, tmp_path: Path):
     spec = load_spec(ROOT / "configs" / "demo.yaml")
     spec = spec.model_copy(
-        update={"model": spec.model.model_copy(update={"system": INJECT, "path": Path("/m/" + INJECT)})}
+        update={
+            "model": spec.model.model_copy(update={"system": INJECT, "path": Path("/m/" + INJECT)}),
+            "probes": [INJECT, "普通的问题"],
+        }
     )
     values = trial_values(spec, {"lr": 0.01}, base_values(base))
     files = TrialFiles(Path(f"/w/{INJECT}.jsonl"), Path("/w/val.jsonl"), Path("/w"), 10)
@@ -76,6 +79,9 @@ def test_values_from_input_never_become_code(base, tmp_path: Path):
     assert cfg["SYSTEM"] == INJECT
     assert cfg["train_dataloader"]["dataset"]["dataset"]["data_files"]["train"] == f"/w/{INJECT}.jsonl"
     assert cfg["model"]["llm"]["pretrained_model_name_or_path"] == "/m/" + INJECT
+    hook = next(h for h in cfg["custom_hooks"] if h["type"] == "sweep.hooks.SweepHook")
+    assert hook["generation"]["probes"] == [INJECT, "普通的问题"]
+    assert not Path("/tmp/xtuner-sweep-pwned").exists()
 
 
 def test_unknown_base_config_and_template(base, tmp_path: Path):

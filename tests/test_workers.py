@@ -47,7 +47,7 @@ def _sweep(cwd: Path, *args: str, **popen) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _wait_for_training(stream: Path, timeout: float = 120) -> None:
+def _wait_for_training(stream: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stream.exists() and '"kind": "train"' in stream.read_text():
@@ -116,7 +116,7 @@ def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
     worker = _sweep(tmp_path, *args)
     _wait_for_training(tmp_path / "sweep-runs" / "stop" / "trial_0000" / "sweep_metrics.jsonl")
     worker.send_signal(signal.SIGINT)
-    out = worker.communicate(timeout=120)[0]
+    out = worker.communicate(timeout=300)[0]
     assert worker.returncode == 130, out
     assert "run the same command again to resume" in out
     assert not _training_processes("trial_0000"), "the training process outlived the stop"

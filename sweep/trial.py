@@ -104,7 +104,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
 
     stream = MetricStream(files.stream)
     state: dict[str, Any] = {
-        "points": [], "pruned": False, "best_step": None, "end": None, "final_step": None,
+        "points": [], "pruned": False, "end": None, "final_step": None,
     }  # fmt: skip
     started = time.monotonic()
 
@@ -122,7 +122,6 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float:
                 stop = False
                 if value is not None:
                     state["points"].append((step, float(value)))
-                    state["best_step"] = ev.get("best_step")
                     trial.report(float(value), step)
                     stop = step > 0 and bool(trial.should_prune()) and step < (state["final_step"] or step + 1)
                     state["pruned"] = state["pruned"] or stop

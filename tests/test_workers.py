@@ -27,6 +27,9 @@ FAST = {
 }
 
 
+LONG = {**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, accumulative_counts: 1, lora_r: 8}"}
+
+
 def _pg_database() -> str:
     psycopg = pytest.importorskip("psycopg")
     name = f"xts_{uuid.uuid4().hex[:10]}"
@@ -54,6 +57,16 @@ def _wait_for_training(stream: Path, timeout: float = 300) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"training never started ({stream})")
+
+
+def _training_worker(tmp_path: Path, tiny_model: Path, study: str, *extra: str):
+    """A `sweep run` of one long trial on SQLite stores, returned once its trial is training."""
+    spec = write_spec(tmp_path, tiny_model, study=f"study: {study}", **LONG)
+    storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1", *extra]
+    worker = _sweep(tmp_path, *args)
+    _wait_for_training(tmp_path / "sweep-runs" / study / "trial_0000" / "sweep_metrics.jsonl")
+    return worker, args, storage, tracking
 
 
 def _training_processes(marker: str) -> list[int]:
@@ -105,16 +118,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, tiny_model):
 
 
 def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
-    spec = write_spec(
-        tmp_path,
-        tiny_model,
-        study="study: stop",
-        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, accumulative_counts: 1, lora_r: 8}"},
-    )
-    storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
-    args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1"]
-    worker = _sweep(tmp_path, *args)
-    _wait_for_training(tmp_path / "sweep-runs" / "stop" / "trial_0000" / "sweep_metrics.jsonl")
+    worker, args, storage, tracking = _training_worker(tmp_path, tiny_model, "stop")
     worker.send_signal(signal.SIGINT)
     out = worker.communicate(timeout=300)[0]
     assert worker.returncode == 130, out
@@ -148,16 +152,7 @@ def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
 
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
-    spec = write_spec(
-        tmp_path,
-        tiny_model,
-        study="study: kill",
-        **{**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, accumulative_counts: 1, lora_r: 8}"},
-    )
-    storage, tracking = f"sqlite:///{tmp_path / 's.db'}", f"sqlite:///{tmp_path / 'm.db'}"
-    args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "1", "--heartbeat", "2"]
-    worker = _sweep(tmp_path, *args)
-    _wait_for_training(tmp_path / "sweep-runs" / "kill" / "trial_0000" / "sweep_metrics.jsonl")
+    worker, args, storage, tracking = _training_worker(tmp_path, tiny_model, "kill", "--heartbeat", "2")
     worker.send_signal(signal.SIGKILL)
     worker.communicate(timeout=30)
     deadline = time.monotonic() + 20

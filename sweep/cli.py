@@ -20,6 +20,13 @@ DEFAULT_TRACKING = "sqlite:///mlflow.db"
 SPEC_KEYS = ("model.", "objective.", "sampler.", "mix_ratio", "base_config", "data.")
 
 
+def _gpu_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1,3, got {text!r}") from None
+
+
 def _tracking_uri(arg: str | None) -> str:
     return arg or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
 
@@ -37,7 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--n-trials", type=lambda v: int(float(v)), help="trials to add in this run (0 or unset: the spec's n_trials)"
     )
-    r.add_argument("--n-jobs", type=int, default=1, help="trials at once, each in its own process")
+    r.add_argument(
+        "--n-jobs",
+        type=int,
+        help="trials at once, each in its own process (default: as many as the GPU slots hold; 1 on the CPU)",
+    )
+    r.add_argument("--gpus", type=_gpu_list, help="GPU indices to use, e.g. 0,1 (default: all visible)")
+    r.add_argument(
+        "--trials-per-gpu",
+        default="auto",
+        type=lambda v: None if v == "auto" else int(v),
+        help="auto (as many as fit in memory, estimated and checked against finished trials' peaks) or K",
+    )
     r.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     r.add_argument(
         "--heartbeat",
@@ -52,22 +70,51 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("spec", type=Path)
     v.add_argument("--output", type=Path, help="write the rendered XTuner config here")
 
+    pro = sub.add_parser(
+        "promote",
+        help="score the study's best trial and the champion on the test split; move the alias if it is better",
+    )
+    pro.add_argument("study")
+    pro.add_argument("--storage", default=DEFAULT_STORAGE)
+    pro.add_argument("--tracking-uri")
+    pro.add_argument("--json", action="store_true")
+
+    exp = sub.add_parser("export", help="copy the adapter of a study's best trial or a registered model; --merge it")
+    exp.add_argument("source", help="a study name, or models:/NAME@ALIAS (or models:/NAME/VERSION)")
+    exp.add_argument("--adapter", type=Path, help="copy the LoRA adapter into this new folder")
+    exp.add_argument("--merge", type=Path, help="write the merged Hugging Face model (XTuner's merge) here")
+    exp.add_argument("--storage", default=DEFAULT_STORAGE)
+    exp.add_argument("--tracking-uri")
+
+    chat = sub.add_parser("chat", help="talk to an adapter in its prompt template (like `xtuner chat --adapter`)")
+    chat.add_argument("source", help="a study name, or models:/NAME@ALIAS")
+    chat.add_argument("--question", action="append", help="answer this question and exit (repeatable)")
+    chat.add_argument("--max-new-tokens", type=int)
+    chat.add_argument("--storage", default=DEFAULT_STORAGE)
+    chat.add_argument("--tracking-uri")
+
     rep = sub.add_parser("report", help="table of a study's trials, or --json")
     rep.add_argument("study")
     rep.add_argument("--storage", default=DEFAULT_STORAGE)
     rep.add_argument("--tracking-uri")
     rep.add_argument("--json", action="store_true")
+    rep.add_argument("--plots", type=Path, help="folder for the plots (default: the study's work dir /plots)")
+    rep.add_argument("--no-plots", action="store_true", help="only the table")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    console = _logging()
     for noisy in ("alembic", "mlflow", "optuna", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"run": _run, "validate": _validate, "report": _report}[args.command](args)
+        commands = {
+            "run": _run, "validate": _validate, "report": _report, "promote": _promote, "export": _export, "chat": _chat,
+        }  # fmt: skip
+        args.console = console
+        return commands[args.command](args)
     except SpecError as err:
         message = str(err)
         spec_file = getattr(args, "spec", None)
@@ -75,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{spec_file}: {message}"
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _logging():
+    """Log lines go through rich in a terminal, so that they scroll above the live progress view."""
+    if not sys.stderr.isatty():
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+        return None
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    console = Console(stderr=True)
+    handler = RichHandler(console=console, show_path=False, show_level=False, log_time_format="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    return console
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -89,8 +150,11 @@ def _run(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         n_trials=args.n_trials,
         n_jobs=args.n_jobs,
+        gpus=args.gpus,
+        trials_per_gpu=args.trials_per_gpu,
         timeout=args.timeout,
         heartbeat=args.heartbeat or None,
+        console=args.console,
     )
     _stop_on_signals()
     try:
@@ -133,41 +197,152 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.spec}: OK")
     print(f"  study {spec.study}; base config {spec.base_config}; model {spec.model.path} ({spec.model.template})")
     print(f"  data rows: {counts}")
-    print(
-        f"  search space: {', '.join(spec.search_space) or '(none)'}; objective {spec.objective.direction} {spec.objective.metric}"
-    )
+    print(f"  search space: {', '.join(spec.search_space) or '(none)'}; objective {spec.objective.describe()}")
     if args.output:
         args.output.write_text(checked.config_text, encoding="utf-8")
         print(f"  rendered config of one trial: {args.output}")
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
+def _load_study(name: str, storage: str):
     import optuna
 
-    from sweep.report import champion_info, study_report, trials_table
-    from sweep.tracking import Tracker
+    from sweep.tracking import redact
 
     try:
-        st = optuna.load_study(study_name=args.study, storage=args.storage)
+        return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise SpecError(f"storage {args.storage}: no study named {args.study!r}") from None
+        raise SpecError(f"storage {redact(storage)}: no study named {name!r}") from None
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sweep.gate import promote
+    from sweep.spec import Spec
+    from sweep.tracking import Tracker
+
+    st = _load_study(args.study, args.storage)
+    saved = st.user_attrs.get("spec")
+    if not saved or "work_dir" not in st.user_attrs:
+        raise SpecError(f"study {args.study}: has no saved spec; it was not made by `sweep run`")
+    spec = Spec.model_validate(saved)
+    result = promote(
+        st, spec, Tracker(_tracking_uri(args.tracking_uri)), Path(st.user_attrs["work_dir"]) / "data",
+        st.user_attrs.get("mlflow_parent_run_id"),
+    )  # fmt: skip
+    if result is None:
+        print(f"study {args.study}: no completed trial with an adapter; nothing to promote", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        where = "champion" if result.moved else f"not champion (champion stays version {result.champion_version})"
+        print(f"models:/{result.name}/{result.version}: {where}: {result.reason}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sweep.export import export, resolve
+
+    if not args.adapter and not args.merge:
+        raise SpecError("export: give --adapter DIR, --merge DIR or both")
+    with tempfile.TemporaryDirectory() as scratch:
+        resolved = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch))
+        for out in (args.adapter, args.merge):
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+        for path in export(resolved, args.adapter, args.merge):
+            print(f"{resolved.label}: wrote {path}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sweep.export import resolve
+    from sweep.generation import generate_answers
+    from sweep.scoring import load_adapter_model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch))
+        model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize)
+    max_new = args.max_new_tokens or r.max_new_tokens
+
+    def answer(question: str) -> str:
+        return generate_answers(model, tokenizer, r.template, [question], r.system, max_new)[0]
+
+    if args.question:
+        for q in args.question:
+            print(answer(q))
+        return 0
+    print(f"{r.label}: each question is answered on its own; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            question = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not question or question in ("exit", "quit"):
+            return 0
+        print(answer(question))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sweep.report import champion_info, objective_of, study_report, trials_table
+    from sweep.tracking import Tracker
+
+    st = _load_study(args.study, args.storage)
     registry = (st.user_attrs.get("spec") or {}).get("registry") or {}
     name = registry.get("name") or f"{args.study}-adapter"
-    registered = champion_info(Tracker(_tracking_uri(args.tracking_uri)), name)
-    report = study_report(st, registered)
+    tracker = Tracker(_tracking_uri(args.tracking_uri))
+    registered = champion_info(tracker, name)
+    report = study_report(st, registered=registered)
+    if not args.no_plots:
+        report["plots"], report["importances"] = _plots(st, args, tracker)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     print(trials_table(st))
     print()
+    if report.get("importances"):
+        print(f"parameter importances for {objective_of(st).primary} (fANOVA):")
+        for name, share in report["importances"].items():
+            print(f"  {name:<18} {share:6.1%}  {'#' * round(40 * share)}")
+        print()
+    if report.get("plots"):
+        print(f"plots: {report['plots']}")
     _print_summary(report)
     return 0
 
 
+def _plots(st, args: argparse.Namespace, tracker) -> tuple[str | None, dict[str, float]]:
+    """Optuna's plots and importances, written locally and logged to the study's parent MLflow run."""
+    from sweep.plots import importances, write_plots
+    from sweep.report import objective_of
+
+    objective = objective_of(st)
+    folder = args.plots or Path(st.user_attrs.get("work_dir", f"sweep-runs/{args.study}")) / "plots"
+    written = write_plots(st, objective, folder)
+    shares = importances(st, objective)
+    parent = st.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        for files in written.values():
+            for f in files:
+                tracker.log_artifact(parent, f, "plots")
+        if shares:
+            tracker.client.log_dict(parent, shares, "importances.json")  # replaced on every report
+    return (str(folder) if written else None), shares
+
+
 def _print_summary(report: dict) -> None:
     counts = ", ".join(f"{v} {k.lower()}" for k, v in report["counts"].items() if v)
-    print(f"study {report['study']} ({report['direction']}): {counts or 'no trials'}")
+    print(f"study {report['study']} ({report['objective']}): {counts or 'no trials'}")
+    for t in report.get("pareto") or []:
+        values = ", ".join(f"{k} {v:.4f}" for k, v in (t["values"] or {}).items())
+        print(f"pareto: trial {t['number']}: {values}  adapter {t['adapter_path']}")
     best = report["best"]
     if best:
         print(
@@ -175,8 +350,10 @@ def _print_summary(report: dict) -> None:
         )
         print(f"      adapter {best['adapter_path']}  mlflow run {best['mlflow_run_id']}")
     reg = report["registered"]
-    if reg:
-        print(f"registered: models:/{reg['name']}@{reg['alias']} (version {reg['version']})")
+    if reg and reg.get("alias"):
+        print(f"champion: models:/{reg['name']}@{reg['alias']} (version {reg['version']}) {reg.get('reason', '')}")
+    elif reg:
+        print(f"registered: models:/{reg['name']}/{reg['version']}, not champion: {reg.get('reason', '')}")
 
 
 if __name__ == "__main__":

@@ -190,14 +190,16 @@ def prepare(spec: DataSpec, folder: Path) -> PreparedData:
     return PreparedData(folder, counts, hashes, digest)
 
 
-def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path) -> int:
+def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path, source: Path | None = None) -> int:
     """Write a trial's training file: the task rows plus a share of general chat rows.
 
     ``mix_ratio`` is the general rows' share of the mixed set, so 0.2 means one general row for
     every four task rows, capped by how many general rows there are. Returns the row count.
+    ``source`` is a folder of the same splits already tokenized (``sweep.tokenized``).
     """
-    task = data.path("train").read_text(encoding="utf-8").splitlines(keepends=True)
-    general = data.path("general_train").read_text(encoding="utf-8").splitlines(keepends=True)
+    folder = source or data.folder
+    task = (folder / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    general = (folder / "general_train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     if not 0.0 <= mix_ratio < 1.0:
         raise SpecError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
     if mix_ratio > 0 and not general:

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mmengine.dist import broadcast_object_list, get_world_size, is_main_process
+from mmengine.dist import all_gather_object, broadcast_object_list, get_world_size, is_main_process
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 
+from objectives import WEIGHTED, weighted
 from objectives.loss import mean_loss, token_loss_sum
 from sweep.launcher import CONTROL_ENV
 
@@ -77,9 +78,13 @@ class SweepHook(Hook):
         control: str,
         adapter_dir: str,
         generation: dict[str, Any] | None = None,
+        general_val: dict[str, Any] | None = None,
+        weights: dict[str, float] | None = None,
         ack_timeout: float = 900.0,
     ) -> None:
         self.metric = metric
+        self.general_val = general_val
+        self.weights = weights
         self.better = (lambda a, b: a < b) if rule == "less" else (lambda a, b: a > b)
         self.eval_every = eval_every
         self.n_train_rows = n_train_rows
@@ -120,6 +125,8 @@ class SweepHook(Hook):
                 "time": time.time(),
             }
         )
+        if self.general_val:
+            self.general_loader = runner.build_dataloader(self.general_val)
         if self.generation:
             from xtuner.registry import BUILDER
 
@@ -172,6 +179,7 @@ class SweepHook(Hook):
         self._pending_step = step
         started = time.perf_counter()
         runner.val_loop.run()
+        runner.model.train()  # ValLoop leaves the model in eval mode: dropout would stay off until the next epoch
         self.val_seconds += time.perf_counter() - started
         stop = [self._await_verdict(step) if is_main_process() and step > 0 else False]
         if get_world_size() > 1:
@@ -183,8 +191,13 @@ class SweepHook(Hook):
     def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
         metrics = metrics if metrics is not None else {}
         step = getattr(self, "_pending_step", self.step)
+        # Added before CheckpointHook (lower priority) reads the metrics for save_best.
+        if self.general_val:
+            metrics["val/general_loss"] = self._general_loss(runner)
         if self.generation:
-            self._generate(runner, step, metrics)  # adds val/rouge_l before CheckpointHook (lower priority) reads it
+            self._generate(runner, step, metrics)
+        if self.weights:
+            metrics[WEIGHTED] = weighted(metrics, self.weights)
         value = metrics.get(self.metric)
         if value is not None and value == value and (self.best_value is None or self.better(value, self.best_value)):
             self.best_value, self.best_step = float(value), step
@@ -200,6 +213,20 @@ class SweepHook(Hook):
                 "time": time.time(),
             }
         )
+
+    @torch.no_grad()
+    def _general_loss(self, runner) -> float:
+        """``val/loss`` on held-out general chat rows: the same metric, a second loader (mmengine has one)."""
+        model = runner.model
+        model.eval()
+        parts: list[tuple[float, int]] = []
+        for data_batch in self.general_loader:
+            outputs = model.val_step(data_batch)
+            labels = data_batch["data"]["labels"]
+            parts += [token_loss_sum(out["logits"], labels[i]) for i, out in enumerate(outputs)]
+        if get_world_size() > 1:
+            parts = [p for rank_parts in all_gather_object(parts) for p in rank_parts]
+        return mean_loss(parts)
 
     def _generate(self, runner, step: int, metrics: dict[str, float]) -> None:
         from objectives.rouge import rouge_l
@@ -260,6 +287,8 @@ class SweepHook(Hook):
                 "best_value": self.best_value,
                 "stopped_early": self.stopped,
                 "val_seconds": round(self.val_seconds, 3),
+                # what the GPU slots plan with: the allocator's reserve, not only live tensors
+                "peak_memory_mb": torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
                 "adapter": str(self.adapter_dir) if self.adapter_dir.exists() else None,
                 "time": time.time(),
             }

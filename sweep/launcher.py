@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,6 +204,30 @@ def _widen_short_schedules() -> None:
             __original(*bound.args, **bound.kwargs)
 
         cls.__init__ = init
+
+
+def merge_adapter(base_model: Path, adapter: Path, out: Path) -> None:
+    """``xtuner convert merge``: the adapter folded into the base weights, saved as a Hugging Face model.
+
+    Run as XTuner's own module in a child process (it parses sys.argv and may load the model onto a
+    GPU); the merged model is written next to ``out`` and renamed into place, so a failure never
+    leaves half a model where the user asked for one.
+    """
+    import torch
+
+    tmp = out.with_name(out.name + ".tmp-merge")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "xtuner.tools.model_converters.merge", str(base_model), str(adapter), str(tmp),
+        "--safe-serialization", "--device", "cuda" if torch.cuda.is_available() else "cpu",
+    ]  # fmt: skip
+    env = {**environment(Launch(config=Path(), work_dir=Path(), log=Path())), CONTROL_ENV: "0"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"XTuner's merge exited with code {proc.returncode}:\n{tail}")
+    tmp.rename(out)
 
 
 def _train_in_this_process(argv: list[str]) -> None:

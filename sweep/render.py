@@ -42,6 +42,8 @@ class TrialFiles:
     val: Path
     work_dir: Path
     n_train_rows: int
+    general_val: Path | None = None  # held-out general chat rows, for val/general_loss
+    tokenized: bool = False  # ``train`` holds input_ids/labels already (sweep.tokenized)
 
     @property
     def stream(self) -> Path:
@@ -116,9 +118,15 @@ def render(
     values: dict[str, Any],
     files: TrialFiles,
     device: Device,
+    activation_checkpointing: bool | None = None,
 ) -> str:
-    """The source of one trial's config. ``base`` is left unchanged."""
+    """The source of one trial's config. ``base`` is left unchanged.
+
+    ``activation_checkpointing`` None keeps the base config's choice (XTuner's default is on).
+    """
     cfg = copy.deepcopy(base)
+    if activation_checkpointing is not None:
+        cfg["model"]["use_activation_checkpointing"] = bool(activation_checkpointing)
     template = prompt_template(spec.model.template)
     model_path = str(spec.model.path)
     old_path = _get(cfg, "model", "llm", "pretrained_model_name_or_path")
@@ -165,6 +173,10 @@ def render(
     for name in [k for k, v in cfg.items() if v is not old_ds and v == old_ds]:
         del cfg[name]  # the base's own dataset, kept under a variable name: not what this trial trains on
     cfg["train_dataloader"]["dataset"] = _dataset(files.train, tokenizer, template, max_length, pack, varlen, n_proc)
+    if files.tokenized:  # XTuner's pipeline goes on from the tokens: filter, shuffle, pack
+        cfg["train_dataloader"]["dataset"].update(
+            do_dataset_tokenization=False, dataset_map_fn=None, template_map_fn=None
+        )
     cfg["train_dataloader"]["batch_size"] = int(values["batch_size"])
     for key in ("max_length", "batch_size", "max_epochs", "lr", "accumulative_counts"):
         if key in cfg and key in values:
@@ -173,27 +185,17 @@ def render(
     cfg["max_length"] = max_length
     cfg["SYSTEM"] = spec.model.system
 
-    cfg["val_dataloader"] = {
-        "batch_size": VAL_BATCH_SIZE,
-        "num_workers": 0,
-        "dataset": _dataset(files.val, tokenizer, template, max_length, False, False, 1),
-        "sampler": {"type": "mmengine.dataset.DefaultSampler", "shuffle": False},
-        "collate_fn": {"type": "xtuner.dataset.collate_fns.default_collate_fn", "use_varlen_attn": False},
-    }
+    cfg["val_dataloader"] = _val_loader(files.val, tokenizer, template, max_length)
     cfg["val_evaluator"] = {"type": "sweep.hooks.ValLossMetric"}
     cfg["val_cfg"] = {"type": "mmengine.runner.ValLoop"}
 
-    # Schedule: epochs, and the base's epoch-based LR schedule stretched to the new length.
+    # Schedule: epochs (or iterations), and the base's LR schedule stretched to the new length.
     old_epochs = _get(cfg, "train_cfg", "max_epochs")
-    epochs = int(values["max_epochs"])
-    cfg["train_cfg"] = {**cfg.get("train_cfg", {}), "max_epochs": epochs, "val_interval": NEVER, "val_begin": NEVER}
-    cfg["train_cfg"].pop("max_iters", None)
-    if old_epochs:
-        for sched in cfg.get("param_scheduler") or []:
-            if sched.get("by_epoch", True):
-                for key in ("begin", "end"):
-                    if isinstance(sched.get(key), (int, float)):
-                        sched[key] = sched[key] * epochs / old_epochs
+    old_iters = _get(cfg, "train_cfg", "max_iters")
+    if values.get("max_iters"):
+        _iteration_schedule(cfg, int(values["max_iters"]), old_epochs, old_iters)
+    else:
+        _epoch_schedule(cfg, int(values["max_epochs"]), old_epochs)
     optim = cfg["optim_wrapper"]
     optim["optimizer"]["lr"] = float(values["lr"])
     optim["accumulative_counts"] = int(values.get("accumulative_counts") or 1)
@@ -206,12 +208,13 @@ def render(
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
 
     # Validation, streaming and best-checkpoint selection.
-    rule = "less" if spec.objective.direction == "minimize" else "greater"
+    objective = spec.objective
+    rule = "less" if objective.primary_direction == "minimize" else "greater"
     hooks = [h for h in cfg.get("custom_hooks") or [] if "EvaluateChatHook" not in str(h.get("type"))]
     hooks.append(
         {
             "type": "sweep.hooks.SweepHook",
-            "metric": spec.objective.metric,
+            "metric": objective.primary,
             "rule": rule,
             "eval_every": spec.eval_every,
             "n_train_rows": files.n_train_rows,
@@ -219,6 +222,10 @@ def render(
             "control": str(files.control),
             "adapter_dir": str(files.adapter),
             "generation": _generation(spec, files, tokenizer, template),
+            "general_val": _val_loader(files.general_val, tokenizer, template, max_length)
+            if files.general_val
+            else None,
+            "weights": dict(objective.weights) if objective.weights else None,
         }
     )
     cfg["custom_hooks"] = hooks
@@ -231,7 +238,7 @@ def render(
         "interval": int(old_ckpt.get("interval", 500)) if keep > 0 else -1,
         "max_keep_ckpts": keep if keep > 0 else -1,
         "save_last": keep > 0,
-        "save_best": spec.objective.metric,
+        "save_best": objective.primary,
         "rule": rule,
     }
     if "logger" in default_hooks:
@@ -242,19 +249,56 @@ def render(
     return to_source(cfg)
 
 
+def _epoch_schedule(cfg: dict, epochs: int, old_epochs: int | None) -> None:
+    cfg["train_cfg"] = {**cfg.get("train_cfg", {}), "max_epochs": epochs, "val_interval": NEVER, "val_begin": NEVER}
+    cfg["train_cfg"].pop("max_iters", None)
+    if old_epochs:
+        for sched in cfg.get("param_scheduler") or []:
+            if sched.get("by_epoch", True):
+                for key in ("begin", "end"):
+                    if isinstance(sched.get(key), (int, float)):
+                        sched[key] = sched[key] * epochs / old_epochs
+
+
+def _iteration_schedule(cfg: dict, iters: int, old_epochs: int | None, old_iters: int | None) -> None:
+    """A fixed number of iterations; epoch-based scheduler ranges become iteration ranges of the same shape."""
+    loop = {k: v for k, v in cfg.get("train_cfg", {}).items() if k not in ("max_epochs", "max_iters")}
+    loop.setdefault("type", "xtuner.engine.runner.TrainLoop")
+    cfg["train_cfg"] = {**loop, "max_iters": iters, "val_interval": NEVER, "val_begin": NEVER}
+    for sched in cfg.get("param_scheduler") or []:
+        by_epoch = sched.get("by_epoch", True)
+        old = old_epochs if by_epoch else old_iters
+        for key in ("begin", "end"):
+            if isinstance(sched.get(key), (int, float)) and old:
+                sched[key] = round(sched[key] * iters / old)
+        sched["by_epoch"] = False
+        sched.pop("convert_to_iter_based", None)
+
+
 def _generation(spec: Spec, files: TrialFiles, tokenizer: dict, template: dict) -> dict | None:
     if not spec.generates:
         return None
     gen = spec.generation or GenerationSpec()
     return {
         "val_file": str(files.val),
-        "rouge": spec.objective.metric == "val/rouge_l" or spec.generation is not None,
+        "rouge": spec.scores_rouge,
         "max_rows": gen.max_rows,
         "max_new_tokens": gen.max_new_tokens,
         "probes": list(spec.probes),
         "template": template,
         "system": spec.model.system,
         "tokenizer": tokenizer,
+    }
+
+
+def _val_loader(path: Path, tokenizer: dict, template: dict, max_length: int) -> dict[str, Any]:
+    """Unpacked rows in a fixed order: every trial is scored on the same tokens."""
+    return {
+        "batch_size": VAL_BATCH_SIZE,
+        "num_workers": 0,
+        "dataset": _dataset(path, tokenizer, template, max_length, False, False, 1),
+        "sampler": {"type": "mmengine.dataset.DefaultSampler", "shuffle": False},
+        "collate_fn": {"type": "xtuner.dataset.collate_fns.default_collate_fn", "use_varlen_attn": False},
     }
 
 

@@ -48,6 +48,7 @@ def base_values(cfg: dict[str, Any]) -> dict[str, Any]:
     lora = get("model", "lora") or {}
     return {
         "max_epochs": get("train_cfg", "max_epochs"),
+        "max_iters": get("train_cfg", "max_iters"),
         "batch_size": get("train_dataloader", "batch_size"),
         "accumulative_counts": get("optim_wrapper", "accumulative_counts") or 1,
         "lr": get("optim_wrapper", "optimizer", "lr"),
@@ -66,7 +67,12 @@ def trial_values(spec: Spec, sampled: dict[str, Any], base: dict[str, Any]) -> d
     if ratio is not None:
         values["lora_alpha"] = max(1, round(values["lora_r"] * ratio))
         values["lora_alpha_ratio"] = ratio
-    missing = [k for k in ("max_epochs", "batch_size", "lr", "max_length") if values.get(k) is None]
+    if "max_iters" in spec.fixed or "max_iters" in spec.search_space:
+        values["max_epochs"] = None  # the spec asks for iterations
+    elif values.get("max_epochs") is not None:
+        values["max_iters"] = None
+    length = "max_epochs" if values.get("max_iters") is None else "max_iters"
+    missing = [k for k in (length, "batch_size", "lr", "max_length") if values.get(k) is None]
     if missing:
         raise SpecError(f"base config {spec.base_config}: has no value for {missing}; set them under 'fixed'")
     if values.get("lora_r") is None:

@@ -14,10 +14,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from objectives import METRICS, WEIGHTED
+
 #: The knobs a trial may vary, with the type a value must have. They map onto XTuner config
 #: fields in ``sweep.render`` (``mix_ratio`` onto the data mix in ``sweep.data``).
 KNOBS: dict[str, type] = {
     "max_epochs": int,
+    "max_iters": int,  # instead of max_epochs: a fixed number of iterations (benchmarks, huge data)
     "batch_size": int,
     "accumulative_counts": int,
     "lr": float,
@@ -111,8 +114,81 @@ class DataSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    metric: str = "val/loss"
-    direction: Literal["minimize", "maximize"] = "minimize"
+    """One metric, a weighted sum of metrics, or several metrics at once (a Pareto front).
+
+    ``metric: val/rouge_l`` optimizes one metric in its own direction; ``weights: {val/loss: 1,
+    val/general_loss: 0.5}`` optimizes their weighted sum (``val/weighted``, minimized unless
+    ``direction`` says otherwise); ``metrics: [val/loss, val/general_loss]`` makes a multi-objective
+    study, each metric in its own direction. The first named metric is the primary one: it picks
+    a trial's best checkpoint and, among the Pareto trials, the champion.
+    """
+
+    metric: str | None = None
+    metrics: list[str] | None = None
+    weights: dict[str, float] | None = None
+    direction: Literal["minimize", "maximize"] | None = None
+
+    @field_validator("metric", "metrics", "weights")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        for name in [v] if isinstance(v, str) else list(v or []):
+            if name not in METRICS:
+                raise ValueError(f"{name!r} is produced by nothing; known: {sorted(METRICS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ObjectiveSpec:
+        given = [k for k in ("metric", "metrics", "weights") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of metric, metrics or weights, not {' and '.join(given)}")
+        if self.metrics is not None:
+            if len(self.metrics) < 2 or len(set(self.metrics)) != len(self.metrics):
+                raise ValueError("metrics: a multi-objective study needs 2 or more different metrics")
+            if self.direction is not None:
+                raise ValueError("direction: with `metrics`, each metric keeps its own direction")
+        if self.weights is not None and not self.weights:
+            raise ValueError("weights: name at least one metric")
+        if self.metric is not None and self.direction and self.direction != METRICS[self.metric].direction:
+            raise ValueError(f"direction: {self.metric} is to {METRICS[self.metric].direction}, not {self.direction}")
+        return self
+
+    @property
+    def components(self) -> list[str]:
+        """The metrics a trial must produce."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        if self.weights is not None:
+            return list(self.weights)
+        return [self.metric or "val/loss"]
+
+    @property
+    def names(self) -> list[str]:
+        """What Optuna optimizes, in order."""
+        return [WEIGHTED] if self.weights is not None else self.components
+
+    @property
+    def directions(self) -> list[str]:
+        if self.weights is not None:
+            return [self.direction or "minimize"]
+        return [METRICS[n].direction for n in self.names]
+
+    @property
+    def primary(self) -> str:
+        return self.names[0]
+
+    @property
+    def primary_direction(self) -> str:
+        return self.directions[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.names) > 1
+
+    def describe(self) -> str:
+        if self.weights is not None:
+            terms = " + ".join(f"{w:g}*{n}" for n, w in self.weights.items())
+            return f"{self.primary_direction} {WEIGHTED} = {terms}"
+        return ", ".join(f"{d} {n}" for n, d in zip(self.names, self.directions, strict=True))
 
 
 class SamplerSpec(_Strict):
@@ -133,6 +209,13 @@ class GenerationSpec(_Strict):
 
     max_new_tokens: int = Field(default=48, ge=1)
     max_rows: int = Field(default=32, ge=1)  # the first N validation rows, the same in every trial
+
+
+class SpeedSpec(_Strict):
+    """Settings that change how fast a trial trains, never what it computes (see docs/benchmarks.md)."""
+
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: off when the trial fits on a GPU without
+    tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
 
 
 class RegistrySpec(_Strict):
@@ -160,10 +243,16 @@ class Spec(_Strict):
     seed: int = 0
     generation: GenerationSpec | None = None
     probes: list[str] = Field(default_factory=list)
+    gpus_per_trial: int = Field(default=1, ge=1)  # >1: torchrun + DeepSpeed ZeRO-2 on that many whole GPUs
+    speed: SpeedSpec = SpeedSpec()
 
     @property
     def generates(self) -> bool:
-        return self.generation is not None or bool(self.probes) or self.objective.metric == "val/rouge_l"
+        return self.generation is not None or bool(self.probes) or self.scores_rouge
+
+    @property
+    def scores_rouge(self) -> bool:
+        return self.generation is not None or "val/rouge_l" in self.objective.components
 
     @field_validator("search_space", "fixed")
     @classmethod

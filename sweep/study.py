@@ -19,17 +19,17 @@ from typing import Any
 import optuna
 import yaml
 
-from objectives import METRICS
 from sweep import data as data_mod
+from sweep.gate import best_trial, pareto_trials, promote
+from sweep.progress import SweepProgress
 from sweep.render import Device, TrialFiles, load_base_config, prompt_template, render
-from sweep.serving import log_chat_model
+from sweep.slots import GpuSlots, MemoryModel, ModelShape, visible_gpus
 from sweep.space import base_values, first_point, trial_values
 from sweep.spec import Spec, SpecError, spec_summary
 from sweep.tracking import RACE_MARKERS, Tracker, redact
 from sweep.trial import StudyContext, TrialFailed, run_trial
 
 log = logging.getLogger("sweep")
-CHAMPION = "champion"
 
 
 @dataclass
@@ -38,9 +38,12 @@ class RunOptions:
     tracking_uri: str
     work_dir: Path
     n_trials: int | None = None
-    n_jobs: int = 1
+    n_jobs: int | None = None  # trials at once; None: as many as the GPU slots hold (1 on the CPU)
+    gpus: list[int] | None = None  # None: every visible GPU
+    trials_per_gpu: int | None = None  # None: as many as fit in memory (at most 8)
     timeout: float | None = None
     heartbeat: int = 60  # seconds; a trial silent for 2x this long is failed and queued again
+    console: Any = None  # a rich Console for the live view; None: stderr (live only if it is a terminal)
 
 
 @dataclass
@@ -66,8 +69,6 @@ def check_model_dir(path: Path) -> None:
 
 def check(spec: Spec, device: Device | None = None) -> Checked:
     """Every check that can fail before training, with nothing written anywhere."""
-    if spec.objective.metric not in METRICS:
-        raise SpecError(f"objective.metric: {spec.objective.metric!r} is produced by nothing; known: {sorted(METRICS)}")
     check_model_dir(spec.model.path)
     prompt_template(spec.model.template)
     splits = data_mod.split_rows(spec.data)
@@ -78,8 +79,13 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
     values = trial_values(spec, first_point(spec), knobs)
     if float(values.get("mix_ratio") or 0) > 0 and not splits["general_train"]:
         raise SpecError("mix_ratio: general data is mixed in but data.general is not set")
+    if "val/general_loss" in spec.objective.components and not splits["general_val"]:
+        raise SpecError(
+            "objective: val/general_loss needs held-out general rows; set data.general and data.general_val > 0"
+        )
     probe = Path("/nonexistent/xtuner-sweep-check")
-    files = TrialFiles(probe / "train.jsonl", probe / "val.jsonl", probe, max(1, len(splits["train"])))
+    general_val = probe / "general_val.jsonl" if splits["general_val"] else None
+    files = TrialFiles(probe / "train.jsonl", probe / "val.jsonl", probe, max(1, len(splits["train"])), general_val)
     text = render(base_cfg, spec, values, files, device or Device(cuda=False))
     return Checked(spec, base_cfg, knobs, splits, text)
 
@@ -105,6 +111,10 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
 
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     p = spec.pruner
+    if spec.objective.multi:
+        if p.type != "none" and "pruner" in spec.model_fields_set:
+            log.warning("pruner: Optuna cannot prune a multi-objective study; trials run to the end")
+        return optuna.pruners.NopPruner()
     if p.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     if p.type == "percentile":
@@ -165,7 +175,7 @@ def open_study(spec: Spec, storage, create: bool = True) -> optuna.Study:
         return optuna.create_study(
             study_name=spec.study,
             storage=storage,
-            direction=spec.objective.direction,
+            directions=spec.objective.directions,
             sampler=make_sampler(spec),
             pruner=make_pruner(spec),
             load_if_exists=True,
@@ -215,7 +225,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         "model_path": str(spec.model.path),
         "template": spec.model.template,
         "quantize": spec.model.quantize,
-        "objective": f"{spec.objective.direction} {spec.objective.metric}",
+        "objective": spec.objective.describe(),
         "sampler": spec.sampler.type,
         "pruner": spec.pruner.type,
         "eval_every": spec.eval_every,
@@ -231,7 +241,11 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
 
-    threads = None if device.cuda else max(1, (os.cpu_count() or 1) // max(1, opts.n_jobs))
+    slots = memory = None
+    n_jobs = opts.n_jobs or 1
+    if device.cuda:
+        slots, memory, n_jobs = _gpu_slots(spec, checked, opts)
+    threads = None if device.cuda else max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     ctx = StudyContext(
         spec=spec,
         base_cfg=checked.base_cfg,
@@ -243,49 +257,79 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         experiment_id=experiment_id,
         parent_run_id=parent,
         threads=threads,
-        gpu_ids=[0] if device.cuda else [],
+        slots=slots,
+        memory=memory,
     )
     n_trials = opts.n_trials or spec.n_trials
+    progress = ctx.progress = SweepProgress(n_trials, spec.objective.primary, console=opts.console)
     log.info(
         "study %s: %d trial(s) to run, %d job(s), storage %s, tracking %s, work dir %s",
-        spec.study, n_trials, opts.n_jobs, redact(opts.storage), redact(opts.tracking_uri), root,
+        spec.study, n_trials, n_jobs, redact(opts.storage), redact(opts.tracking_uri), root,
     )  # fmt: skip
     status = "FAILED"
     registered = None
+    callbacks: list = [progress]
+    if spec.keep_adapters:
+        callbacks.append(_AdapterBudget(spec.keep_adapters, champion_run=_champion_run(ctx)))
     try:
-        study.optimize(
-            lambda trial: run_trial(trial, ctx),
-            n_trials=n_trials,
-            timeout=opts.timeout or spec.timeout,
-            n_jobs=opts.n_jobs,
-            catch=(TrialFailed,),
-            gc_after_trial=False,
-            callbacks=[_AdapterBudget(spec.keep_adapters, champion_run=_champion_run(ctx))]
-            if spec.keep_adapters
-            else None,
-        )
-        registered = promote(study, ctx)
+        with progress:
+            study.optimize(
+                lambda trial: run_trial(trial, ctx),
+                n_trials=n_trials,
+                timeout=opts.timeout or spec.timeout,
+                n_jobs=n_jobs,
+                catch=(TrialFailed,),
+                gc_after_trial=False,
+                callbacks=callbacks,
+            )
+        gated = promote(study, spec, tracker, prepared.folder, parent)
+        registered = gated.as_dict() if gated else None
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        _log_study_summary(study, tracker, parent)
+        _log_study_summary(study, spec, tracker, parent)
         tracker.finish(parent, status)
     from sweep.report import study_report
 
-    return study_report(study, registered)
+    return study_report(study, spec.objective, registered)
+
+
+def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots, MemoryModel, int]:
+    """GPU slots for the visible (or chosen) GPUs, and how many trials to run at once."""
+    try:
+        gpus = visible_gpus(opts.gpus)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    if not gpus:  # no nvidia-smi: trust torch
+        import torch
+
+        gpus = {i: torch.cuda.get_device_properties(i).total_memory / 2**20 for i in range(torch.cuda.device_count())}
+    if spec.gpus_per_trial > len(gpus):
+        raise SpecError(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial, but only {len(gpus)} visible")
+    slots = GpuSlots(gpus, opts.trials_per_gpu)
+    memory = MemoryModel(ModelShape.from_dir(spec.model.path, spec.model.quantize))
+    values = trial_values(spec, first_point(spec), checked.base_knobs)
+    need = memory.estimate(int(values["batch_size"]), int(values["max_length"]))
+    n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))
+    log.info(
+        "GPUs %s (%s MB); a trial of the first point needs about %.0f MB; %d trial(s) at once",
+        sorted(gpus), ",".join(f"{v:.0f}" for v in gpus.values()), need, n_jobs,
+    )  # fmt: skip
+    return slots, memory, n_jobs
 
 
 def _champion_run(ctx: StudyContext) -> str | None:
-    mv = ctx.tracker.champion(ctx.spec.registered_model_name, CHAMPION)
+    mv = ctx.tracker.champion(ctx.spec.registered_model_name)
     return mv.run_id if mv is not None else None
 
 
 class _AdapterBudget:
-    """Keep adapters on disk only for the best ``keep`` trials (and the registered champion's).
+    """Keep adapters on disk only for the best ``keep`` trials, every Pareto trial and the champion.
 
     Deleted adapters stay in MLflow as artifacts of their trial's run; only the local copy goes.
+    Ranking is by the primary objective.
     """
 
     def __init__(self, keep: int, champion_run: str | None = None) -> None:
@@ -301,28 +345,31 @@ class _AdapterBudget:
             for t in study.get_trials(deepcopy=False, states=states)
             if t.user_attrs.get("adapter_path") and Path(t.user_attrs["adapter_path"]).is_dir()
         ]
-        sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+        sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
         ranked = sorted(with_adapter, key=lambda t: (t.state != optuna.trial.TrialState.COMPLETE, sign * _score(t)))
+        pareto = {t.number for t in pareto_trials(study)} if len(study.directions) > 1 else set()
         for t in ranked[self.keep :]:
-            if t.user_attrs.get("mlflow_run_id") == self.champion_run:
+            if t.user_attrs.get("mlflow_run_id") == self.champion_run or t.number in pareto:
                 continue
             shutil.rmtree(t.user_attrs["adapter_path"], ignore_errors=True)
             log.info("trial %d: adapter removed from disk (kept in MLflow); keep_adapters=%d", t.number, self.keep)
 
 
 def _score(t: optuna.trial.FrozenTrial) -> float:
-    value = t.value if t.value is not None else t.user_attrs.get("best_value")
+    value = t.values[0] if t.values else t.user_attrs.get("best_value")
     return float("inf") if value is None else float(value)
 
 
-def _log_study_summary(study: optuna.Study, tracker: Tracker, parent: str) -> None:
+def _log_study_summary(study: optuna.Study, spec: Spec, tracker: Tracker, parent: str) -> None:
     rows = []
+    pareto = {t.number for t in pareto_trials(study)} if spec.objective.multi else set()
     for t in study.get_trials(deepcopy=False):
         rows.append(
             {
                 "number": t.number,
                 "state": t.state.name,
-                "value": t.value,
+                **{name: (t.values[i] if t.values else None) for i, name in enumerate(spec.objective.names)},
+                "pareto": t.number in pareto,
                 "best_step": t.user_attrs.get("best_step"),
                 "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
                 **{f"param.{k}": v for k, v in t.params.items()},
@@ -332,62 +379,12 @@ def _log_study_summary(study: optuna.Study, tracker: Tracker, parent: str) -> No
         import pandas as pd
 
         tracker.client.log_table(parent, pd.DataFrame(rows), "trials.json")
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(study, spec.objective)
+    if best is None:
         return
-    tracker.log_metrics(parent, [(f"best/{study.user_attrs['spec']['objective']['metric']}", best.value, best.number)])
-    tracker.set_tags(parent, {"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "")})
-
-
-def promote(study: optuna.Study, ctx: StudyContext) -> dict[str, Any] | None:
-    """Register the best completed trial's adapter and point the ``champion`` alias at it."""
-    spec = ctx.spec
-    try:
-        best = study.best_trial
-    except ValueError:
-        log.warning("study %s: no completed trial yet; nothing to register", spec.study)
-        return None
-    adapter = best.user_attrs.get("adapter_path")
-    run_id = best.user_attrs.get("mlflow_run_id")
-    if not adapter or not Path(adapter).is_dir() or not run_id:
-        log.warning("study %s: best trial %d has no adapter on disk; nothing registered", spec.study, best.number)
-        return None
-    name = spec.registered_model_name
-    client = ctx.tracker.client
-    version = ctx.tracker.version_of_run(name, run_id)
-    if version is None:
-        uri = log_chat_model(
-            run_id,
-            ctx.tracker.uri,
-            Path(adapter),
-            spec.model.path,
-            prompt_template(spec.model.template),
-            spec.model.system,
-        )
-        import mlflow
-
-        mlflow.set_registry_uri(ctx.tracker.uri)
-        mine = mlflow.register_model(uri, name, tags={"study": spec.study, "trial": str(best.number)})
-        client.set_model_version_tag(name, mine.version, "mlflow_run_id", run_id)
-        client.set_model_version_tag(name, mine.version, spec.objective.metric, str(best.value))
-        version = ctx.tracker.version_of_run(name, run_id)  # the oldest, if workers registered at once
-        if int(version.version) != int(mine.version):
-            client.delete_model_version(name, mine.version)
-    for attempt in range(4):  # workers finishing together race to move the alias
-        try:
-            client.set_registered_model_alias(name, CHAMPION, version.version)
-            break
-        except Exception:  # noqa: BLE001
-            if attempt == 3:
-                raise
-            time.sleep(1 + attempt)
-    log.info(
-        "study %s: trial %d is %s, registered as %s version %s",
-        spec.study,
-        best.number,
-        CHAMPION,
-        name,
-        version.version,
-    )
-    return {"name": name, "version": str(version.version), "alias": CHAMPION}
+    metrics = [(f"best/{name}", v, best.number) for name, v in zip(spec.objective.names, best.values, strict=True)]
+    tracker.log_metrics(parent, metrics)
+    tags = {"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "")}
+    if pareto:
+        tags["pareto_trials"] = ",".join(str(n) for n in sorted(pareto))
+    tracker.set_tags(parent, tags)

@@ -57,6 +57,17 @@ class Tracker:
                     raise
                 time.sleep(1 + attempt)
 
+    def artifact_root(self, name: str) -> str | None:
+        """Artifacts of a SQLite store live beside its database file, not in whatever folder the sweep ran from.
+
+        (MLflow's default is ``./mlruns`` of the current directory: a store moved or opened from
+        another folder would lose its adapters.) A tracking server decides for itself: None.
+        """
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.uri.removeprefix("sqlite:///"))
+        return (db.resolve().parent / "mlruns" / name).as_uri()
+
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -64,7 +75,7 @@ class Tracker:
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=self.artifact_root(name))
         except Exception:  # noqa: BLE001 - another worker created it a moment ago
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

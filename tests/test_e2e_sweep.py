@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -137,10 +138,13 @@ def test_second_run_adds_trials_to_the_same_study(e2e):
 def test_champion_is_registered_and_answers(e2e):
     client = _client(e2e)
     reg = e2e["second"]["registered"]
-    assert reg["name"] == "e2e-model" and reg["alias"] == "champion"
+    assert reg["name"] == "e2e-model"
     mv = client.get_model_version_by_alias("e2e-model", "champion")
     best = e2e["study"].best_trial
-    assert mv.run_id == best.user_attrs["mlflow_run_id"]
+    if reg["moved"]:  # the best trial by validation passed the test gate (or was already champion)
+        assert reg["alias"] == "champion" and mv.run_id == best.user_attrs["mlflow_run_id"]
+    else:  # it lost on the test split: registered without the alias, the champion kept
+        assert reg["alias"] is None and str(mv.version) == reg["champion_version"]
     mlflow.set_tracking_uri(e2e["opts"].tracking_uri)
     model = mlflow.pyfunc.load_model("models:/e2e-model@champion")
     answers = model.predict(["Who are you?", "你是谁？"])
@@ -152,7 +156,8 @@ def test_report_json_shape(e2e):
     rep = e2e["second"]
     assert rep["study"] == "e2e" and rep["direction"] == "minimize"
     assert rep["best"]["number"] == e2e["study"].best_trial.number
-    assert set(rep["best"]) == {"number", "value", "params", "best_step", "mlflow_run_id", "adapter_path"}
+    assert set(rep["best"]) == {"number", "value", "values", "params", "best_step", "mlflow_run_id", "adapter_path"}
+    assert rep["best"]["values"] == {"val/loss": rep["best"]["value"]}
 
 
 def test_trials_really_learn(e2e):
@@ -175,3 +180,25 @@ def test_answers_are_scored_and_probe_samples_logged(e2e):
     assert len(rows) == 2 * len(t.intermediate_values), "each answer logged once"
     assert 0 in {r["step"] for r in rows}, "answers before training are logged too"
     assert 0 < t.user_attrs["val_share"] < 1
+
+
+def test_forgetting_is_measured_on_general_rows(e2e):
+    """val/general_loss: the held-out general chat rows, scored at every validation point."""
+    client = _client(e2e)
+    t = _trial(e2e, 0)
+    general = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val/general_loss")
+    assert sorted(m.step for m in general) == sorted(t.intermediate_values)
+    assert all(math.isfinite(m.value) and m.value > 0 for m in general)
+    task = {m.step: m.value for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val/loss")}
+    assert any(abs(m.value - task[m.step]) > 1e-3 for m in general), "a different set of rows than val/loss"
+
+
+def test_first_champion_passes_the_gate_with_test_metrics(e2e):
+    client = _client(e2e)
+    mv = client.get_model_version_by_alias("e2e-model", "champion")
+    assert mv.tags["gate"] == "passed"
+    assert math.isfinite(float(mv.tags["test/loss"])) and 0.0 <= float(mv.tags["test/rouge_l"]) <= 1.0
+    parent = e2e["study"].user_attrs["mlflow_parent_run_id"]
+    assert client.get_metric_history(parent, "test/loss"), "test metrics on the study's parent run"
+    trial_run = client.get_run(mv.run_id)
+    assert "test/loss" in trial_run.data.metrics

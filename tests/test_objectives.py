@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from objectives import best_of
+from objectives import best_of, is_better, weighted
 from objectives.loss import IGNORE_INDEX, mean_loss, token_loss_sum
 
 
@@ -32,3 +32,16 @@ def test_best_of_is_the_best_point_not_the_last():
     assert best_of([3.0, 2.0, 2.5], "minimize") == 2.0
     assert best_of([0.1, 0.4, 0.3], "maximize") == 0.4
     assert best_of([float("nan"), 1.0], "minimize") == 1.0
+
+
+def test_weighted_sum_and_missing_parts():
+    assert weighted({"val/loss": 2.0, "val/rouge_l": 0.5}, {"val/loss": 1.0, "val/rouge_l": -2.0}) == 1.0
+    assert math.isnan(weighted({"val/loss": 2.0}, {"val/loss": 1.0, "val/general_loss": 0.5}))
+    assert math.isnan(weighted({"val/loss": float("nan")}, {"val/loss": 1.0}))
+
+
+def test_is_better_never_prefers_nan():
+    assert is_better(1.0, 2.0, "minimize") and not is_better(2.0, 1.0, "minimize")
+    assert is_better(2.0, 1.0, "maximize")
+    assert not is_better(1.0, 1.0, "minimize"), "a tie keeps the champion"
+    assert is_better(5.0, float("nan"), "minimize") and not is_better(float("nan"), 5.0, "minimize")

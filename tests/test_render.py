@@ -25,7 +25,7 @@ CPU = Device(cuda=False)
 
 def _render(base, spec, device=CPU, **sampled):
     values = trial_values(spec, sampled, base_values(base))
-    files = TrialFiles(Path("/w/train.jsonl"), Path("/w/val.jsonl"), Path("/w"), 100)
+    files = TrialFiles(Path("/w/train.jsonl"), Path("/w/val.jsonl"), Path("/w"), 100, Path("/w/general_val.jsonl"))
     return render(base, spec, values, files, device)
 
 
@@ -48,7 +48,13 @@ def test_every_assignment_is_a_literal_and_knobs_land(base):
     assert "quantization_config" not in cfg["model"]["llm"]
     assert cfg["train_dataloader"]["dataset"]["max_length"] == 64
     assert cfg["val_dataloader"]["dataset"]["pack_to_max_length"] is False
-    assert cfg["default_hooks"]["checkpoint"]["save_best"] == "val/loss"
+    # the demo's objective is a weighted sum: the best checkpoint and the hook follow it, not val/loss
+    assert cfg["default_hooks"]["checkpoint"]["save_best"] == "val/weighted"
+    hook = next(h for h in cfg["custom_hooks"] if h["type"] == "sweep.hooks.SweepHook")
+    assert hook["metric"] == "val/weighted" and hook["rule"] == "less"
+    assert hook["weights"] == {"val/loss": 1.0, "val/general_loss": 0.5, "val/rouge_l": -2.0}
+    general = hook["general_val"]["dataset"]
+    assert general["dataset"]["data_files"] == {"train": "/w/general_val.jsonl"} and not general["pack_to_max_length"]
     assert cfg["default_hooks"]["checkpoint"]["max_keep_ckpts"] == spec.keep_checkpoints
     # the base's epoch-based schedule is stretched to the trial's 6 epochs (the base had 3)
     assert cfg["param_scheduler"][-1]["end"] == pytest.approx(6.0)
@@ -93,3 +99,14 @@ def test_unknown_base_config_and_template(base, tmp_path: Path):
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"template": "qwen_chatt"})})
     with pytest.raises(SpecError, match="unknown XTuner prompt template 'qwen_chatt'"):
         _render(base, spec)
+
+
+def test_fixed_iterations_instead_of_epochs(base):
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    spec = spec.model_copy(update={"fixed": {**spec.fixed, "max_iters": 40}})
+    cfg = _load(
+        _render(base, spec, lr=0.005, max_epochs=6, batch_size=2, lora_r=8, lora_alpha_ratio=1.0, mix_ratio=0.0)
+    )
+    assert cfg["train_cfg"]["max_iters"] == 40 and "max_epochs" not in cfg["train_cfg"]
+    assert all(s["by_epoch"] is False for s in cfg["param_scheduler"])
+    assert cfg["param_scheduler"][-1]["end"] == 40, "the schedule keeps its shape over the iterations"

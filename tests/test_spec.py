@@ -40,6 +40,11 @@ def test_tutorial_spec_loads():
             "both searched and fixed",
         ),
         ({"n_trials": "n_trials: 0"}, "n_trials"),
+        ({"n_trials": "objective: {metric: val/loss, weights: {val/loss: 1}}"}, "not metric and weights"),
+        ({"n_trials": "objective: {metrics: [val/loss]}"}, "objective: metrics: a multi-objective study needs 2"),
+        ({"n_trials": "objective: {metrics: [val/loss, val/rouge_l], direction: minimize}"}, "own direction"),
+        ({"n_trials": "objective: {metric: val/rouge_l, direction: minimize}"}, "val/rouge_l is to maximize"),
+        ({"n_trials": "objective: {weights: {val/bleu: 1.0}}"}, "objective.weights: 'val/bleu' is produced by nothing"),
     ],
 )
 def test_bad_spec_names_the_key(tmp_path: Path, override, expected):
@@ -60,3 +65,18 @@ def test_not_yaml_and_not_utf8(tmp_path: Path):
         load_spec(bad)
     with pytest.raises(SpecError, match="not found"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_objective_shapes(tmp_path: Path):
+    def objective(text: str):
+        return load_spec(write_spec(tmp_path, Path("/m"), n_trials=f"objective: {text}")).objective
+
+    single = objective("{metric: val/rouge_l}")
+    assert (single.names, single.directions, single.multi) == (["val/rouge_l"], ["maximize"], False)
+    default = load_spec(write_spec(tmp_path, Path("/m"))).objective
+    assert (default.primary, default.primary_direction) == ("val/loss", "minimize")
+    combo = objective("{weights: {val/loss: 1.0, val/rouge_l: -2.0}}")
+    assert combo.names == ["val/weighted"] and combo.directions == ["minimize"]
+    assert combo.components == ["val/loss", "val/rouge_l"]
+    multi = objective("{metrics: [val/loss, val/general_loss]}")
+    assert multi.multi and multi.directions == ["minimize", "minimize"] and multi.primary == "val/loss"

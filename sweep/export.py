@@ -1,0 +1,117 @@
+"""The chosen adapter out of the sweep: copied, merged into the base model, or chatted with.
+
+A source is a study name (its best trial, the one `sweep promote` would offer) or a registry URI
+such as ``models:/NAME@champion`` (the adapter and template stored with that version, so it works
+on a machine that never saw the study). Either way it resolves to an adapter folder, a base model
+folder and the prompt template the adapter was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sweep.spec import SpecError
+
+log = logging.getLogger("sweep")
+
+
+@dataclass
+class Resolved:
+    label: str
+    adapter: Path
+    base_model: Path
+    template: dict[str, Any]
+    system: str = ""
+    max_new_tokens: int = 64
+    quantize: bool = False
+
+
+def resolve(source: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
+    """Find the adapter, base model and template behind a study name or a ``models:/`` URI."""
+    if source.startswith("models:/"):
+        return _from_registry(source, tracking_uri, scratch)
+    return _from_study(source, storage, tracking_uri, scratch)
+
+
+def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(scratch)))
+    except Exception as err:  # noqa: BLE001 - MLflow raises several types for "no such model/alias"
+        raise SpecError(f"{uri}: not found in the registry at {tracking_uri} ({_first_line(err)})") from None
+    meta = yaml.safe_load((local / "MLmodel").read_text())
+    config = meta.get("flavors", {}).get("python_function", {}).get("model_config") or {}
+    adapters = sorted(p.parent for p in local.rglob("adapter_config.json"))
+    if not adapters or "template" not in config:
+        raise SpecError(f"{uri}: not a model registered by xtuner-sweep (no adapter or template in it)")
+    bundled = next((p for p in local.rglob("config.json") if p.parent.name == "base_model"), None)
+    base = bundled.parent if bundled else Path(config.get("base_model_path", ""))
+    if not (base / "config.json").is_file():
+        raise SpecError(f"{uri}: its base model folder {base} is not on this machine")
+    return Resolved(uri, adapters[0], base, config["template"], config.get("system", ""),
+                    int(config.get("max_new_tokens", 64)))  # fmt: skip
+
+
+def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
+    import optuna
+
+    from sweep.gate import best_trial
+    from sweep.render import prompt_template
+    from sweep.spec import Spec
+    from sweep.tracking import Tracker, redact
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise SpecError(f"storage {redact(storage)}: no study named {name!r} (or give models:/NAME@ALIAS)") from None
+    spec = Spec.model_validate(study.user_attrs["spec"])
+    best = best_trial(study, spec.objective)
+    if best is None:
+        raise SpecError(f"study {name}: no completed trial yet")
+    adapter = Path(best.user_attrs.get("adapter_path", ""))
+    if not (adapter / "adapter_config.json").is_file():  # removed by keep_adapters: MLflow still has it
+        run_id = best.user_attrs.get("mlflow_run_id")
+        adapter = Path(Tracker(tracking_uri).client.download_artifacts(run_id, "best_adapter", str(scratch)))
+    gen = spec.generation
+    return Resolved(
+        f"study {name} trial {best.number}", adapter, spec.model.path, prompt_template(spec.model.template),
+        spec.model.system, gen.max_new_tokens if gen else 64, spec.model.quantize,
+    )  # fmt: skip
+
+
+def export(resolved: Resolved, adapter_out: Path | None, merge_out: Path | None) -> list[Path]:
+    """Copy the adapter and/or write the merged model; refuses to write into a non-empty folder."""
+    from sweep.launcher import merge_adapter
+
+    for out in (adapter_out, merge_out):
+        if out is not None and out.exists() and any(out.iterdir()):
+            raise SpecError(f"{out}: exists and is not empty; name a new folder")
+    written = []
+    if adapter_out is not None:
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=adapter_out.parent))
+        shutil.copytree(resolved.adapter, tmp, dirs_exist_ok=True)
+        if adapter_out.exists():
+            adapter_out.rmdir()
+        tmp.rename(adapter_out)
+        written.append(adapter_out)
+    if merge_out is not None:
+        if merge_out.exists():
+            merge_out.rmdir()
+        merge_adapter(resolved.base_model, resolved.adapter, merge_out)
+        written.append(merge_out)
+    return written
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

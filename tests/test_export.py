@@ -1,0 +1,81 @@
+"""Export and chat: the champion leaves the sweep as an adapter, a merged model, or answers in a terminal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sweep import cli
+
+pytestmark = pytest.mark.e2e
+CHAMPION = "models:/e2e-model@champion"
+
+
+def _store_args(e2e) -> list[str]:
+    return ["--storage", e2e["opts"].storage, "--tracking-uri", e2e["opts"].tracking_uri]
+
+
+def _champion_trial(e2e):
+    mv = MlflowClient(e2e["opts"].tracking_uri, e2e["opts"].tracking_uri).get_model_version_by_alias(
+        "e2e-model", "champion"
+    )
+    return next(t for t in e2e["study"].trials if t.user_attrs.get("mlflow_run_id") == mv.run_id)
+
+
+def test_export_adapter_and_merged_model(e2e, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert cli.main(["export", CHAMPION, "--adapter", str(adapter), "--merge", str(merged), *_store_args(e2e)]) == 0
+
+    trained = Path(_champion_trial(e2e).user_attrs["adapter_path"])
+    name = "adapter_model.safetensors"
+    assert (adapter / name).read_bytes() == (trained / name).read_bytes(), "the champion's own adapter"
+
+    model = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32)  # a plain HF model now
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(e2e["spec"].model.path, torch_dtype=torch.float32), str(trained)
+    )
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert torch.allclose(got, want, atol=0.05, rtol=0.01), (got - want).abs().max()  # XTuner merges in fp16
+    assert not torch.allclose(
+        want, AutoModelForCausalLM.from_pretrained(e2e["spec"].model.path)(ids).logits, atol=0.05
+    ), "the adapter changes the model, so the comparison above means something"
+
+
+def test_export_refuses_a_non_empty_folder(e2e, tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert cli.main(["export", "e2e", "--adapter", str(tmp_path), *_store_args(e2e)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_chat_answers_like_the_registered_model(e2e):
+    question = "你是谁？"
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "chat", CHAMPION, "--question", question, *_store_args(e2e)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    mlflow.set_tracking_uri(e2e["opts"].tracking_uri)
+    expected = mlflow.pyfunc.load_model(CHAMPION).predict([question])[0]
+    assert out.stdout.strip() == expected.strip() and expected.strip()
+
+
+def test_chat_reads_questions_until_an_empty_line(e2e):
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "chat", "e2e", *_store_args(e2e)],
+        input="Who are you?\n你是谁？\n\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len([line for line in out.stdout.splitlines() if line.strip()]) >= 2
+    assert "answered on its own" in out.stderr

@@ -50,7 +50,8 @@ def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
     except Exception as err:  # noqa: BLE001 - MLflow raises several types for "no such model/alias"
         raise SpecError(f"{uri}: not found in the registry at {tracking_uri} ({_first_line(err)})") from None
     meta = yaml.safe_load((local / "MLmodel").read_text())
-    config = meta.get("flavors", {}).get("python_function", {}).get("model_config") or {}
+    flavor = meta.get("flavors", {}).get("python_function", {})
+    config = flavor.get("config") or flavor.get("model_config") or {}  # MLmodel's key for pyfunc's model_config
     adapters = sorted(p.parent for p in local.rglob("adapter_config.json"))
     if not adapters or "template" not in config:
         raise SpecError(f"{uri}: not a model registered by xtuner-sweep (no adapter or template in it)")

@@ -1,0 +1,68 @@
+"""Tokenize once per study: a trial trains on exactly the tokens it would have made itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sweep import data as data_mod
+from sweep.render import Device, TrialFiles, render
+from sweep.space import first_point, trial_values
+from sweep.spec import load_spec
+from sweep.study import check
+from sweep.tokenized import tokenize_once
+from tests.conftest import write_spec
+
+
+def _packed(config: Path) -> list[tuple[list[int], list[int]]]:
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS
+
+    np.random.seed(0)  # XTuner shuffles before packing with numpy's global generator, as the runner seeds it
+    built = DATASETS.build(Config.fromfile(str(config)).train_dataloader.dataset)
+    return [(list(r["input_ids"]), list(r["labels"])) for r in built]
+
+
+def _trial(tmp_path: Path, tiny_model: Path, max_length: int = 64):
+    spec = load_spec(write_spec(tmp_path, tiny_model))
+    checked = check(spec)
+    prepared = data_mod.prepare(spec.data, tmp_path / "data")
+    values = trial_values(spec, {**first_point(spec), "mix_ratio": 0.3}, checked.base_knobs)
+    values["max_length"] = max_length
+    return spec, checked, prepared, values
+
+
+def test_packed_training_data_is_identical(tmp_path: Path, tiny_model: Path):
+    spec, checked, prepared, values = _trial(tmp_path, tiny_model)
+    raw_rows = data_mod.mix(prepared, 0.3, 7, tmp_path / "raw.jsonl")
+    raw_cfg = tmp_path / "raw.py"
+    files = TrialFiles(tmp_path / "raw.jsonl", prepared.path("val"), tmp_path, raw_rows)
+    raw_cfg.write_text(render(checked.base_cfg, spec, values, files, Device(cuda=False)))
+
+    tokens = tokenize_once(raw_cfg, prepared)
+    tok_rows = data_mod.mix(prepared, 0.3, 7, tmp_path / "tok.jsonl", source=tokens)
+    tok_cfg = tmp_path / "tok.py"
+    files = TrialFiles(tmp_path / "tok.jsonl", prepared.path("val"), tmp_path, tok_rows, tokenized=True)
+    tok_cfg.write_text(render(checked.base_cfg, spec, values, files, Device(cuda=False)))
+
+    assert tok_rows == raw_rows, "the same rows are mixed in"
+    raw, tok = _packed(raw_cfg), _packed(tok_cfg)
+    assert len(raw) > 5 and raw == tok, "token for token, in the same packed order"
+
+
+def test_made_once_and_per_tokenizing_settings(tmp_path: Path, tiny_model: Path):
+    spec, checked, prepared, values = _trial(tmp_path, tiny_model)
+    rows = data_mod.mix(prepared, 0.3, 7, tmp_path / "raw.jsonl")
+    files = TrialFiles(tmp_path / "raw.jsonl", prepared.path("val"), tmp_path, rows)
+    cfg = tmp_path / "a.py"
+    cfg.write_text(render(checked.base_cfg, spec, values, files, Device(cuda=False)))
+    first = tokenize_once(cfg, prepared)
+    stamp = (first / "train.jsonl").stat().st_mtime_ns
+    # another trial with other knobs (lr, LoRA rank) but the same tokenizing settings reuses the tokens
+    other = tmp_path / "b.py"
+    other.write_text(render(checked.base_cfg, spec, {**values, "lr": 0.02, "lora_r": 8}, files, Device(cuda=False)))
+    assert tokenize_once(other, prepared) == first and (first / "train.jsonl").stat().st_mtime_ns == stamp
+    longer = tmp_path / "c.py"
+    longer.write_text(render(checked.base_cfg, spec, {**values, "max_length": 96}, files, Device(cuda=False)))
+    assert tokenize_once(longer, prepared) != first, "max_length changes the tokens"

@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--storage", default=DEFAULT_STORAGE)
     chat.add_argument("--tracking-uri")
 
-    rep = sub.add_parser("report", help="table of a study's trials, or --json")
+    rep = sub.add_parser("report", help="trials table, parameter importances and Optuna's plots (HTML, PNG); or --json")
     rep.add_argument("study")
     rep.add_argument("--storage", default=DEFAULT_STORAGE)
     rep.add_argument("--tracking-uri")

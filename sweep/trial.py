@@ -105,17 +105,19 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     work = ctx.root / f"trial_{trial.number:04d}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, work / "train.jsonl")
+    # rows.jsonl: the rows this trial trains on, readable (with tokenize_once, train.jsonl holds their tokens)
+    n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, work / "rows.jsonl")
     general_val = ctx.data.path("general_val") if ctx.data.counts.get("general_val") else None
-    files = TrialFiles(work / "train.jsonl", ctx.data.path("val"), work, n_rows, general_val)
+    files = TrialFiles(work / "rows.jsonl", ctx.data.path("val"), work, n_rows, general_val)
     config = work / "config.py"
     batch_size, max_length = int(values["batch_size"]), int(values["max_length"])
     checkpointing = _checkpointing(ctx, batch_size, max_length)
     config.write_text(render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing), encoding="utf-8")
     if spec.speed.tokenize_once:  # the same tokens, made once per study instead of once per trial
         tokens = tokenize_once(config, ctx.data)
-        n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, files.train, tokens)
-        files = dataclasses.replace(files, n_train_rows=n_rows, tokenized=True)
+        train = work / "train.jsonl"
+        n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, train, tokens)
+        files = dataclasses.replace(files, train=train, n_train_rows=n_rows, tokenized=True)
         config.write_text(render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing), encoding="utf-8")
 
     params = {**values, "n_train_rows": n_rows, "data_digest": ctx.data.digest, "trial_number": trial.number}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -96,10 +97,12 @@ def test_no_held_out_row_reaches_training(e2e):
     held = {row_key(json.loads(x)) for name in ("val", "test", "general_val") for x in (data / f"{name}.jsonl").open()}
     assert held
     for t in e2e["study"].trials:
-        train = Path(t.user_attrs["work_dir"]) / "train.jsonl"
-        keys = {row_key(json.loads(x)) for x in train.open()}
+        work = Path(t.user_attrs["work_dir"])
+        keys = {row_key(json.loads(x)) for x in (work / "rows.jsonl").open()}
         assert keys and not (keys & held), f"trial {t.number} trains on held-out rows"
-    mixed = Path(_trial(e2e, 0).user_attrs["work_dir"]) / "train.jsonl"
+        tokens = [json.loads(x) for x in (work / "train.jsonl").open()]  # tokenize_once: the same rows, as tokens
+        assert len(tokens) == len(keys) and set(tokens[0]) == {"input_ids", "labels"}
+    mixed = Path(_trial(e2e, 0).user_attrs["work_dir"]) / "rows.jsonl"
     general = {row_key(json.loads(x)) for x in (data / "general_train.jsonl").open()}
     assert {row_key(json.loads(x)) for x in mixed.open()} & general, "mix_ratio 0.2 mixed no general rows in"
 
@@ -202,3 +205,28 @@ def test_first_champion_passes_the_gate_with_test_metrics(e2e):
     assert client.get_metric_history(parent, "test/loss"), "test metrics on the study's parent run"
     trial_run = client.get_run(mv.run_id)
     assert "test/loss" in trial_run.data.metrics
+
+
+def test_report_writes_plots_and_importances_and_logs_them(e2e, tmp_path, capsys):
+    from sweep import cli
+
+    opts = e2e["opts"]
+    rc = cli.main(["report", "e2e", "--storage", opts.storage, "--tracking-uri", opts.tracking_uri,
+                   "--plots", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
+        assert (tmp_path / f"{name}.html").stat().st_size > 1000, name
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    assert "parameter importances for val/loss (fANOVA):" in out
+    shares = [float(m) for m in re.findall(r"^  \S+\s+([0-9.]+)%", out, flags=re.M)]
+    assert len(shares) == 3 and abs(sum(shares) - 100) < 1.0, out  # lr, lora_r, mix_ratio
+    client = _client(e2e)
+    parent = e2e["study"].user_attrs["mlflow_parent_run_id"]
+    logged = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert {"plots/param_importances.png", "plots/optimization_history.html"} <= logged
+    assert set(json.loads(Path(client.download_artifacts(parent, "importances.json")).read_text())) == {
+        "lr",
+        "lora_r",
+        "mix_ratio",
+    }

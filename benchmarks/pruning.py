@@ -1,6 +1,8 @@
 """Does pruning pay for itself? The demo study twice, same sampler seed: with the spec's pruner and without.
 
     .venv/bin/python benchmarks/pruning.py [N_TRIALS]      # default 8; CPU, about 1 minute per trial
+    PRUNER='{"type": "median", "n_startup_trials": 2, "n_warmup_steps": 32}' ONLY=pruned .venv/bin/python benchmarks/pruning.py 8
+                                                          # another pruner setting; the unpruned run does not change
 
 Prints, for each run, the training steps spent (iterations of every trial, and training rows seen) and the best
 value reached; the goal is the pruned run within 2 % of the unpruned best with at most half the steps.
@@ -9,6 +11,7 @@ value reached; the goal is the pruned run within 2 % of the unpruned best with a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,6 +29,8 @@ def run(pruner: str, n_trials: int, folder: Path) -> dict:
     update = {"study": f"pruning-{pruner}", "n_trials": n_trials, "registry": None, "probes": []}
     if pruner == "none":
         update["pruner"] = spec.pruner.model_copy(update={"type": "none"})
+    elif os.environ.get("PRUNER"):
+        update["pruner"] = spec.pruner.model_copy(update=json.loads(os.environ["PRUNER"]))
     spec = spec.model_copy(update=update)
     opts = study_mod.RunOptions(
         storage=f"sqlite:///{folder / 'sweep.db'}", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
@@ -40,7 +45,7 @@ def run(pruner: str, n_trials: int, folder: Path) -> dict:
         train = [e for e in events if e["kind"] == "train"]
         iters += len(train)
         rows += train[-1]["step"] if train else 0
-    return {"pruner": spec.pruner.type, "best": report["best"]["value"], "counts": report["counts"],
+    return {"pruner": spec.pruner.model_dump(), "best": report["best"]["value"], "counts": report["counts"],
             "iterations": iters, "rows_seen": rows, "wall": wall}  # fmt: skip
 
 
@@ -48,13 +53,16 @@ def main() -> None:
     n_trials = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for pruner in ("median", "none"):
+        runs = {"pruned": ["median"], "none": ["none"]}.get(os.environ.get("ONLY", ""), ["median", "none"])
+        for pruner in runs:
             folder = Path(tmp) / pruner
             folder.mkdir()
             results.append(run(pruner, n_trials, folder))
             r = results[-1]
-            print(f"{r['pruner']:>7}: best {r['best']:.4f}, {r['iterations']} iterations, {r['rows_seen']} rows seen, "
+            print(f"{json.dumps(r['pruner'])}: best {r['best']:.4f}, {r['iterations']} iterations, {r['rows_seen']} rows seen, "
                   f"{r['counts']['COMPLETE']} complete / {r['counts']['PRUNED']} pruned, {r['wall']:.0f}s", flush=True)  # fmt: skip
+    if len(results) < 2:
+        return
     pruned, full = results
     gap = (pruned["best"] - full["best"]) / abs(full["best"])
     print(

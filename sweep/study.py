@@ -206,10 +206,12 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     """Run (or continue) the study; returns the report of `sweep report --json`."""
     device = detect_device()
     checked = check(spec, device)
+    root = opts.work_dir.resolve() / spec.study
+    owner = _check_work_dir(root, opts.storage)
     storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
     study = open_study(spec, storage)
-    root = opts.work_dir.resolve() / spec.study
     root.mkdir(parents=True, exist_ok=True)
+    owner.write_text(_storage_id(opts.storage) + "\n")
     prepared = data_mod.prepare(spec.data, root / "data")
     saved = study.user_attrs.get("data_digest")
     if saved and saved != prepared.digest:
@@ -318,6 +320,26 @@ def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots
         sorted(gpus), ",".join(f"{v:.0f}" for v in gpus.values()), need, n_jobs,
     )  # fmt: skip
     return slots, memory, n_jobs
+
+
+def _storage_id(url: str) -> str:
+    """The storage a work dir belongs to: the password hidden, a relative SQLite path made absolute."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
+    return redact(url)
+
+
+def _check_work_dir(root: Path, storage: str) -> Path:
+    """Trial folders are named by study and number: two storages with a study of the same name must not share them."""
+    owner = root / "storage.txt"
+    if owner.is_file():
+        theirs, ours = owner.read_text().strip(), _storage_id(storage)
+        if theirs != ours:
+            raise SpecError(
+                f"{root}: holds the trials of study {root.name} in storage {theirs}, not {ours}; "
+                "give this run another --work-dir (or the same --storage)"
+            )
+    return owner
 
 
 def _champion_run(ctx: StudyContext) -> str | None:

@@ -125,3 +125,17 @@ def test_validate_renders_one_config(tmp_path, capsys, tiny_model):
     assert "sweep.hooks.SweepHook" in out.read_text()
     assert main(["validate", str(ROOT / "configs" / "internlm2_chat_1_8b_qlora.yaml")]) == 2
     assert "internlm2_chat_1_8b_qlora.yaml: model.path" in capsys.readouterr().err
+
+
+def test_work_dir_of_a_same_named_study_in_another_storage_is_refused(tmp_path, monkeypatch, capsys, tiny_model):
+    """Trial folders are named by study and number: a second storage must not overwrite the first one's trials."""
+    spec = write_spec(tmp_path, tiny_model)
+    monkeypatch.chdir(tmp_path)
+    owner = tmp_path / "sweep-runs" / "e2e" / "storage.txt"
+    owner.parent.mkdir(parents=True)
+    owner.write_text(f"sqlite:///{tmp_path / 'first.db'}\n")
+    before = _files(tmp_path)
+    rc = main(["run", str(spec), "--storage", "sqlite:///second.db"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds the trials of study e2e in storage" in err and "--work-dir" in err, err
+    assert _files(tmp_path) == before, "no database, no MLflow store, nothing in the work dir"

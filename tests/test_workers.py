@@ -232,3 +232,70 @@ def test_two_jobs_in_one_worker(tmp_path, tiny_model):
     assert second.datetime_start < first.datetime_complete, "the two trials did not overlap"
     runs = {t.user_attrs["mlflow_run_id"] for t in study.trials}
     assert len(runs) == 2
+
+
+OOM_ONCE_HOOK = """\
+import os, sys
+with open("/proc/self/cmdline", "rb") as f:
+    training = b"sweep.launcher" in f.read()
+marker = os.environ["OOM_ONCE_MARKER"]
+if training and not os.path.exists(marker):  # the first training process runs out of memory, later ones train
+    open(marker, "w").close()
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
+    raise SystemExit(1)
+"""
+
+
+def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_model, monkeypatch):
+    """GPU slots with a fake device list: a trial that OOMs while sharing its GPU is retried alone, not lost."""
+    import threading
+
+    from sweep import data as data_mod
+    from sweep import study as study_mod
+    from sweep.render import Device
+    from sweep.slots import GpuSlots, MemoryModel, ModelShape
+    from sweep.spec import load_spec
+    from sweep.tracking import Tracker
+    from sweep.trial import StudyContext, run_trial
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(OOM_ONCE_HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.setenv("OOM_ONCE_MARKER", str(tmp_path / "oomed"))
+    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: share", n_trials="n_trials: 1", **FAST))
+    checked = study_mod.check(spec)
+    root = tmp_path / "runs" / "share"
+    prepared = data_mod.prepare(spec.data, root / "data")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = tracker.experiment("share")
+    parent = tracker.parent_run(experiment, "share", {}, "")
+    slots = GpuSlots({0: 80_000.0})
+    memory = MemoryModel(ModelShape.from_dir(tiny_model))
+    neighbour = slots.acquire(1_000.0)  # another trial is on GPU 0 when ours starts
+
+    def neighbour_leaves() -> None:  # after our trial's first attempt ran out of memory beside it
+        while not (tmp_path / "oomed").exists():
+            time.sleep(0.2)
+        time.sleep(1.0)
+        slots.release(neighbour, 1_000.0)
+
+    threading.Thread(target=neighbour_leaves, daemon=True).start()
+    ctx = StudyContext(spec, checked.base_cfg, checked.base_knobs, prepared, root, Device(cuda=False), tracker,
+                       experiment, parent, threads=2, slots=slots, memory=memory)  # fmt: skip
+    study = optuna.create_study(study_name="share", storage=f"sqlite:///{tmp_path / 's.db'}")
+    before = memory.calibration
+
+    study.optimize(lambda t: run_trial(t, ctx), n_trials=1)
+
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.constraints == {"oom": 0.0}, "retried, not infeasible"
+    assert (tmp_path / "oomed").exists(), "the first attempt really ran out of memory"
+    work = Path(trial.user_attrs["work_dir"])
+    assert "CUDA out of memory" in (work / "train.oom.log").read_text()
+    assert trial.user_attrs["gpus"] == [0] and trial.user_attrs["best_step"] > 0
+    assert memory.calibration == memory.floor == 1.25 * before, "later trials are planned larger, for good"
+    assert slots.count == {0: 0}, "every slot given back"
+    tags = MlflowClient(tracking_uri=tracker.uri).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
+    assert tags["retried_after_oom"] == "shared GPU" and tags["state"] == "COMPLETE"

@@ -23,20 +23,14 @@ class AdapterChatModel(PythonModel):
     """A base LLM plus a LoRA adapter, answering a list of questions with greedy decoding."""
 
     def load_context(self, context) -> None:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from sweep.scoring import load_adapter_model
 
         cfg = context.model_config
         base = context.artifacts.get("base_model") or cfg["base_model_path"]
-        self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)
+        self.model, self.tokenizer = load_adapter_model(Path(base), Path(context.artifacts["adapter"]))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=dtype, trust_remote_code=True)
-        self.model = PeftModel.from_pretrained(model, context.artifacts["adapter"]).to(device).eval()
         self.template = cfg["template"]
         self.system = cfg.get("system", "")
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))

@@ -156,8 +156,15 @@ registry: {{name: throughput-adapter}}
             env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=False,
         ).returncode  # fmt: skip
     wall = time.monotonic() - t0
+    import optuna
+
+    attrs = {
+        t.number: t.user_attrs
+        for t in optuna.load_study(study_name="throughput", storage=f"sqlite:///{folder / 'sweep.db'}").trials
+    }
     trials = {}
     for index, trial_dir in zip(ORDER, sorted((folder / "sweep-runs/throughput").glob("trial_*")), strict=False):
+        number = int(trial_dir.name.split("_")[1])
         events = [json.loads(x) for x in (trial_dir / "sweep_metrics.jsonl").read_text().splitlines() if x.strip()]
         train = [e for e in events if e["kind"] == "train"]
         start = next((e for e in events if e["kind"] == "start"), {})
@@ -172,6 +179,7 @@ registry: {{name: throughput-adapter}}
             "peak_mb": end.get("peak_memory_mb"), "allocated_peak_mb": max((e["perf/memory_mb"] for e in train), default=None),
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
+            "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
         }  # fmt: skip
     out = {"rc": rc, "wall": wall, "trials": trials, "log_tail": (folder / "sweep.log").read_text()[-3000:]}
     (OUT / "sweep.json").write_text(json.dumps(out, indent=1))
@@ -215,6 +223,14 @@ def report() -> None:
         print(
             f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {tokens / sweep_r['wall']:,.0f} tokens/s"
         )
+        for i in map(str, ORDER):
+            t = sweep_r["trials"].get(i)
+            if t and t.get("wall"):
+                worker = t.get("worker") or {}
+                print(f"    trial {i} (bs {t['bs']}, r {t['r']}): {t['wall']:.1f}s from slot to exit, "
+                      f"{t['train_seconds']:.1f}s of steps, outside steps {1 - t['train_seconds'] / t['wall']:.0%}, "
+                      f"worker job {worker.get('job', '-')}, model reused {worker.get('model_reused', '-')}, "
+                      f"peak {round(t.get('peak_mb') or 0)} MB")  # fmt: skip
         if stock_r:
             print(f"speed-up (a)/(b): {stock_wall / sweep_r['wall']:.2f}x")
     # fmt: skip

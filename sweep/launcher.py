@@ -2,7 +2,7 @@
 
 Quirks handled here (see docs/xtuner-notes in the team's shared notes):
 - ``xtuner train`` returns exit code 0 even when training raised, so we run ``xtuner/tools/train.py``'s
-  ``main`` through ``python -m sweep.launcher`` (or torchrun on it) and read the real exit code.
+  ``main`` through ``python -m sweep.worker`` (or torchrun on it) and read the real exit code.
 - XTuner 0.2.0 calls ``torch.cpu.is_bf16_supported()``, which current torch lacks: defined (False)
   in the training process before the model is built.
 - XTuner's configs warm up for ``warmup_ratio * max_epochs`` epochs; on small data that rounds to
@@ -12,6 +12,13 @@ Quirks handled here (see docs/xtuner-notes in the team's shared notes):
 - Resuming a checkpoint this tool wrote needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` on torch >= 2.6.
 - With several GPUs the entry point picks a random master port; we pass our own so parallel trials
   cannot collide.
+- A resident worker (``sweep.worker``) trains many trials in one process. XTuner builds the base model
+  in ``SupervisedFinetune.build_llm_from_cfg`` and injects LoRA into it in place; between trials the
+  LoRA layers, gradient checkpointing and the input-grad hooks are taken off again, so the next
+  trial starts from the same model a fresh process would load. Loading never draws from the random
+  generators (it runs under ``fork_rng``), so a trial's LoRA initialisation is the same either way.
+  mmengine keeps every logger, message hub and visualizer a runner made by name (the name is the
+  config file's name and the second it started): those are dropped after each job.
 The training process runs in its own process group, so stopping a trial stops its workers too.
 """
 
@@ -30,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 #: Set for the training process: the sweep hook then waits for a verdict after each validation point.
 CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
@@ -70,19 +78,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(launch: Launch) -> list[str]:
-    """The argv that trains: the running interpreter, or torchrun when the trial spans GPUs."""
+def train_args(launch: Launch) -> list[str]:
+    """``xtuner train``'s arguments for this launch."""
     args = [str(launch.config), "--work-dir", str(launch.work_dir)]
     if launch.n_gpus > 1:
-        args += ["--launcher", "pytorch", "--deepspeed", launch.deepspeed or "deepspeed_zero2"]
+        return [*args, "--launcher", "pytorch", "--deepspeed", launch.deepspeed or "deepspeed_zero2"]
+    return [*args, "--deepspeed", launch.deepspeed] if launch.deepspeed else args
+
+
+def command(launch: Launch) -> list[str]:
+    """The argv that trains once: the running interpreter, or torchrun when the trial spans GPUs."""
+    if launch.n_gpus > 1:
         return [
             sys.executable, "-m", "torch.distributed.run",
             f"--nproc_per_node={launch.n_gpus}", f"--master_port={free_port()}",
-            "-m", "sweep.launcher", *args,
+            "-m", "sweep.worker", "--once", *train_args(launch),
         ]  # fmt: skip
-    if launch.deepspeed:
-        args += ["--deepspeed", launch.deepspeed]
-    return [sys.executable, "-m", "sweep.launcher", *args]
+    return [sys.executable, "-m", "sweep.worker", "--once", *train_args(launch)]
 
 
 def environment(launch: Launch) -> dict[str, str]:
@@ -145,7 +157,20 @@ class Running:
         return rc
 
 
-def run(launch: Launch, on_poll: Callable[[], None], interval: float = 0.2) -> int:
+class Started(Protocol):
+    """A training job under way: a fresh process (``Running``) or a job of a resident worker."""
+
+    def poll(self) -> int | None: ...
+    def stop(self, grace: float = 10.0) -> int: ...
+    def wait(self) -> int: ...
+
+
+def run(
+    launch: Launch,
+    on_poll: Callable[[], None],
+    interval: float = 0.2,
+    start: Callable[[Launch], Started] = Running,
+) -> int:
     """Train to the end, calling ``on_poll`` meanwhile; returns the real exit code.
 
     Whatever ends this call early (an exception from ``on_poll``, Ctrl-C) also ends the training
@@ -153,7 +178,7 @@ def run(launch: Launch, on_poll: Callable[[], None], interval: float = 0.2) -> i
     """
     if STOP.is_set():
         raise Interrupted("the sweep is stopping; trial not started")
-    running = Running(launch)
+    running = start(launch)
     try:
         while running.poll() is None:
             if STOP.is_set():
@@ -230,17 +255,128 @@ def merge_adapter(base_model: Path, adapter: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _train_in_this_process(argv: list[str]) -> None:
+# -- inside the training process (sweep.worker) ------------------------------------------------
+
+_PREPARED = False
+_BASE: dict[str, Any] = {}  # the base model this process built, by its XTuner llm config
+_REUSED = [False]  # whether the current job's base model was already loaded
+
+
+def prepare_process() -> None:
+    """Once per training process, before the first job: the quirk fixes and the base-model cache."""
+    global _PREPARED
+    if _PREPARED:
+        return
     import torch
 
     if not hasattr(torch.cpu, "is_bf16_supported"):
         torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
     _widen_short_schedules()
+    _keep_base_model()
+    from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker
+
+    _PREPARED = True
+
+
+def _keep_base_model() -> None:
+    """Build a trial's base model once per process; later jobs with the same llm config reuse it."""
+    import torch
+    from xtuner.model.sft import SupervisedFinetune
+
+    original = SupervisedFinetune.build_llm_from_cfg
+
+    def build_llm_from_cfg(self, llm_cfg, use_varlen_attn, max_position_embeddings):
+        key = repr((llm_cfg, use_varlen_attn, max_position_embeddings))
+        if key in _BASE:
+            _REUSED[0] = True
+            return _BASE[key]
+        _BASE.clear()  # another model: the old one goes (one base model per worker)
+        with torch.random.fork_rng():  # loading draws no random numbers: LoRA's init is the same either way
+            llm = original(self, llm_cfg, use_varlen_attn, max_position_embeddings)
+        _BASE[key] = llm
+        return llm
+
+    SupervisedFinetune.build_llm_from_cfg = build_llm_from_cfg
+
+
+def _strip_training_state(llm: Any) -> bool:
+    """Take off what a trial added to the shared base model: LoRA layers, checkpointing, grad hooks.
+
+    Returns whether LoRA layers were found (none: the base weights were trained, not reusable).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters = [(n, m) for n, m in llm.named_modules() if n and isinstance(m, BaseTunerLayer)]
+    for name, module in adapters:
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent) if parent else llm, child, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded", "_require_grads_hook"):
+        if attr in vars(llm):
+            delattr(llm, attr)
+    if getattr(llm, "is_gradient_checkpointing", False):
+        llm.gradient_checkpointing_disable()
+    hooks = llm.get_input_embeddings()._forward_hooks
+    for key, hook in list(hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del hooks[key]
+    llm.requires_grad_(False)
+    llm.zero_grad(set_to_none=True)
+    return bool(adapters)
+
+
+def _manager_instances() -> dict[type, set[str]]:
+    from mmengine.utils import ManagerMixin
+
+    found: dict[type, set[str]] = {}
+    todo = list(ManagerMixin.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if "_instance_dict" in vars(cls):
+            found[cls] = set(cls._instance_dict)
+    return found
+
+
+def train_in_this_process(argv: list[str]) -> None:
+    """``xtuner train`` with these arguments, here; a resident worker calls it once per trial."""
+    prepare_process()
+    import torch
     from xtuner.tools import train
 
+    _REUSED[0] = False
+    before = _manager_instances()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
     sys.argv = ["xtuner-train", *argv]
-    train.main()
+    try:
+        train.main()
+    finally:
+        _forget_runner_state(before)
 
 
-if __name__ == "__main__":
-    _train_in_this_process(sys.argv[1:])
+def _forget_runner_state(before: dict[type, set[str]]) -> None:
+    """After a job: drop mmengine's named instances it made and give the base model back clean."""
+    import gc
+
+    import torch
+
+    for cls, names in _manager_instances().items():
+        for name in names - before.get(cls, set()):
+            instance = cls._instance_dict.pop(name)
+            for handler in list(getattr(instance, "handlers", [])):
+                handler.close()
+                instance.removeHandler(handler)
+    try:
+        for llm in list(_BASE.values()):
+            if not _strip_training_state(llm):
+                _BASE.clear()  # no LoRA in it: the job trained the base weights themselves
+    except Exception:  # noqa: BLE001 - a model that cannot be cleaned is not reused
+        _BASE.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the trial held goes back to the GPU's other trials
+
+
+def model_was_reused() -> bool:
+    """Whether the last job's base model came from this process's cache."""
+    return _REUSED[0]

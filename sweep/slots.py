@@ -131,6 +131,11 @@ class GpuSlots:
         with self._cond:
             return any(self.count[g] > 1 for g in gpus)
 
+    def room(self, gpu: int) -> float:
+        """MB of this GPU that trials may still plan to use."""
+        with self._cond:
+            return self.total[gpu] * HEADROOM - self.used[gpu]
+
     def release(self, gpus: list[int], need_mb: float) -> None:
         with self._cond:
             for g in gpus:

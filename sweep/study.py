@@ -21,9 +21,10 @@ import yaml
 
 from sweep import data as data_mod
 from sweep.gate import best_trial, pareto_trials, promote
+from sweep.pool import WorkerPool
 from sweep.progress import SweepProgress
 from sweep.render import Device, TrialFiles, load_base_config, prompt_template, render
-from sweep.slots import GpuSlots, MemoryModel, ModelShape, visible_gpus
+from sweep.slots import CONTEXT_MB, GpuSlots, MemoryModel, ModelShape, visible_gpus
 from sweep.space import base_values, first_point, trial_values
 from sweep.spec import Spec, SpecError, spec_summary
 from sweep.tracking import RACE_MARKERS, Tracker, redact
@@ -261,6 +262,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         threads=threads,
         slots=slots,
         memory=memory,
+        pool=_worker_pool(spec, root, slots, memory),
     )
     n_trials = opts.n_trials or spec.n_trials
     progress = ctx.progress = SweepProgress(n_trials, spec.objective.primary, console=opts.console)
@@ -291,11 +293,22 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         status = "KILLED"
         raise
     finally:
+        if ctx.pool is not None:
+            ctx.pool.close()
         _log_study_summary(study, spec, tracker, parent)
         tracker.finish(parent, status)
     from sweep.report import study_report
 
     return study_report(study, spec.objective, registered)
+
+
+def _worker_pool(spec: Spec, root: Path, slots: GpuSlots | None, memory: MemoryModel | None) -> WorkerPool | None:
+    """Resident training processes, unless the spec turns them off or every trial spans GPUs."""
+    if not spec.speed.resident_workers or spec.gpus_per_trial > 1:
+        return None
+    # an idle worker holds its base model (upcast to fp32 by PEFT's preparation) and a CUDA context
+    idle_mb = CONTEXT_MB + 2 * memory.shape.weights_mb if memory is not None else 0.0
+    return WorkerPool(root / "workers", slots, idle_mb)
 
 
 def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots, MemoryModel, int]:

@@ -22,6 +22,7 @@ import optuna
 from objectives import best_of
 from sweep import data as data_mod
 from sweep import launcher
+from sweep.pool import WorkerPool
 from sweep.progress import SweepProgress
 from sweep.render import Device, TrialFiles, render
 from sweep.slots import HEADROOM, GpuSlots, MemoryModel
@@ -56,6 +57,7 @@ class StudyContext:
     progress: SweepProgress | None = None
     slots: GpuSlots | None = None  # on GPUs: which GPU(s) each trial gets
     memory: MemoryModel | None = None  # and how much of one it is expected to need
+    pool: WorkerPool | None = None  # resident training processes (speed.resident_workers)
 
     def __post_init__(self) -> None:
         if self.progress is None:
@@ -193,6 +195,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
             break
         seconds = time.monotonic() - started
         ctx.tracker.log_artifact(run_id, train_log, "logs")
+        _record_worker(trial, ctx, run_id, work / "worker.json")
         if rc != 0:
             tail = launcher.log_tail(train_log)
             trial.set_user_attr("error", tail[-2000:])
@@ -281,16 +284,31 @@ def _train(
         shared = slots.shared(gpu_ids)
         trial.set_user_attr("gpus", gpu_ids)
         ctx.tracker.set_tags(run_id, {"gpus": ",".join(map(str, gpu_ids)), "memory_estimate_mb": round(need_mb)})
+    started = time.monotonic()
     try:
         rc = launcher.run(
             launcher.Launch(config, work, train_log, n_gpus=len(gpu_ids), gpu_ids=gpu_ids, threads=ctx.threads),
             on_poll,
+            start=ctx.pool.start if ctx.pool is not None else launcher.Running,
         )
+        # from its slot to its exit: what a trial costs the GPU (waiting for a slot is not in it)
+        trial.set_user_attr("train_wall_seconds", round(time.monotonic() - started, 2))
     finally:
         if slots is not None and gpu_ids:
             shared = shared or slots.shared(gpu_ids)
             slots.release(gpu_ids, need_mb)
     return rc, gpu_ids, shared
+
+
+def _record_worker(trial: optuna.Trial, ctx: StudyContext, run_id: str, done: Path) -> None:
+    """Which resident worker trained the trial, its how-many-th job, and whether the model was already loaded."""
+    try:
+        info = json.loads(done.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return  # a fresh process trained it
+    worker = {k: info.get(k) for k in ("pid", "job", "model_reused")}
+    trial.set_user_attr("worker", worker)
+    ctx.tracker.set_tags(run_id, {f"worker.{k}": v for k, v in worker.items()})
 
 
 def _checkpointing(ctx: StudyContext, batch_size: int, max_length: int) -> bool | None:

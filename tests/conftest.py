@@ -68,14 +68,30 @@ def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
     return path
 
 
-FAIL_HOOK = """\
-# Test-only: make the training process of one trial crash the way a real bug would.
-# (site.py swallows exceptions from sitecustomize, so print the traceback and exit non-zero.)
-import traceback
+def inject_into_training(folder: Path, body: str) -> Path:
+    """A ``sitecustomize.py`` that runs ``body`` at the start of every training job, with ``argv``
+    (xtuner train's arguments, the trial's config path first) in scope; return ``True`` from it to
+    train normally. It wraps ``sweep.launcher.train_in_this_process``, which a fresh training
+    process and a resident worker both call once per job. Put ``folder`` on PYTHONPATH.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    indented = textwrap.indent(textwrap.dedent(body), "    ")
+    (folder / "sitecustomize.py").write_text(
+        "import sweep.launcher as _launcher\n"
+        "_original = _launcher.train_in_this_process\n\n\n"
+        "def _injected(argv):\n"
+        f"{indented}\n"
+        "    return _original(argv)\n\n\n"
+        "_launcher.train_in_this_process = _injected\n"
+    )
+    return folder
 
-with open("/proc/self/cmdline", "rb") as f:
-    crash = b"trial_0001" in f.read()
-if crash:
+
+# Test-only: make one trial's training crash the way a real bug would.
+FAIL_HOOK = """\
+if any("trial_0001" in a for a in argv):
+    import traceback
+
     try:
         raise RuntimeError("injected training failure for the test")
     except RuntimeError:
@@ -93,9 +109,7 @@ def e2e(tmp_path_factory, tiny_model):
     from sweep.spec import load_spec
 
     ws = tmp_path_factory.mktemp("e2e")
-    inject = ws / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(FAIL_HOOK)
+    inject = inject_into_training(ws / "inject", FAIL_HOOK)
     probes = 'n_trials: 4\nprobes: ["Who are you?", "你是谁？"]\ngeneration: {max_new_tokens: 8, max_rows: 4}'
     spec = load_spec(write_spec(ws, tiny_model, n_trials=probes))
     opts = study_mod.RunOptions(

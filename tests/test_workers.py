@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import write_spec
+from tests.conftest import inject_into_training, write_spec
 
 pytestmark = pytest.mark.e2e
 PG = "postgresql://postgres:s3cret-pw@127.0.0.1:5432/{db}"  # trust auth: any password is accepted
@@ -69,15 +69,17 @@ def _training_worker(tmp_path: Path, tiny_model: Path, study: str, *extra: str):
     return worker, args, storage, tracking
 
 
-def _training_processes(marker: str) -> list[int]:
+def _training_processes(cwd: Path) -> list[int]:
+    """Training processes (fresh or resident workers) started by a `sweep run` that ran in ``cwd``."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmd = (proc / "cmdline").read_bytes()
+                where = (proc / "cwd").resolve()
             except OSError:
                 continue
-            if b"sweep.launcher" in cmd and marker.encode() in cmd:
+            if b"sweep.worker" in cmd and where == cwd.resolve():
                 pids.append(int(proc.name))
     return pids
 
@@ -119,11 +121,12 @@ def test_two_workers_share_one_postgres_study(tmp_path, tiny_model):
 
 def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
     worker, args, storage, tracking = _training_worker(tmp_path, tiny_model, "stop")
+    assert _training_processes(tmp_path), "no training process found to watch"
     worker.send_signal(signal.SIGINT)
     out = worker.communicate(timeout=300)[0]
     assert worker.returncode == 130, out
     assert "run the same command again to resume" in out
-    assert not _training_processes("trial_0000"), "the training process outlived the stop"
+    assert not _training_processes(tmp_path), "the training process outlived the stop"
 
     study = optuna.load_study(study_name="stop", storage=storage)
     first = study.trials[0]
@@ -153,12 +156,13 @@ def test_sigint_stops_running_trial_and_next_run_resumes(tmp_path, tiny_model):
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
     worker, args, storage, tracking = _training_worker(tmp_path, tiny_model, "kill", "--heartbeat", "2")
+    assert _training_processes(tmp_path), "no training process found to watch"
     worker.send_signal(signal.SIGKILL)
     worker.communicate(timeout=30)
     deadline = time.monotonic() + 20
-    while _training_processes("kill/trial_0000") and time.monotonic() < deadline:
+    while _training_processes(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _training_processes("kill/trial_0000"), "training outlived its SIGKILLed worker"
+    assert not _training_processes(tmp_path), "training outlived its SIGKILLed worker"
     study = optuna.load_study(study_name="kill", storage=storage)
     assert study.trials[0].state == TrialState.RUNNING
     run_id = study.trials[0].user_attrs["mlflow_run_id"]
@@ -179,9 +183,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
 
 OOM_HOOK = """\
 import sys
-with open("/proc/self/cmdline", "rb") as f:
-    oom = b"trial_0000" in f.read()
-if oom:  # what a CUDA OOM in training prints, without needing a GPU
+if any("trial_0000" in a for a in argv):  # what a CUDA OOM in training prints, without needing a GPU
     print("Traceback (most recent call last):", file=sys.stderr)
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
     raise SystemExit(1)
@@ -192,9 +194,7 @@ def test_out_of_memory_trial_is_infeasible_and_the_sweep_goes_on(tmp_path, tiny_
     from sweep import study as study_mod
     from sweep.spec import load_spec
 
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(OOM_HOOK)
+    inject = inject_into_training(tmp_path / "inject", OOM_HOOK)
     monkeypatch.setenv("PYTHONPATH", str(inject))
     spec = load_spec(write_spec(tmp_path, tiny_model, study="study: oom", n_trials="n_trials: 2", **FAST))
     opts = study_mod.RunOptions(
@@ -236,10 +236,8 @@ def test_two_jobs_in_one_worker(tmp_path, tiny_model):
 
 OOM_ONCE_HOOK = """\
 import os, sys
-with open("/proc/self/cmdline", "rb") as f:
-    training = b"sweep.launcher" in f.read()
 marker = os.environ["OOM_ONCE_MARKER"]
-if training and not os.path.exists(marker):  # the first training process runs out of memory, later ones train
+if not os.path.exists(marker):  # the first training job runs out of memory, later ones train
     open(marker, "w").close()
     print("Traceback (most recent call last):", file=sys.stderr)
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
@@ -259,9 +257,7 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     from sweep.tracking import Tracker
     from sweep.trial import StudyContext, run_trial
 
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(OOM_ONCE_HOOK)
+    inject = inject_into_training(tmp_path / "inject", OOM_ONCE_HOOK)
     monkeypatch.setenv("PYTHONPATH", str(inject))
     monkeypatch.setenv("OOM_ONCE_MARKER", str(tmp_path / "oomed"))
     spec = load_spec(write_spec(tmp_path, tiny_model, study="study: share", n_trials="n_trials: 1", **FAST))

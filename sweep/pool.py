@@ -1,0 +1,179 @@
+"""Resident trial workers: one training process per GPU slot (or CPU lane) that trains trial after trial.
+
+Started on first need, a worker keeps the base model loaded between trials (see ``sweep.worker``),
+so a trial after the first pays only for its own LoRA layers and steps. A worker serves one
+``CUDA_VISIBLE_DEVICES`` set and thread count; trials that need several GPUs (torchrun, DeepSpeed)
+or DeepSpeed at all still start a fresh process. An idle worker holds its base model on its GPU;
+when a GPU's trials need that memory, idle workers there are ended first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sweep import launcher
+from sweep.slots import GpuSlots
+
+log = logging.getLogger("sweep")
+_SPAWNED = itertools.count(1)
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    gpus: tuple[int, ...]
+    threads: int | None
+    jobs: int = 0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, grace: float = 10.0) -> None:
+        """SIGTERM its process group, SIGKILL after ``grace`` seconds."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc.wait()
+        if self.proc.stdin:
+            self.proc.stdin.close()
+
+
+class WorkerPool:
+    """Hands trials to idle workers with the same devices, starting workers as needed. Thread-safe."""
+
+    def __init__(self, folder: Path, slots: GpuSlots | None = None, idle_mb: float = 0.0) -> None:
+        self.folder = folder
+        self.slots = slots
+        self.idle_mb = idle_mb  # GPU memory an idle worker holds: its base model and CUDA context
+        self._idle: list[Worker] = []
+        self._busy: list[Worker] = []
+        self._lock = threading.Lock()
+        self.started = 0
+
+    def start(self, launch: launcher.Launch) -> launcher.Started:
+        """Begin training ``launch``: in an idle worker, a new one, or (multi-GPU, DeepSpeed) a fresh process."""
+        if launch.n_gpus > 1 or launch.deepspeed:
+            return launcher.Running(launch)
+        gpus = tuple(launch.gpu_ids)
+        with self._lock:
+            worker = next((w for w in self._idle if w.gpus == gpus and w.threads == launch.threads), None)
+            if worker is not None:
+                self._idle.remove(worker)
+            self._make_room(gpus)
+        if worker is None or not worker.alive():
+            worker = self._spawn(launch)
+        with self._lock:
+            self._busy.append(worker)
+        return Job(self, worker, launch)
+
+    def _make_room(self, gpus: tuple[int, ...]) -> None:
+        """End idle workers on this trial's GPU while they and the running trials would not fit."""
+        if self.slots is None or len(gpus) != 1:
+            return
+        others = [w for w in self._idle if w.gpus == gpus]
+        while others and self.slots.room(gpus[0]) < len(others) * self.idle_mb:
+            worker = others.pop()
+            self._idle.remove(worker)
+            log.info("ending idle worker %d on GPU %d: its memory is needed", worker.proc.pid, gpus[0])
+            worker.kill()
+
+    def _spawn(self, launch: launcher.Launch) -> Worker:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self.started += 1
+        out = (self.folder / f"worker-{os.getpid()}-{next(_SPAWNED)}.log").open("ab")  # this process's n-th
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sweep.worker"],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=launcher.environment(launch),
+            start_new_session=True,
+            preexec_fn=launcher._die_with_parent,
+        )
+        out.close()  # the child holds its own copy
+        return Worker(proc, tuple(launch.gpu_ids), launch.threads)
+
+    def _returned(self, worker: Worker, reusable: bool) -> None:
+        with self._lock:
+            if worker in self._busy:
+                self._busy.remove(worker)
+            if reusable and worker.alive() and not launcher.STOP.is_set():
+                self._idle.append(worker)
+                return
+        worker.kill()
+
+    def close(self) -> None:
+        """End every worker (idle or not): the sweep is done or stopping."""
+        with self._lock:
+            workers, self._idle, self._busy = self._idle + self._busy, [], []
+        for worker in workers:
+            worker.kill()
+
+
+class Job:
+    """One trial's training in a resident worker; the same interface as ``launcher.Running``."""
+
+    def __init__(self, pool: WorkerPool, worker: Worker, launch: launcher.Launch) -> None:
+        self.pool, self.worker = pool, worker
+        launch.log.parent.mkdir(parents=True, exist_ok=True)
+        self.done = launch.work_dir / "worker.json"
+        self.done.unlink(missing_ok=True)
+        self.rc: int | None = None
+        job = {"argv": launcher.train_args(launch), "log": str(launch.log), "done": str(self.done)}
+        try:
+            worker.proc.stdin.write((json.dumps(job) + "\n").encode())
+            worker.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker is gone; poll() reports its exit code
+        worker.jobs += 1
+
+    def _result(self) -> int | None:
+        try:
+            return int(json.loads(self.done.read_text())["rc"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
+    def poll(self) -> int | None:
+        if self.rc is None:
+            self.rc = self._result()
+        if self.rc is None and not self.worker.alive():
+            # it died in the job (killed, out of host memory): its own exit code, unless it wrote one first
+            self.rc = self._result()
+            if self.rc is None:
+                self.rc = self.worker.proc.returncode or 1
+                self.pool._returned(self.worker, reusable=False)
+        return self.rc
+
+    def stop(self, grace: float = 10.0) -> int:
+        """Stopping a trial mid-job ends its worker: the next trial gets a fresh one."""
+        self.pool._returned(self.worker, reusable=False)
+        self.worker.kill(grace)
+        if self.rc is None:
+            self.rc = self._result()
+        if self.rc is None:
+            self.rc = self.worker.proc.returncode or 1
+        return self.rc
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.1)
+        self.pool._returned(self.worker, reusable=self.rc == 0)
+        return self.rc

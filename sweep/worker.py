@@ -1,0 +1,89 @@
+"""The training process: one XTuner job (``--once``, also what torchrun starts) or, resident, many.
+
+A fresh process per trial spends 20-25 s of a 1.5B-model trial on imports and loading weights
+before the first step (docs/benchmarks.md). A resident worker pays that once: it reads jobs, one
+JSON line each, from stdin, trains each with ``sweep.launcher.train_in_this_process`` (which keeps
+the base model loaded between jobs), sends the job's output to the job's log and writes the exit
+code to the job's ``done`` file. A job that fails ends the worker: whatever state a crash left
+behind (CUDA errors, half-built runners) never reaches the next trial, which gets a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sweep import launcher
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def run_job(job: dict[str, Any]) -> int:
+    """Train one job with stdout and stderr (the file descriptors, so C++ warnings too) in its log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        launcher.train_in_this_process(job["argv"])
+        rc = 0
+    except SystemExit as exc:
+        rc = _exit_code(exc)
+    except BaseException:  # noqa: BLE001 - the job's failure is its exit code, the worker reports it
+        traceback.print_exc()
+        rc = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+    return rc
+
+
+def _write_done(path: Path, result: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+
+
+def serve(jobs) -> None:
+    """Run jobs until stdin closes or one fails."""
+    launcher.prepare_process()
+    print(f"worker {os.getpid()}: ready", flush=True)
+    for n, line in enumerate(jobs, start=1):
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        started = time.monotonic()
+        rc = run_job(job)
+        result = {
+            "rc": rc, "pid": os.getpid(), "job": n, "model_reused": launcher.model_was_reused(),
+            "seconds": round(time.monotonic() - started, 2),
+        }  # fmt: skip
+        _write_done(Path(job["done"]), result)
+        print(f"worker {os.getpid()}: job {n} ({job['argv'][0]}) exit code {rc}", flush=True)
+        if rc != 0:
+            return
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--once"]:
+        launcher.train_in_this_process(argv[1:])
+    else:
+        serve(iter(sys.stdin.readline, ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,101 @@
+"""Resident workers: a trial trained in a worker that already holds the model equals a fresh process's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sweep import launcher
+from sweep.pool import Worker, WorkerPool
+from sweep.slots import GpuSlots
+
+
+def _events(path: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.mark.e2e
+def test_workers_are_reused_and_a_failed_job_ends_its_worker(e2e):
+    trials = {t.number: t for t in e2e["study"].trials}
+    w = {n: t.user_attrs["worker"] for n, t in trials.items()}
+    assert w[0]["job"] == 1 and w[0]["model_reused"] is False, "the first trial loads the model"
+    assert w[1]["pid"] == w[0]["pid"] and w[1]["job"] == 2, "the second trial, in the same worker"
+    # trial 1 crashed: its worker ended, and trial 2 got a fresh one
+    assert w[2]["pid"] != w[1]["pid"] and w[2]["job"] == 1
+    assert w[3]["pid"] == w[2]["pid"] and w[3]["job"] == 2 and w[3]["model_reused"] is True, "after a pruned trial"
+    assert w[4]["job"] == 1, "a new `sweep run` starts its own workers"
+    logs = sorted((e2e["ws"] / "runs" / "e2e" / "workers").glob("worker-*.log"))
+    assert len(logs) == 3, logs  # two in the first `sweep run`, one in the second
+    assert sum("exit code 1" in log.read_text() for log in logs) == 1
+
+
+@pytest.mark.e2e
+def test_a_trial_in_a_warm_worker_trains_exactly_like_a_fresh_process(e2e, tmp_path):
+    """Trial 3 ran in a worker that had trained trial 2 on the same model: a fresh process must agree."""
+    trial = next(t for t in e2e["study"].trials if t.number == 3)
+    assert trial.user_attrs["worker"]["model_reused"] is True
+    work = Path(trial.user_attrs["work_dir"])
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("train.jsonl", "rows.jsonl"):
+        if (work / name).exists():
+            shutil.copyfile(work / name, fresh / name)
+    (fresh / "config.py").write_text((work / "config.py").read_text().replace(str(work), str(fresh)))
+    (fresh / "sweep_control.json").write_text(json.dumps({"step": 10**9, "stop": False}))  # never prune it
+    launch = launcher.Launch(fresh / "config.py", fresh, fresh / "train.log", threads=2)
+    rc = launcher.run(launch, on_poll=lambda: None)
+    assert rc == 0, launcher.log_tail(fresh / "train.log")
+
+    warm_val = {e["step"]: e["val/loss"] for e in _events(work / "sweep_metrics.jsonl", "val")}
+    fresh_val = {e["step"]: e["val/loss"] for e in _events(fresh / "sweep_metrics.jsonl", "val")}
+    common = sorted(set(warm_val) & set(fresh_val))
+    assert len(common) >= 2, (warm_val, fresh_val)
+    for step in common:
+        assert warm_val[step] == pytest.approx(fresh_val[step], rel=1e-5), step
+    warm_train = [e["train/loss"] for e in _events(work / "sweep_metrics.jsonl", "train")]
+    fresh_train = [e["train/loss"] for e in _events(fresh / "sweep_metrics.jsonl", "train")]
+    assert warm_train == pytest.approx(fresh_train[: len(warm_train)], rel=1e-5)
+    assert warm_val[0] == pytest.approx(fresh_val[0], rel=1e-6), "the untrained model is the same model"
+
+
+def _sleeper(gpu: int) -> Worker:
+    return Worker(subprocess.Popen(["sleep", "600"], start_new_session=True), (gpu,), None)
+
+
+def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
+    slots = GpuSlots({0: 10_000.0, 1: 10_000.0})  # trials may plan 9,200 MB of each
+    pool = WorkerPool(tmp_path, slots, idle_mb=3_000.0)
+    idle = [_sleeper(0), _sleeper(0), _sleeper(0), _sleeper(1)]
+    pool._idle = list(idle)
+    try:
+        slots.acquire(5_000.0)  # GPU 0 (the emptiest, lowest index): 4,200 MB left, room for one idle worker
+        with pool._lock:
+            pool._make_room((0,))
+        on_gpu0 = [w for w in pool._idle if w.gpus == (0,)]
+        assert len(on_gpu0) == 1 and on_gpu0[0].alive()
+        ended = [w for w in idle[:3] if w not in on_gpu0]
+        assert all(w.proc.returncode is not None for w in ended), "ended workers' processes are gone"
+        assert idle[3] in pool._idle and idle[3].alive(), "another GPU's idle worker stays"
+    finally:
+        pool.close()
+    assert all(not w.alive() for w in idle)
+
+
+def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch):
+    """No done file and the process gone: the job's exit code is the process's, never a hang."""
+    pool = WorkerPool(tmp_path)
+    worker = Worker(subprocess.Popen(["sh", "-c", "read line; exit 7"], stdin=subprocess.PIPE,
+                                     start_new_session=True), (), None)  # fmt: skip
+    monkeypatch.setattr(pool, "_spawn", lambda launch: worker)
+    launch = launcher.Launch(tmp_path / "config.py", tmp_path / "work", tmp_path / "work" / "train.log")
+    launch.work_dir.mkdir()
+    started = time.monotonic()
+    rc = launcher.run(launch, on_poll=lambda: None, start=pool.start)
+    assert rc == 7 and time.monotonic() - started < 30
+    assert not pool._idle and not pool._busy, "a dead worker is not handed out again"

@@ -9,8 +9,10 @@ with the alias ``champion``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import optuna
 import yaml
+from optuna.trial import TrialState
 
 from sweep import data as data_mod
 from sweep.gate import best_trial, pareto_trials, promote
@@ -148,8 +151,48 @@ def make_storage(url: str, heartbeat: int | None = None, tracking_uri: str | Non
             "grace_period": 2 * heartbeat,
             "heartbeat_stale_trial_callback": _StaleTrial(tracking_uri),
         }
-    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+    if url.startswith("sqlite"):
+        return _SQLiteStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+
+
+class _SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage on SQLite, with queued trials claimed one at a time.
+
+    Optuna claims a queued trial (WAITING -> RUNNING) with ``SELECT ... FOR UPDATE``, which SQLite
+    ignores: two threads of ``--n-jobs`` (or two processes) can both claim the same enqueued trial and
+    train it twice in one work dir (optuna/optuna#4002; seen on the H200 benchmark, and reproduced
+    by tests/test_study_storage.py). Claims here take an exclusive file lock beside the database, so
+    the second claimant reads the trial after the first committed, finds it RUNNING and takes the next.
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        self._claims = Path(path + ".claims") if path and path != ":memory:" else None
+        self._thread_claims = threading.Lock()  # an in-memory database: one process, threads only
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_thread_claims", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._thread_claims = threading.Lock()
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        if state != TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        if self._claims is None:
+            with self._thread_claims:
+                return super().set_trial_state_values(trial_id, state, values)
+        with self._claims.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one open file per call: threads exclude each other too
+            try:
+                return super().set_trial_state_values(trial_id, state, values)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _StaleTrial:

@@ -302,11 +302,15 @@ def _keep_base_model() -> None:
 def _strip_training_state(llm: Any) -> bool:
     """Take off what a trial added to the shared base model: LoRA layers, checkpointing, grad hooks.
 
-    Returns whether LoRA layers were found (none: the base weights were trained, not reusable).
+    Returns whether the base model can serve another trial: not when no LoRA layers were found (the
+    base weights were trained) or when the LoRA initialisation changed the base weights.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapters = [(n, m) for n, m in llm.named_modules() if n and isinstance(m, BaseTunerLayer)]
+    configs = getattr(llm, "peft_config", {}) or {}
+    if any(getattr(c, "init_lora_weights", True) not in (True, False, "gaussian") for c in configs.values()):
+        return False  # PiSSA, OLoRA, LoftQ, ...: the initialisation rewrote the base weights themselves
     for name, module in adapters:
         parent, _, child = name.rpartition(".")
         setattr(llm.get_submodule(parent) if parent else llm, child, module.get_base_layer())

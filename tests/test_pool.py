@@ -99,3 +99,29 @@ def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch
     rc = launcher.run(launch, on_poll=lambda: None, start=pool.start)
     assert rc == 7 and time.monotonic() - started < 30
     assert not pool._idle and not pool._busy, "a dead worker is not handed out again"
+
+
+def test_stripping_a_trial_gives_back_the_model_as_loaded(tiny_model):
+    """LoRA off, checkpointing off, grad hooks off: the state a fresh process loads; PiSSA-like inits are not reused."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sweep.launcher import _strip_training_state
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {n: type(m) for n, m in model.named_modules()} != modules
+    assert _strip_training_state(model) is True
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert not model.is_gradient_checkpointing and not model.get_input_embeddings()._forward_hooks
+    assert not any(p.requires_grad for p in model.parameters()) and "peft_config" not in vars(model)
+
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
+    assert _strip_training_state(model) is False, "OLoRA rewrote the base weights: never reuse them"

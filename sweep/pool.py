@@ -106,7 +106,9 @@ class WorkerPool:
             stderr=subprocess.STDOUT,
             env=launcher.environment(launch),
             start_new_session=True,
-            preexec_fn=launcher._die_with_parent,
+            # no PR_SET_PDEATHSIG here: it fires when the spawning *thread* ends, and an Optuna n_jobs
+            # thread ends while other threads' trials still use its worker (seen on the H200: exit -15).
+            # The worker watches its parent process itself (sweep.worker).
         )
         out.close()  # the child holds its own copy
         return Worker(proc, tuple(launch.gpu_ids), launch.threads)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -58,8 +60,25 @@ def _write_done(path: Path, result: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _die_with_parent(interval: float = 0.5) -> None:
+    """End this worker's process group when the sweep process is gone, even mid-job.
+
+    A resident worker outlives the thread that started it, so the parent-death signal (which the
+    kernel ties to that thread) cannot be used; a re-parented worker is an orphan.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def serve(jobs) -> None:
     """Run jobs until stdin closes or one fails."""
+    _die_with_parent()
     launcher.prepare_process()
     print(f"worker {os.getpid()}: ready", flush=True)
     for n, line in enumerate(jobs, start=1):

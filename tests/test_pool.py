@@ -125,3 +125,21 @@ def test_stripping_a_trial_gives_back_the_model_as_loaded(tiny_model):
 
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
     assert _strip_training_state(model) is False, "OLoRA rewrote the base weights: never reuse them"
+
+
+def test_a_worker_outlives_the_thread_that_started_it(tmp_path):
+    """Optuna's n_jobs threads end while other threads' trials still use the workers they started."""
+    import threading
+
+    pool = WorkerPool(tmp_path)
+    launch = launcher.Launch(tmp_path / "config.py", tmp_path / "work", tmp_path / "train.log", threads=1)
+    started: list[Worker] = []
+    thread = threading.Thread(target=lambda: started.append(pool._spawn(launch)))
+    thread.start()
+    thread.join()
+    try:
+        time.sleep(2.0)  # a parent-death signal tied to the thread would have ended it by now
+        assert started[0].alive(), f"worker ended with {started[0].proc.returncode} when its thread ended"
+    finally:
+        started[0].kill()
+    assert not started[0].alive()

@@ -306,7 +306,7 @@ def _record_worker(trial: optuna.Trial, ctx: StudyContext, run_id: str, done: Pa
         info = json.loads(done.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return  # a fresh process trained it
-    worker = {k: info.get(k) for k in ("pid", "job", "model_reused")}
+    worker = {k: v for k, v in info.items() if k not in ("rc", "seconds")}  # pid, job, model_reused, memory held
     trial.set_user_attr("worker", worker)
     ctx.tracker.set_tags(run_id, {f"worker.{k}": v for k, v in worker.items()})
 

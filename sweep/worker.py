@@ -54,6 +54,18 @@ def run_job(job: dict[str, Any]) -> int:
     return rc
 
 
+def _memory_left() -> dict[str, float]:
+    """What the worker still holds after a job and its clean-up: a leak would grow it job after job."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        rss = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+    held = {"rss_mb": round(rss, 1)}
+    import torch
+
+    if torch.cuda.is_available():
+        held["gpu_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+    return held
+
+
 def _write_done(path: Path, result: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result))
@@ -89,7 +101,7 @@ def serve(jobs) -> None:
         rc = run_job(job)
         result = {
             "rc": rc, "pid": os.getpid(), "job": n, "model_reused": launcher.model_was_reused(),
-            "seconds": round(time.monotonic() - started, 2),
+            "seconds": round(time.monotonic() - started, 2), **_memory_left(),
         }  # fmt: skip
         _write_done(Path(job["done"]), result)
         print(f"worker {os.getpid()}: job {n} ({job['argv'][0]}) exit code {rc}", flush=True)

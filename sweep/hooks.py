@@ -63,6 +63,37 @@ def _first_turn(messages: list[dict[str, str]]) -> tuple[str, str]:
     return "".join(question), ""
 
 
+def keep_frozen_weights_16bit(llm: Any) -> int:
+    """Put the frozen weights under LoRA layers back in the 16-bit dtype they were loaded in.
+
+    XTuner prepares every LoRA model with PEFT's ``prepare_model_for_kbit_training``, quantized or
+    not, and it upcasts every bf16/fp16 weight to fp32: twice the memory, and under AMP every linear
+    call casts its weight back to 16 bits (a quarter of a step's GPU time with the dtype copies,
+    docs/benchmarks.md). Autocast multiplies with the same 16-bit values either way, so the math is
+    unchanged; each weight is checked to round-trip exactly before it is replaced. LoRA parameters,
+    norms and embeddings stay fp32. Returns the number of weights (elements) now held in 16 bits.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    dtype = getattr(llm.config, "torch_dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return 0  # loaded in fp32 (the CPU): nothing to give back
+    done = 0
+    for module in llm.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        for param in (getattr(base, "weight", None), getattr(base, "bias", None)):
+            if param is None or param.requires_grad or param.dtype != torch.float32:
+                continue
+            low = param.data.to(dtype)
+            if torch.equal(low.float(), param.data):  # exact: these values came from the 16-bit checkpoint
+                param.data = low
+                done += param.numel()
+    return done
+
+
 class SweepHook(Hook):
     """Validation schedule by samples seen, metric stream, best adapter, and the prune handshake."""
 
@@ -81,6 +112,7 @@ class SweepHook(Hook):
         general_val: dict[str, Any] | None = None,
         weights: dict[str, float] | None = None,
         ack_timeout: float = 900.0,
+        frozen_16bit: bool = False,
     ) -> None:
         self.metric = metric
         self.general_val = general_val
@@ -99,6 +131,7 @@ class SweepHook(Hook):
         self.stopped = False
         self.generation = generation
         self.val_seconds = 0.0
+        self.frozen_16bit = frozen_16bit
 
     # -- the x-axis ---------------------------------------------------------------------------
     def samples_seen(self, iters_done: int) -> int:
@@ -115,6 +148,9 @@ class SweepHook(Hook):
         self.max_iters = runner.max_iters
         self.next_point = self.eval_every
         self.final_step = self.samples_seen(self.max_iters)
+        in_16bit = keep_frozen_weights_16bit(_unwrap(runner.model).llm) if self.frozen_16bit else 0
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the fp32 copies just dropped
         self._emit(
             {
                 "kind": "start",
@@ -122,6 +158,7 @@ class SweepHook(Hook):
                 "iters_per_epoch": self.iters_per_epoch,
                 "final_step": self.final_step,
                 "world_size": get_world_size(),
+                "frozen_weights_16bit": in_16bit,
                 "time": time.time(),
             }
         )

@@ -226,6 +226,7 @@ def render(
             if files.general_val
             else None,
             "weights": dict(objective.weights) if objective.weights else None,
+            "frozen_16bit": spec.speed.frozen_weights_16bit,
         }
     )
     cfg["custom_hooks"] = hooks

@@ -217,6 +217,7 @@ class SpeedSpec(_Strict):
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: off when the trial fits on a GPU without
     tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
+    frozen_weights_16bit: bool = True  # frozen weights under LoRA stay in their 16-bit load dtype, not fp32
 
 
 class RegistrySpec(_Strict):

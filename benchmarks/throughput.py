@@ -165,7 +165,12 @@ registry: {{name: throughput-adapter}}
     trials = {}
     for index, trial_dir in zip(ORDER, sorted((folder / "sweep-runs/throughput").glob("trial_*")), strict=False):
         number = int(trial_dir.name.split("_")[1])
-        events = [json.loads(x) for x in (trial_dir / "sweep_metrics.jsonl").read_text().splitlines() if x.strip()]
+        stream = trial_dir / "sweep_metrics.jsonl"
+        if not stream.exists():  # the trial failed before training: say so, keep the others' figures
+            trials[str(index)] = {"bs": TRIALS[index][0], "r": TRIALS[index][1], "failed": True,
+                                  "error": attrs.get(number, {}).get("error", "")[-500:]}  # fmt: skip
+            continue
+        events = [json.loads(x) for x in stream.read_text().splitlines() if x.strip()]
         train = [e for e in events if e["kind"] == "train"]
         start = next((e for e in events if e["kind"] == "start"), {})
         end = next((e for e in events if e["kind"] == "end"), {})
@@ -181,7 +186,9 @@ registry: {{name: throughput-adapter}}
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
             "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
         }  # fmt: skip
-    out = {"rc": rc, "wall": wall, "trials": trials, "log_tail": (folder / "sweep.log").read_text()[-3000:]}
+    failed = [i for i, t in trials.items() if t.get("failed")]
+    out = {"rc": rc, "wall": wall, "trials": trials, "failed": failed,
+           "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
     (OUT / "sweep.json").write_text(json.dumps(out, indent=1))
     print(f"sweep: rc {rc} wall {wall:.1f}s")
     print(out["log_tail"][-1500:])
@@ -196,7 +203,7 @@ def report() -> None:
           f" | {'sweep steps':>11} {'iter s':>7} {'loss':>8} {'peak MB':>8}")  # fmt: skip
     for i in map(str, ORDER):
         a, b = stock_r.get(i, {}), sweep_r.get("trials", {}).get(i, {})
-        outside = 1 - a["train_seconds"] / a["wall"] if a else float("nan")
+        outside = 1 - a["train_seconds"] / a["wall"] if a and a.get("wall") else float("nan")
         print(f"{i:>5} {TRIALS[int(i)][0]:>2} {TRIALS[int(i)][1]:>3} | {a.get('wall', 0):>9.1f}s {outside:>12.0%} "
               f"{a.get('steady_iter_seconds') or 0:>7.3f} {a.get('last_loss') or 0:>8.4f} {a.get('peak_mb') or 0:>8}"
               f" | {b.get('train_seconds', 0):>10.1f}s {b.get('steady_iter_seconds') or 0:>7.3f} "
@@ -219,7 +226,9 @@ def report() -> None:
         if alone:
             print(f"    best single-trial MFU: {max(alone) * 4 * PARAMS / PEAK_FLOPS:.1%}")
     if sweep_r:
-        tokens = sum(t["tokens"] for t in sweep_r["trials"].values())
+        if sweep_r.get("failed"):
+            print(f"(b) sweep: trials {', '.join(sweep_r['failed'])} FAILED: its wall time is not comparable")
+        tokens = sum(t.get("tokens", 0) for t in sweep_r["trials"].values())
         print(
             f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {tokens / sweep_r['wall']:,.0f} tokens/s"
         )

@@ -113,6 +113,7 @@ class SweepHook(Hook):
         weights: dict[str, float] | None = None,
         ack_timeout: float = 900.0,
         frozen_16bit: bool = False,
+        baseline: str | None = None,
     ) -> None:
         self.metric = metric
         self.general_val = general_val
@@ -132,6 +133,7 @@ class SweepHook(Hook):
         self.generation = generation
         self.val_seconds = 0.0
         self.frozen_16bit = frozen_16bit
+        self.baseline = Path(baseline) if baseline else None
 
     # -- the x-axis ---------------------------------------------------------------------------
     def samples_seen(self, iters_done: int) -> int:
@@ -215,7 +217,15 @@ class SweepHook(Hook):
     def _validate(self, runner, step: int) -> None:
         self._pending_step = step
         started = time.perf_counter()
-        runner.val_loop.run()
+        # Validation draws no random numbers from training's streams (a data loader's iterator takes
+        # one): a trial trains the same whether a point was measured, read from the study, or skipped.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            cached = self._cached_baseline(runner) if step == 0 else None
+            if cached is not None:  # the untrained point, as another trial of this study measured it
+                self._record_point(runner, step, cached["metrics"], cached.get("samples"), cached=True)
+            else:
+                runner.val_loop.run()
         runner.model.train()  # ValLoop leaves the model in eval mode: dropout would stay off until the next epoch
         self.val_seconds += time.perf_counter() - started
         stop = [self._await_verdict(step) if is_main_process() and step > 0 else False]
@@ -231,8 +241,15 @@ class SweepHook(Hook):
         # Added before CheckpointHook (lower priority) reads the metrics for save_best.
         if self.general_val:
             metrics["val/general_loss"] = self._general_loss(runner)
-        if self.generation:
-            self._generate(runner, step, metrics)
+        samples = self._generate(runner, step, metrics) if self.generation else None
+        if step == 0 and self._baseline_applies(runner):
+            self._store_baseline(metrics, samples)
+        self._record_point(runner, step, metrics, samples)
+
+    def _record_point(self, runner, step: int, metrics: dict[str, float], samples, cached: bool = False) -> None:
+        """Stream one validation point (and its sample answers); keep the adapter if it is the best yet."""
+        if samples:
+            self._emit({"kind": "samples", "step": step, "rows": samples})
         if self.weights:
             metrics[WEIGHTED] = weighted(metrics, self.weights)
         value = metrics.get(self.metric)
@@ -247,9 +264,39 @@ class SweepHook(Hook):
                 "iter": runner.iter + 1,
                 **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                 "best_step": self.best_step,
+                **({"baseline": "cached"} if cached else {}),
                 "time": time.time(),
             }
         )
+
+    # -- the untrained point, once per study -------------------------------------------------------
+    def _baseline_applies(self, runner) -> bool:
+        """Whether this trial's step-0 point is the study's shared one: LoRA B starts at zero, so the
+        model computes exactly what the base model does (same validation data, same model: same key)."""
+        if self.baseline is None or get_world_size() > 1:
+            return False
+        layers = [m for m in _unwrap(runner.model).llm.modules() if hasattr(m, "lora_B")]
+        return bool(layers) and all(
+            float(linear.weight.abs().max()) == 0.0 for m in layers for linear in m.lora_B.values()
+        )
+
+    def _cached_baseline(self, runner) -> dict[str, Any] | None:
+        if not self._baseline_applies(runner):
+            return None
+        try:
+            return json.loads(self.baseline.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None  # the first trial of the study measures it
+
+    def _store_baseline(self, metrics: dict[str, float], samples) -> None:
+        if not is_main_process():
+            return
+        point = {"metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                 "samples": samples}  # fmt: skip
+        self.baseline.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.baseline.with_name(f"{self.baseline.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(point, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(self.baseline)  # trials that measured it at the same time write the same values
 
     @torch.no_grad()
     def _general_loss(self, runner) -> float:
@@ -265,12 +312,13 @@ class SweepHook(Hook):
             parts = [p for rank_parts in all_gather_object(parts) for p in rank_parts]
         return mean_loss(parts)
 
-    def _generate(self, runner, step: int, metrics: dict[str, float]) -> None:
+    def _generate(self, runner, step: int, metrics: dict[str, float]) -> list[dict] | None:
         from objectives.rouge import rouge_l
         from sweep.generation import generate_answers
 
         gen = self.generation
         score = [None]
+        rows = None
         if is_main_process():
             llm = _unwrap(runner.model).llm
             args = dict(template=gen["template"], system=gen["system"], max_new_tokens=gen["max_new_tokens"])
@@ -280,11 +328,11 @@ class SweepHook(Hook):
             if gen["probes"]:
                 answers = generate_answers(llm, self.tokenizer, questions=gen["probes"], **args)
                 rows = [{"step": step, "question": q, "answer": a} for q, a in zip(gen["probes"], answers, strict=True)]
-                self._emit({"kind": "samples", "step": step, "rows": rows})
         if get_world_size() > 1:
             broadcast_object_list(score)
         if score[0] is not None:
             metrics["val/rouge_l"] = float(score[0])
+        return rows
 
     def _save_adapter(self, runner) -> None:
         """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""

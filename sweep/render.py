@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import hashlib
 import math
 import os
 import pprint
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from sweep.spec import GenerationSpec, Spec, SpecError
+
+BASELINE_FORMAT = "xtuner-sweep baseline 1"  # change it when what the step-0 point holds changes
 
 VAL_BATCH_SIZE = 4
 NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
@@ -211,6 +214,8 @@ def render(
     objective = spec.objective
     rule = "less" if objective.primary_direction == "minimize" else "greater"
     hooks = [h for h in cfg.get("custom_hooks") or [] if "EvaluateChatHook" not in str(h.get("type"))]
+    general_val = _val_loader(files.general_val, tokenizer, template, max_length) if files.general_val else None
+    generation = _generation(spec, files, tokenizer, template)
     hooks.append(
         {
             "type": "sweep.hooks.SweepHook",
@@ -221,12 +226,13 @@ def render(
             "stream": str(files.stream),
             "control": str(files.control),
             "adapter_dir": str(files.adapter),
-            "generation": _generation(spec, files, tokenizer, template),
-            "general_val": _val_loader(files.general_val, tokenizer, template, max_length)
-            if files.general_val
-            else None,
+            "generation": generation,
+            "general_val": general_val,
             "weights": dict(objective.weights) if objective.weights else None,
             "frozen_16bit": spec.speed.frozen_weights_16bit,
+            "baseline": str(_baseline_path(spec, files, llm, cfg["val_dataloader"], general_val, generation))
+            if spec.speed.baseline_once
+            else None,
         }
     )
     cfg["custom_hooks"] = hooks
@@ -274,6 +280,26 @@ def _iteration_schedule(cfg: dict, iters: int, old_epochs: int | None, old_iters
                 sched[key] = round(sched[key] * iters / old)
         sched["by_epoch"] = False
         sched.pop("convert_to_iter_based", None)
+
+
+def _baseline_path(spec: Spec, files: TrialFiles, *what_it_depends_on: Any) -> Path:
+    """Where the study keeps its untrained (step-0) validation point for trials that share this key.
+
+    The key covers what that point is computed from: the base model's load settings and files, the
+    validation loaders and generation settings (max_length, template and tokenizer among them), the
+    validation files' contents; LoRA's rank, dropout or learning rate do not change it.
+    """
+    digest = hashlib.sha256(BASELINE_FORMAT.encode())
+    digest.update(repr(what_it_depends_on).encode())
+    for path in (files.val, files.general_val):
+        if path is not None and Path(path).exists():
+            digest.update(Path(path).read_bytes())
+    model_dir = Path(spec.model.path)
+    for weight in sorted(model_dir.iterdir()) if model_dir.is_dir() else []:
+        if weight.is_file():
+            stat = weight.stat()
+            digest.update(f"{weight.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return files.work_dir.parent / "baseline" / f"{digest.hexdigest()[:20]}.json"
 
 
 def _generation(spec: Spec, files: TrialFiles, tokenizer: dict, template: dict) -> dict | None:

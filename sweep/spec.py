@@ -218,6 +218,7 @@ class SpeedSpec(_Strict):
     tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
     frozen_weights_16bit: bool = True  # frozen weights under LoRA stay in their 16-bit load dtype, not fp32
+    baseline_once: bool = True  # the untrained step-0 validation point, measured once per study and shared
 
 
 class RegistrySpec(_Strict):

@@ -14,8 +14,13 @@ def _lora_model(path, seed: int):
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj",
-                        "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)  # B random: both paths carry
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+    )  # B random: both paths carry
     return get_peft_model(model, config)
 
 

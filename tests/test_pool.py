@@ -46,7 +46,10 @@ def test_a_trial_in_a_warm_worker_trains_exactly_like_a_fresh_process(e2e, tmp_p
     for name in ("train.jsonl", "rows.jsonl"):
         if (work / name).exists():
             shutil.copyfile(work / name, fresh / name)
-    (fresh / "config.py").write_text((work / "config.py").read_text().replace(str(work), str(fresh)))
+    text = (work / "config.py").read_text().replace(str(work), str(fresh))
+    assert str(work.parent / "baseline") in text
+    # its own step-0 file: the fresh process measures the untrained point instead of reading the study's
+    (fresh / "config.py").write_text(text.replace(str(work.parent / "baseline"), str(fresh / "baseline")))
     (fresh / "sweep_control.json").write_text(json.dumps({"step": 10**9, "stop": False}))  # never prune it
     launch = launcher.Launch(fresh / "config.py", fresh, fresh / "train.log", threads=2)
     rc = launcher.run(launch, on_poll=lambda: None)
@@ -62,6 +65,30 @@ def test_a_trial_in_a_warm_worker_trains_exactly_like_a_fresh_process(e2e, tmp_p
     fresh_train = [e["train/loss"] for e in _events(fresh / "sweep_metrics.jsonl", "train")]
     assert warm_train == pytest.approx(fresh_train[: len(warm_train)], rel=1e-5)
     assert warm_val[0] == pytest.approx(fresh_val[0], rel=1e-6), "the untrained model is the same model"
+    assert _events(work / "sweep_metrics.jsonl", "val")[0].get("baseline") == "cached"
+    assert "baseline" not in _events(fresh / "sweep_metrics.jsonl", "val")[0], "measured, not read"
+
+
+@pytest.mark.e2e
+def test_the_untrained_point_is_measured_once_per_study(e2e):
+    """Trial 0 measures step 0 (loss, general loss, ROUGE-L, probe answers); later trials read it."""
+    trials = {t.number: t for t in e2e["study"].trials}
+    first = {}
+    for number in (0, 2, 3, 4):
+        stream = Path(trials[number].user_attrs["work_dir"]) / "sweep_metrics.jsonl"
+        point = _events(stream, "val")[0]
+        samples = [e for e in _events(stream, "samples") if e["step"] == 0]
+        assert point["step"] == 0 and samples, number
+        values = {k: v for k, v in point.items() if k.startswith("val/")}
+        assert {"val/loss", "val/general_loss", "val/rouge_l"} <= values.keys()
+        if number == 0:
+            assert "baseline" not in point, "the first trial measures it"
+            first = {"values": values, "rows": samples[0]["rows"]}
+        else:
+            assert point["baseline"] == "cached", number
+            assert values == first["values"] and samples[0]["rows"] == first["rows"], number
+    (stored,) = (e2e["ws"] / "runs" / "e2e" / "baseline").glob("*.json")
+    assert json.loads(stored.read_text())["metrics"]["val/loss"] == first["values"]["val/loss"]
 
 
 def _sleeper(gpu: int) -> Worker:

@@ -118,6 +118,21 @@ def environment(launch: Launch) -> dict[str, str]:
     return env
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a process's group (it leads one), then SIGKILL what is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
 class Running:
     """A started training process; ``stop`` ends it and everything it started."""
 
@@ -138,17 +153,7 @@ class Running:
         return self.proc.poll()
 
     def stop(self, grace: float = 10.0) -> int:
-        """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, grace)
         return self.wait()
 
     def wait(self) -> int:

@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -39,18 +38,7 @@ class Worker:
         return self.proc.poll() is None
 
     def kill(self, grace: float = 10.0) -> None:
-        """SIGTERM its process group, SIGKILL after ``grace`` seconds."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.proc.wait()
+        launcher.stop_group(self.proc, grace)
         if self.proc.stdin:
             self.proc.stdin.close()
 

@@ -64,23 +64,28 @@ class WorkerPool:
             worker = next((w for w in self._idle if w.gpus == gpus and w.threads == launch.threads), None)
             if worker is not None:
                 self._idle.remove(worker)
-            self._make_room(gpus)
+            leaving = self._make_room(gpus)
+        for idle in leaving:  # outside the lock: ending one may take its grace period
+            log.info("ending idle worker %d on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
+            idle.kill()
         if worker is None or not worker.alive():
             worker = self._spawn(launch)
         with self._lock:
             self._busy.append(worker)
         return Job(self, worker, launch)
 
-    def _make_room(self, gpus: tuple[int, ...]) -> None:
-        """End idle workers on this trial's GPU while they and the running trials would not fit."""
+    def _make_room(self, gpus: tuple[int, ...]) -> list[Worker]:
+        """The idle workers on this trial's GPU to end (taken off the idle list): as many as needed for
+        them and the running trials to fit. Called with the lock held."""
         if self.slots is None or len(gpus) != 1:
-            return
+            return []
         others = [w for w in self._idle if w.gpus == gpus]
+        leaving = []
         while others and self.slots.room(gpus[0]) < len(others) * self.idle_mb:
             worker = others.pop()
             self._idle.remove(worker)
-            log.info("ending idle worker %d on GPU %d: its memory is needed", worker.proc.pid, gpus[0])
-            worker.kill()
+            leaving.append(worker)
+        return leaving
 
     def _spawn(self, launch: launcher.Launch) -> Worker:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,10 @@ def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
     try:
         slots.acquire(5_000.0)  # GPU 0 (the emptiest, lowest index): 4,200 MB left, room for one idle worker
         with pool._lock:
-            pool._make_room((0,))
+            leaving = pool._make_room((0,))
+        for worker in leaving:
+            worker.kill()
+        assert len(leaving) == 2
         on_gpu0 = [w for w in pool._idle if w.gpus == (0,)]
         assert len(on_gpu0) == 1 and on_gpu0[0].alive()
         ended = [w for w in idle[:3] if w not in on_gpu0]

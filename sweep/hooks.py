@@ -134,6 +134,7 @@ class SweepHook(Hook):
         self.val_seconds = 0.0
         self.frozen_16bit = frozen_16bit
         self.baseline = Path(baseline) if baseline else None
+        self.shares_baseline = False  # decided at step 0: LoRA B all zero, so the model is its base
 
     # -- the x-axis ---------------------------------------------------------------------------
     def samples_seen(self, iters_done: int) -> int:
@@ -151,7 +152,7 @@ class SweepHook(Hook):
         self.next_point = self.eval_every
         self.final_step = self.samples_seen(self.max_iters)
         in_16bit = keep_frozen_weights_16bit(_unwrap(runner.model).llm) if self.frozen_16bit else 0
-        if torch.cuda.is_available():
+        if in_16bit and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the fp32 copies just dropped
         self._emit(
             {
@@ -221,7 +222,9 @@ class SweepHook(Hook):
         # one): a trial trains the same whether a point was measured, read from the study, or skipped.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            cached = self._cached_baseline(runner) if step == 0 else None
+            if step == 0:
+                self.shares_baseline = self._baseline_applies(runner)
+            cached = self._cached_baseline() if step == 0 else None
             if cached is not None:  # the untrained point, as another trial of this study measured it
                 self._record_point(runner, step, cached["metrics"], cached.get("samples"), cached=True)
             else:
@@ -242,7 +245,7 @@ class SweepHook(Hook):
         if self.general_val:
             metrics["val/general_loss"] = self._general_loss(runner)
         samples = self._generate(runner, step, metrics) if self.generation else None
-        if step == 0 and self._baseline_applies(runner):
+        if step == 0 and self.shares_baseline:
             self._store_baseline(metrics, samples)
         self._record_point(runner, step, metrics, samples)
 
@@ -275,13 +278,12 @@ class SweepHook(Hook):
         model computes exactly what the base model does (same validation data, same model: same key)."""
         if self.baseline is None or get_world_size() > 1:
             return False
-        layers = [m for m in _unwrap(runner.model).llm.modules() if hasattr(m, "lora_B")]
-        return bool(layers) and all(
-            float(linear.weight.abs().max()) == 0.0 for m in layers for linear in m.lora_B.values()
-        )
+        llm = _unwrap(runner.model).llm
+        b = [linear.weight for m in llm.modules() if hasattr(m, "lora_B") for linear in m.lora_B.values()]
+        return bool(b) and float(torch.stack([w.abs().max() for w in b]).max()) == 0.0  # one device sync
 
-    def _cached_baseline(self, runner) -> dict[str, Any] | None:
-        if not self._baseline_applies(runner):
+    def _cached_baseline(self) -> dict[str, Any] | None:
+        if not self.shares_baseline:
             return None
         try:
             return json.loads(self.baseline.read_text(encoding="utf-8"))

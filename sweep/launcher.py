@@ -264,7 +264,7 @@ def merge_adapter(base_model: Path, adapter: Path, out: Path) -> None:
 
 _PREPARED = False
 _BASE: dict[str, Any] = {}  # the base model this process built, by its XTuner llm config
-_REUSED = [False]  # whether the current job's base model was already loaded
+_REUSED = False  # whether the current job's base model was already loaded
 
 
 def prepare_process() -> None:
@@ -292,8 +292,9 @@ def _keep_base_model() -> None:
 
     def build_llm_from_cfg(self, llm_cfg, use_varlen_attn, max_position_embeddings):
         key = repr((llm_cfg, use_varlen_attn, max_position_embeddings))
+        global _REUSED
         if key in _BASE:
-            _REUSED[0] = True
+            _REUSED = True
             return _BASE[key]
         _BASE.clear()  # another model: the old one goes (one base model per worker)
         with torch.random.fork_rng():  # loading draws no random numbers: LoRA's init is the same either way
@@ -352,7 +353,8 @@ def train_in_this_process(argv: list[str]) -> None:
     import torch
     from xtuner.tools import train
 
-    _REUSED[0] = False
+    global _REUSED
+    _REUSED = False
     before = _manager_instances()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
@@ -388,4 +390,4 @@ def _forget_runner_state(before: dict[type, set[str]]) -> None:
 
 def model_was_reused() -> bool:
     """Whether the last job's base model came from this process's cache."""
-    return _REUSED[0]
+    return _REUSED

@@ -32,7 +32,6 @@ class Worker:
     proc: subprocess.Popen
     gpus: tuple[int, ...]
     threads: int | None
-    jobs: int = 0
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -53,7 +52,6 @@ class WorkerPool:
         self._idle: list[Worker] = []
         self._busy: list[Worker] = []
         self._lock = threading.Lock()
-        self.started = 0
 
     def start(self, launch: launcher.Launch) -> launcher.Started:
         """Begin training ``launch``: in an idle worker, a new one, or (multi-GPU, DeepSpeed) a fresh process."""
@@ -89,8 +87,6 @@ class WorkerPool:
 
     def _spawn(self, launch: launcher.Launch) -> Worker:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            self.started += 1
         out = (self.folder / f"worker-{os.getpid()}-{next(_SPAWNED)}.log").open("ab")  # this process's n-th
         proc = subprocess.Popen(
             [sys.executable, "-m", "sweep.worker"],
@@ -138,7 +134,6 @@ class Job:
             worker.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the worker is gone; poll() reports its exit code
-        worker.jobs += 1
 
     def _result(self) -> int | None:
         try:
@@ -154,7 +149,6 @@ class Job:
             self.rc = self._result()
             if self.rc is None:
                 self.rc = self.worker.proc.returncode or 1
-                self.pool._returned(self.worker, reusable=False)
         return self.rc
 
     def stop(self, grace: float = 10.0) -> int:

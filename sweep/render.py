@@ -47,6 +47,7 @@ class TrialFiles:
     n_train_rows: int
     general_val: Path | None = None  # held-out general chat rows, for val/general_loss
     tokenized: bool = False  # ``train`` holds input_ids/labels already (sweep.tokenized)
+    data_digest: str = ""  # the study's data split (sweep.data): what the validation files hold
 
     @property
     def stream(self) -> Path:
@@ -287,13 +288,10 @@ def _baseline_path(spec: Spec, files: TrialFiles, *what_it_depends_on: Any) -> P
 
     The key covers what that point is computed from: the base model's load settings and files, the
     validation loaders and generation settings (max_length, template and tokenizer among them), the
-    validation files' contents; LoRA's rank, dropout or learning rate do not change it.
+    study's data digest (the split's contents, which a study never lets change); LoRA's rank, dropout
+    or learning rate do not change it.
     """
-    digest = hashlib.sha256(BASELINE_FORMAT.encode())
-    digest.update(repr(what_it_depends_on).encode())
-    for path in (files.val, files.general_val):
-        if path is not None and Path(path).exists():
-            digest.update(Path(path).read_bytes())
+    digest = hashlib.sha256(f"{BASELINE_FORMAT}|{files.data_digest}|{what_it_depends_on!r}".encode())
     model_dir = Path(spec.model.path)
     for weight in sorted(model_dir.iterdir()) if model_dir.is_dir() else []:
         if weight.is_file():

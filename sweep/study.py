@@ -349,7 +349,8 @@ def _worker_pool(spec: Spec, root: Path, slots: GpuSlots | None, memory: MemoryM
     """Resident training processes, unless the spec turns them off or every trial spans GPUs."""
     if not spec.speed.resident_workers or spec.gpus_per_trial > 1:
         return None
-    # an idle worker holds its base model (upcast to fp32 by PEFT's preparation) and a CUDA context
+    # an idle worker holds its base model and a CUDA context; planned as if all of it were fp32 (PEFT's
+    # upcast), which overestimates when frozen_weights_16bit put the linear weights back in 16 bits
     idle_mb = CONTEXT_MB + 2 * memory.shape.weights_mb if memory is not None else 0.0
     return WorkerPool(root / "workers", slots, idle_mb)
 

@@ -110,7 +110,9 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     # rows.jsonl: the rows this trial trains on, readable (with tokenize_once, train.jsonl holds their tokens)
     n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, work / "rows.jsonl")
     general_val = ctx.data.path("general_val") if ctx.data.counts.get("general_val") else None
-    files = TrialFiles(work / "rows.jsonl", ctx.data.path("val"), work, n_rows, general_val)
+    files = TrialFiles(
+        work / "rows.jsonl", ctx.data.path("val"), work, n_rows, general_val, data_digest=ctx.data.digest
+    )
     config = work / "config.py"
     batch_size, max_length = int(values["batch_size"]), int(values["max_length"])
     checkpointing = _checkpointing(ctx, batch_size, max_length)

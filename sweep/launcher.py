@@ -19,6 +19,9 @@ Quirks handled here (see docs/xtuner-notes in the team's shared notes):
   generators (it runs under ``fork_rng``), so a trial's LoRA initialisation is the same either way.
   mmengine keeps every logger, message hub and visualizer a runner made by name (the name is the
   config file's name and the second it started): those are dropped after each job.
+- XTuner's dataset pipeline runs ``datasets``' ``map(num_proc=...)``, which rebinds ``os.environ``
+  to a copy; where the sweep's own process builds datasets (tokenizing once, scoring) the original
+  object is put back (``same_os_environ``).
 The training process runs in its own process group, so stopping a trial stops its workers too.
 """
 
@@ -34,7 +37,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -195,6 +199,30 @@ def run(
     except BaseException:
         running.stop()
         raise
+
+
+@contextmanager
+def same_os_environ() -> Iterator[None]:
+    """Keep ``os.environ`` the object it was, with the contents ``datasets`` leaves.
+
+    ``Dataset.map(num_proc=...)`` (datasets 5.0.1, ``arrow_dataset.py``) rebinds ``os.environ`` to a
+    deep copy it took before the map. In the sweep's own process (tokenizing once, scoring the
+    test split) whatever held the original mapping then changed a stale one: pytest's
+    ``monkeypatch`` "restored" PYTHONPATH there, and the next test's trials still ran a previous
+    test's injected training hook (a CI failure).
+    """
+    environ = os.environ
+    try:
+        yield
+    finally:
+        if os.environ is not environ:
+            left = dict(os.environ)
+            os.environ = environ  # noqa: B003 (the original object back; its contents are synced below)
+            for key in [k for k in environ if k not in left]:
+                del environ[key]
+            for key, value in left.items():
+                if environ.get(key) != value:
+                    environ[key] = value
 
 
 def log_tail(path: Path, lines: int = 80) -> str:

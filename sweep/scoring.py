@@ -20,6 +20,7 @@ import torch
 
 from objectives.loss import mean_loss, token_loss_sum
 from objectives.rouge import rouge_l
+from sweep import launcher
 
 log = logging.getLogger("sweep")
 MAX_GENERATED_ROWS = 256  # generation is the slow part; a larger test split is scored for loss only beyond this
@@ -63,7 +64,8 @@ def tokenized_loader(config_file: Path, rows_file: Path):
     cfg = Config.fromfile(str(config_file))
     loader = copy.deepcopy(cfg.val_dataloader)  # a ConfigDict: XTuner reads the template by attribute
     loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
-    return Runner.build_dataloader(loader)
+    with launcher.same_os_environ():
+        return Runner.build_dataloader(loader)
 
 
 @torch.no_grad()

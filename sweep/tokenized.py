@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sweep import launcher
 from sweep.data import PreparedData
 
 SPLITS = ("train", "general_train")
@@ -82,7 +83,8 @@ def _tokenize(dataset: Any, source: Path, out: Path) -> int:
     datasets.disable_progress_bars()
     cfg = copy.deepcopy(dataset)
     cfg.dataset.data_files = {"train": str(source)}
-    built = DATASETS.build(cfg)
+    with launcher.same_os_environ():
+        built = DATASETS.build(cfg)
     n = 0
     with out.open("w", encoding="utf-8") as f:
         for row in built:

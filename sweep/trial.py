@@ -202,7 +202,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
             tail = launcher.log_tail(train_log)
             trial.set_user_attr("error", tail[-2000:])
             if launcher.is_oom(rc, tail):
-                return _out_of_memory(trial, ctx, run_id, state["points"], rc)
+                return _out_of_memory(trial, ctx, run_id, state["points"], rc, tail)
             ctx.tracker.set_tags(run_id, {"state": "FAIL", "error": tail[-4000:], "exit_code": rc})
             log.error("trial %d: training failed (exit code %d):\n%s", trial.number, rc, tail[-1500:])
             raise TrialFailed(f"training exited with code {rc}; see {train_log}")
@@ -345,12 +345,16 @@ def _acquire(slots: GpuSlots, need_mb: float, n: int, number: int) -> list[int]:
         return gpus
 
 
-def _out_of_memory(trial: optuna.Trial, ctx: StudyContext, run_id: str, points: list, rc: int) -> float | list[float]:
+def _out_of_memory(
+    trial: optuna.Trial, ctx: StudyContext, run_id: str, points: list, rc: int, tail: str
+) -> float | list[float]:
     """Record an out-of-memory trial as infeasible: the sampler learns to avoid that region."""
     trial.set_user_attr("reason", "oom")
     trial.set_constraint("oom", 1.0)
     ctx.tracker.set_tags(run_id, {"state": "OOM", "reason": "oom", "exit_code": rc})
-    log.error("trial %d: out of memory (exit code %d); marked infeasible", trial.number, rc)
+    # which memory ran out (GPU, host, or the kernel's OOM killer) is on the error's last line
+    said = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "killed, nothing logged")
+    log.error("trial %d: out of memory (exit code %d): %s; marked infeasible", trial.number, rc, said[-300:])
     objective = ctx.spec.objective
     if objective.multi:  # infeasible anyway: the values only need to be finite-or-inf numbers
         return [float("inf") if d == "minimize" else float("-inf") for d in objective.directions]

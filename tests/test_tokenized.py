@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,19 @@ def test_made_once_and_per_tokenizing_settings(tmp_path: Path, tiny_model: Path)
     longer = tmp_path / "c.py"
     longer.write_text(render(checked.base_cfg, spec, {**values, "max_length": 96}, files, Device(cuda=False)))
     assert tokenize_once(longer, prepared) != first, "max_length changes the tokens"
+
+
+def test_tokenizing_leaves_os_environ_the_same_object(tmp_path: Path, tiny_model: Path, monkeypatch):
+    """datasets' map(num_proc) rebinds os.environ; a later monkeypatch undo must still reach the real one."""
+    spec, checked, prepared, values = _trial(tmp_path, tiny_model, max_length=80)
+    rows = data_mod.mix(prepared, 0.3, 7, tmp_path / "raw.jsonl")
+    cfg = tmp_path / "a.py"
+    cfg.write_text(render(checked.base_cfg, spec, values, TrialFiles(tmp_path / "raw.jsonl", prepared.path("val"),
+                                                                      tmp_path, rows), Device(cuda=False)))  # fmt: skip
+    environ = os.environ
+    monkeypatch.setenv("XTS_ENV_PROBE", "set before tokenizing")
+    tokenize_once(cfg, prepared)
+    assert os.environ is environ, "os.environ was rebound while tokenizing"
+    assert os.environ["XTS_ENV_PROBE"] == "set before tokenizing"
+    monkeypatch.undo()
+    assert "XTS_ENV_PROBE" not in os.environ

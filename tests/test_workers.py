@@ -227,7 +227,9 @@ def test_two_jobs_in_one_worker(tmp_path, tiny_model):
     )
     study_mod.run(spec, opts)
     study = optuna.load_study(study_name="jobs", storage=opts.storage)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    errors = {t.number: t.user_attrs.get("error", "")[-600:] for t in study.trials}
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, errors
+    assert not any(t.user_attrs.get("reason") for t in study.trials), errors
     first, second = sorted(study.trials, key=lambda t: t.datetime_start)
     assert second.datetime_start < first.datetime_complete, "the two trials did not overlap"
     runs = {t.user_attrs["mlflow_run_id"] for t in study.trials}

@@ -305,10 +305,40 @@ def prepare_process() -> None:
     if not hasattr(torch.cpu, "is_bf16_supported"):
         torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
     _widen_short_schedules()
+    _plain_config_text()
     _keep_base_model()
     from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker
 
     _PREPARED = True
+
+
+def _plain_config_text() -> None:
+    """Configs made in this process skip yapf when they are turned back into text.
+
+    mmengine runs the whole config through yapf every time it writes it out: the runner's config
+    dump, the visualizer's copy, the environment log, and every checkpoint's metadata. A trial
+    writes it 5 to 10 times, about 1 s each for a sweep's config on this project's 2-core CI
+    machine, 8 of a warm CPU trial's 12 s (benchmarks/config_text.py). The unformatted text is the
+    same config (``format_python_code=False``, an mmengine option): it loads back to equal values.
+    """
+    import functools
+
+    from mmengine.config import Config
+
+    original = Config.__init__
+    if getattr(original, "_sweep_plain", False):
+        return
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        if len(args) >= 5:  # cfg_dict, cfg_text, filename, env_variables, format_python_code
+            args = (*args[:4], False, *args[5:])
+        else:
+            kwargs["format_python_code"] = False
+        original(self, *args, **kwargs)
+
+    init._sweep_plain = True  # type: ignore[attr-defined]
+    Config.__init__ = init
 
 
 def _keep_base_model() -> None:

@@ -110,3 +110,33 @@ def test_fixed_iterations_instead_of_epochs(base):
     assert cfg["train_cfg"]["max_iters"] == 40 and "max_epochs" not in cfg["train_cfg"]
     assert all(s["by_epoch"] is False for s in cfg["param_scheduler"])
     assert cfg["param_scheduler"][-1]["end"] == 40, "the schedule keeps its shape over the iterations"
+
+
+def test_config_text_skips_yapf_and_loads_back_the_same(tmp_path: Path, tiny_model: Path, monkeypatch):
+    """What a training process writes out for mmengine (config dump, checkpoint metadata) is plain, not yapf'd."""
+    import copy
+
+    from mmengine.config import Config
+    from mmengine.config import config as config_module
+
+    from sweep import cli, launcher
+    from tests.conftest import write_spec
+
+    rendered = tmp_path / "trial.py"
+    assert cli.main(["validate", str(write_spec(tmp_path, tiny_model)), "--output", str(rendered)]) == 0
+    formatted = Config.fromfile(str(rendered)).pretty_text
+    monkeypatch.setattr(Config, "__init__", Config.__init__)  # the patch below is undone after the test
+
+    launcher._plain_config_text()
+
+    def no_yapf(*args, **kwargs):
+        raise AssertionError("yapf formatted the config")
+
+    monkeypatch.setattr(config_module, "FormatCode", no_yapf)
+    cfg = Config.fromfile(str(rendered))
+    text = cfg.pretty_text
+    assert text != formatted, "the text a runner writes is the unformatted one"
+    back = tmp_path / "back.py"
+    back.write_text(text, encoding="utf-8")
+    assert Config.fromfile(str(back)).to_dict() == cfg.to_dict() == Config.fromfile(str(rendered)).to_dict()
+    assert copy.deepcopy(cfg).pretty_text == text, "the runner's copies of the config stay plain"

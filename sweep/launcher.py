@@ -316,10 +316,10 @@ def _plain_config_text() -> None:
     """Configs made in this process skip yapf when they are turned back into text.
 
     mmengine runs the whole config through yapf every time it writes it out: the runner's config
-    dump, the visualizer's copy, the environment log, and every checkpoint's metadata. A trial
-    writes it 5 to 10 times, about 1 s each for a sweep's config on this project's 2-core CI
-    machine, 8 of a warm CPU trial's 12 s (benchmarks/config_text.py). The unformatted text is the
-    same config (``format_python_code=False``, an mmengine option): it loads back to equal values.
+    dump, the visualizer's copy, the environment log, and every checkpoint's metadata: 8 times in a
+    16-iteration trial, 0.76 s each for the demo's config on a 2-core machine. Without it a warm demo
+    trial takes 7.5 s instead of 13.4 s (benchmarks/config_text.py --jobs). The unformatted text is
+    the same config (``format_python_code=False``, an mmengine option): it loads back to equal values.
     """
     import functools
 

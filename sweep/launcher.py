@@ -22,6 +22,8 @@ Quirks handled here (see docs/xtuner-notes in the team's shared notes):
 - XTuner's dataset pipeline runs ``datasets``' ``map(num_proc=...)``, which rebinds ``os.environ``
   to a copy; where the sweep's own process builds datasets (tokenizing once, scoring) the original
   object is put back (``same_os_environ``).
+- mmengine writes the config out through yapf several times a trial, and its iteration-based loop
+  sleeps 2 s at every epoch boundary: both skipped in training processes (no effect on the math).
 The training process runs in its own process group, so stopping a trial stops its workers too.
 """
 
@@ -306,6 +308,7 @@ def prepare_process() -> None:
         torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
     _widen_short_schedules()
     _plain_config_text()
+    _no_pause_between_epochs()
     _keep_base_model()
     from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker
 
@@ -339,6 +342,47 @@ def _plain_config_text() -> None:
 
     init._sweep_plain = True  # type: ignore[attr-defined]
     Config.__init__ = init
+
+
+def _no_pause_between_epochs() -> None:
+    """No 2 s sleep at an epoch boundary of a data loader that has no worker processes.
+
+    mmengine's iteration-based loop (XTuner's ``TrainLoop`` is one) sleeps 2 s whenever its data
+    loader starts a new epoch, "to prevent a possible deadlock" of the loader's worker processes. A
+    sweep's loaders load in the training process (``num_workers`` 0), so there is nothing to wait
+    for, and a trial of 8 epochs waited 14 s. The sleep is skipped only for such loaders; the
+    sampler's epoch and the data order are untouched.
+    """
+    import functools
+    import types
+
+    from mmengine.runner import loops
+
+    iterator = loops._InfiniteDataloaderIterator
+    if getattr(iterator.__next__, "_sweep_no_pause", False):
+        return
+    original = iterator.__next__
+    state = threading.local()
+
+    class _Time(types.ModuleType):  # what mmengine's loops module calls ``time``
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def sleep(self, seconds: float) -> None:
+            if not getattr(state, "loader_in_process", False):
+                time.sleep(seconds)
+
+    @functools.wraps(original)
+    def __next__(self):
+        state.loader_in_process = getattr(self._dataloader, "num_workers", 1) == 0
+        try:
+            return original(self)
+        finally:
+            state.loader_in_process = False
+
+    __next__._sweep_no_pause = True  # type: ignore[attr-defined]
+    loops.time = _Time("time")
+    iterator.__next__ = __next__
 
 
 def _keep_base_model() -> None:

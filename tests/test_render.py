@@ -140,3 +140,32 @@ def test_config_text_skips_yapf_and_loads_back_the_same(tmp_path: Path, tiny_mod
     back.write_text(text, encoding="utf-8")
     assert Config.fromfile(str(back)).to_dict() == cfg.to_dict() == Config.fromfile(str(rendered)).to_dict()
     assert copy.deepcopy(cfg).pretty_text == text, "the runner's copies of the config stay plain"
+
+
+def test_no_pause_between_epochs_of_an_in_process_loader(monkeypatch):
+    """mmengine sleeps 2 s at each epoch boundary for its loader's worker processes; without any, it need not."""
+    import time
+
+    from mmengine.runner import loops
+    from torch.utils.data import DataLoader
+
+    from sweep import launcher
+
+    monkeypatch.setattr(loops._InfiniteDataloaderIterator, "__next__", loops._InfiniteDataloaderIterator.__next__)
+    monkeypatch.setattr(loops, "time", loops.time)  # both patches are undone after the test
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+
+    def batches(loader: DataLoader) -> list[int]:
+        it = loops._InfiniteDataloaderIterator(loader)
+        return [int(next(it)) for _ in range(7)]  # 3 epochs of 3 rows: 2 epoch boundaries
+
+    assert batches(DataLoader(range(3), batch_size=1)) == [0, 1, 2, 0, 1, 2, 0]
+    assert slept == [2, 2], "mmengine's own pause, before the patch"
+    slept.clear()
+
+    launcher._no_pause_between_epochs()
+    assert batches(DataLoader(range(3), batch_size=1)) == [0, 1, 2, 0, 1, 2, 0], "the same rows, same order"
+    assert slept == []
+    assert batches(DataLoader(range(3), batch_size=1, num_workers=1)) == [0, 1, 2, 0, 1, 2, 0]
+    assert slept == [2, 2], "loaders with worker processes keep the pause"

@@ -56,8 +56,7 @@ def _trial_config(tmp: Path) -> Path:
 
 def _jobs(config: str, n: int, mode: str) -> None:
     """In a process of its own: ``n`` jobs of ``config``, the way a resident worker runs them."""
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    os.environ.update({launcher.CONTROL_ENV: "1", "TRANSFORMERS_OFFLINE": "1", **env})
+    os.environ.update(launcher.environment(launcher.Launch(Path(config), Path(config).parent, Path(os.devnull))))
     launcher.prepare_process()
     if mode == "yapf":
         from mmengine.config import Config

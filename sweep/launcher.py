@@ -329,8 +329,6 @@ def _plain_config_text() -> None:
     from mmengine.config import Config
 
     original = Config.__init__
-    if getattr(original, "_sweep_plain", False):
-        return
 
     @functools.wraps(original)
     def init(self, *args, **kwargs):
@@ -340,7 +338,6 @@ def _plain_config_text() -> None:
             kwargs["format_python_code"] = False
         original(self, *args, **kwargs)
 
-    init._sweep_plain = True  # type: ignore[attr-defined]
     Config.__init__ = init
 
 
@@ -350,7 +347,7 @@ def _no_pause_between_epochs() -> None:
     mmengine's iteration-based loop (XTuner's ``TrainLoop`` is one) sleeps 2 s whenever its data
     loader starts a new epoch, "to prevent a possible deadlock" of the loader's worker processes. A
     sweep's loaders load in the training process (``num_workers`` 0), so there is nothing to wait
-    for, and a trial of 8 epochs waited 14 s. The sleep is skipped only for such loaders; the
+    for, and a trial of 8 epochs waited 7 x 2 s. The sleep is skipped only for such loaders; the
     sampler's epoch and the data order are untouched.
     """
     import functools
@@ -359,8 +356,6 @@ def _no_pause_between_epochs() -> None:
     from mmengine.runner import loops
 
     iterator = loops._InfiniteDataloaderIterator
-    if getattr(iterator.__next__, "_sweep_no_pause", False):
-        return
     original = iterator.__next__
     state = threading.local()
 
@@ -380,7 +375,6 @@ def _no_pause_between_epochs() -> None:
         finally:
             state.loader_in_process = False
 
-    __next__._sweep_no_pause = True  # type: ignore[attr-defined]
     loops.time = _Time("time")
     iterator.__next__ = __next__
 

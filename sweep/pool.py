@@ -32,6 +32,7 @@ class Worker:
     proc: subprocess.Popen
     gpus: tuple[int, ...]
     threads: int | None
+    log: Path | None = None  # its own output, outside jobs: startup, and a death between or before jobs
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -87,7 +88,8 @@ class WorkerPool:
 
     def _spawn(self, launch: launcher.Launch) -> Worker:
         self.folder.mkdir(parents=True, exist_ok=True)
-        out = (self.folder / f"worker-{os.getpid()}-{next(_SPAWNED)}.log").open("ab")  # this process's n-th
+        path = self.folder / f"worker-{os.getpid()}-{next(_SPAWNED)}.log"  # this process's n-th
+        out = path.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "sweep.worker"],
             stdin=subprocess.PIPE,
@@ -100,7 +102,7 @@ class WorkerPool:
             # The worker watches its parent process itself (sweep.worker).
         )
         out.close()  # the child holds its own copy
-        return Worker(proc, tuple(launch.gpu_ids), launch.threads)
+        return Worker(proc, tuple(launch.gpu_ids), launch.threads, path)
 
     def _returned(self, worker: Worker, reusable: bool) -> None:
         with self._lock:
@@ -124,6 +126,7 @@ class Job:
 
     def __init__(self, pool: WorkerPool, worker: Worker, launch: launcher.Launch) -> None:
         self.pool, self.worker = pool, worker
+        self.log = launch.log
         launch.log.parent.mkdir(parents=True, exist_ok=True)
         self.done = launch.work_dir / "worker.json"
         self.done.unlink(missing_ok=True)
@@ -149,7 +152,18 @@ class Job:
             self.rc = self._result()
             if self.rc is None:
                 self.rc = self.worker.proc.returncode or 1
+                self._note_death()
         return self.rc
+
+    def _note_death(self) -> None:
+        """A worker that died before or during the job may have said why only in its own log:
+        put its end in the job's log, which is what the trial shows as its error."""
+        tail = launcher.log_tail(self.worker.log) if self.worker.log else ""
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(
+                f"\nresident worker {self.worker.proc.pid} exited with code {self.worker.proc.returncode}"
+                f" before finishing this job; the end of its log ({self.worker.log}):\n{tail}\n"
+            )
 
     def stop(self, grace: float = 10.0) -> int:
         """Stopping a trial mid-job ends its worker: the next trial gets a fresh one."""

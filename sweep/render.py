@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import pprint
+import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,11 @@ from sweep.spec import GenerationSpec, Spec, SpecError
 BASELINE_FORMAT = "xtuner-sweep baseline 1"  # change it when what the step-0 point holds changes
 
 VAL_BATCH_SIZE = 4
+# CPython 3.11 keeps the AST constructor's recursion counter per interpreter, not per thread: two threads
+# parsing at once (trials of --n-jobs rendering and loading configs) can fail one with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905; it failed a CI run). Every parse of a
+# config in the sweep process (ast.literal_eval here, mmengine's Config.fromfile) holds this lock.
+PARSE_LOCK = threading.RLock()
 NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
 
 
@@ -78,13 +84,19 @@ def resolve_base_config(name_or_path: str) -> Path:
     raise SpecError(f"base_config: {name_or_path!r} is neither a file nor an XTuner config name{hint}")
 
 
-def load_base_config(name_or_path: str) -> dict[str, Any]:
-    """Execute the base config with mmengine (it is the user's own code) and return its values."""
+def load_config(path: Path):
+    """mmengine's ``Config.fromfile``, one thread at a time (see ``PARSE_LOCK``)."""
     from mmengine.config import Config
 
+    with PARSE_LOCK:
+        return Config.fromfile(str(path))
+
+
+def load_base_config(name_or_path: str) -> dict[str, Any]:
+    """Execute the base config with mmengine (it is the user's own code) and return its values."""
     path = resolve_base_config(name_or_path)
     try:
-        cfg = Config.fromfile(str(path))
+        cfg = load_config(path)
     except Exception as err:  # the user's file: any error is theirs to see, with the file named
         raise SpecError(f"base_config {path}: mmengine could not load it: {err}") from None
     return {
@@ -421,7 +433,8 @@ def to_source(cfg: dict[str, Any]) -> str:
         if isinstance(value, (types.ModuleType, type, types.FunctionType, types.MethodType)):
             continue  # an import of the base config, not a setting
         text = pprint.pformat(_literal(value, name), width=100, sort_dicts=False)
-        ast.literal_eval(text)  # proves the right-hand side is data, never code
+        with PARSE_LOCK:
+            ast.literal_eval(text)  # proves the right-hand side is data, never code
         if not name.isidentifier():
             raise SpecError(f"config key {name!r} is not a Python identifier")
         lines.append(f"{name} = {text}\n")

@@ -21,6 +21,7 @@ import torch
 from objectives.loss import mean_loss, token_loss_sum
 from objectives.rouge import rouge_l
 from sweep import launcher
+from sweep.render import load_config
 
 log = logging.getLogger("sweep")
 MAX_GENERATED_ROWS = 256  # generation is the slow part; a larger test split is scored for loss only beyond this
@@ -56,12 +57,11 @@ def load_adapter_model(base_model: Path, adapter: Path, quantize: bool = False):
 def tokenized_loader(config_file: Path, rows_file: Path):
     """The trial config's validation loader over ``rows_file``: the same tokens validation would see."""
     import datasets
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
     datasets.disable_progress_bars()  # one tokenizing pass per score: its bars would only clutter the sweep's log
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = Config.fromfile(str(config_file))
+    cfg = load_config(config_file)
     loader = copy.deepcopy(cfg.val_dataloader)  # a ConfigDict: XTuner reads the template by attribute
     loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
     with launcher.same_os_environ():

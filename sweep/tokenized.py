@@ -22,6 +22,7 @@ from typing import Any
 
 from sweep import launcher
 from sweep.data import PreparedData
+from sweep.render import load_config
 
 SPLITS = ("train", "general_train")
 _LOCK = threading.Lock()
@@ -37,9 +38,7 @@ def _plain(node: Any) -> Any:
 
 def token_config(config_file: Path) -> dict[str, Any]:
     """The trial's training dataset config, unpacked and unshuffled: what tokenizing depends on."""
-    from mmengine.config import Config
-
-    dataset = copy.deepcopy(Config.fromfile(str(config_file)).train_dataloader.dataset)
+    dataset = copy.deepcopy(load_config(config_file).train_dataloader.dataset)
     dataset.pack_to_max_length = False
     dataset.shuffle_before_pack = False
     dataset.use_varlen_attn = False

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,40 @@ def _write_verdict(path: Path, step: int, stop: bool) -> None:
 
 
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
-    """The Optuna objective: train one configuration and return its best validation value.
+    """The Optuna objective: `_run_trial`, with whatever fails it recorded on the trial.
+
+    Optuna keeps a failed trial's exception only in its log, and with ``n_jobs`` > 1 it never raises
+    the exceptions of the last trials at all (``optuna.study._optimize`` waits for them without
+    ``result()``): without this a trial could end FAIL with nothing to say why, in the study, in
+    MLflow or in the sweep's log.
+    """
+    try:
+        return _run_trial(trial, ctx)
+    except (optuna.TrialPruned, launcher.Interrupted):
+        raise
+    except Exception as err:
+        _record_failure(trial, ctx, err)
+        raise
+
+
+def _record_failure(trial: optuna.Trial, ctx: StudyContext, err: Exception) -> None:
+    """The failure's text as the trial's ``error`` (unless training's log already gave one) and in MLflow."""
+    try:
+        attrs = trial.user_attrs
+        text = str(err) if isinstance(err, TrialFailed) else "".join(traceback.format_exception(err)).strip()
+        error = attrs.get("error") or text
+        if not attrs.get("error"):
+            trial.set_user_attr("error", error[-2000:])
+            log.error("trial %d failed: %s", trial.number, error[-1500:])
+        run_id = attrs.get("mlflow_run_id")
+        if run_id:
+            ctx.tracker.set_tags(run_id, {"state": "FAIL", "error": error[-4000:]})
+    except Exception:  # noqa: BLE001 - recording must not hide the failure itself
+        log.exception("trial %d: could not record its failure (%s)", trial.number, err)
+
+
+def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
+    """Train one configuration and return its best validation value.
 
     A multi-objective trial returns every objective's value at the primary metric's best point,
     the point its adapter was saved at, so that each Pareto trial's adapter is what its values say.
@@ -200,15 +234,16 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         _record_worker(trial, ctx, run_id, work / "worker.json")
         if rc != 0:
             tail = launcher.log_tail(train_log)
-            trial.set_user_attr("error", tail[-2000:])
             if launcher.is_oom(rc, tail):
+                trial.set_user_attr("error", tail[-2000:])
                 return _out_of_memory(trial, ctx, run_id, state["points"], rc, tail)
-            ctx.tracker.set_tags(run_id, {"state": "FAIL", "error": tail[-4000:], "exit_code": rc})
-            log.error("trial %d: training failed (exit code %d):\n%s", trial.number, rc, tail[-1500:])
-            raise TrialFailed(f"training exited with code {rc}; see {train_log}")
+            ctx.tracker.set_tags(run_id, {"exit_code": rc})
+            raise TrialFailed(f"training exited with code {rc}; the end of {train_log}:\n{tail}")
         if not state["points"]:
             raise TrialFailed(f"training produced no {metric} value; see {train_log}")
         best = best_of([v for _, v in state["points"]], objective.primary_direction)
+        if best != best:
+            raise TrialFailed(f"every {metric} value was NaN (the training diverged?); see {train_log}")
         best_step = next(s for s, v in state["points"] if v == best)
         adapter = files.adapter
         if adapter.exists():

@@ -118,10 +118,14 @@ def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
 
 
 def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch):
-    """No done file and the process gone: the job's exit code is the process's, never a hang."""
+    """No done file and the process gone: the job's exit code is the process's, never a hang, and
+    what the worker printed outside the job (here, all of it) ends the job's log."""
     pool = WorkerPool(tmp_path)
-    worker = Worker(subprocess.Popen(["sh", "-c", "read line; exit 7"], stdin=subprocess.PIPE,
-                                     start_new_session=True), (), None)  # fmt: skip
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("wb") as out:
+        script = "read line; echo 'worker could not start: no such module' >&2; exit 7"
+        worker = Worker(subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True), (), None, worker_log)  # fmt: skip
     monkeypatch.setattr(pool, "_spawn", lambda launch: worker)
     launch = launcher.Launch(tmp_path / "config.py", tmp_path / "work", tmp_path / "work" / "train.log")
     launch.work_dir.mkdir()
@@ -129,6 +133,9 @@ def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch
     rc = launcher.run(launch, on_poll=lambda: None, start=pool.start)
     assert rc == 7 and time.monotonic() - started < 30
     assert not pool._idle and not pool._busy, "a dead worker is not handed out again"
+    tail = launcher.log_tail(launch.log)
+    assert f"resident worker {worker.proc.pid} exited with code 7" in tail
+    assert "worker could not start: no such module" in tail
 
 
 def test_stripping_a_trial_gives_back_the_model_as_loaded(tiny_model):

@@ -169,3 +169,61 @@ def test_no_pause_between_epochs_of_an_in_process_loader(monkeypatch):
     assert slept == []
     assert batches(DataLoader(range(3), batch_size=1, num_workers=1)) == [0, 1, 2, 0, 1, 2, 0]
     assert slept == [2, 2], "loaders with worker processes keep the pause"
+
+
+class _Garbage:
+    """Cyclic garbage with a finalizer: the collector runs Python code, so threads switch mid-parse."""
+
+    def __del__(self):
+        sum(range(50))
+
+
+def _at_depth(depth: int, fn):
+    return fn() if depth == 0 else _at_depth(depth - 1, fn)
+
+
+def test_trials_render_and_load_configs_in_parallel_threads(base, tmp_path: Path):
+    """--n-jobs trials render and load configs at once: CPython 3.11 failed one of two such threads with
+    "SystemError: AST constructor recursion depth mismatch" (a CI run; render.PARSE_LOCK)."""
+    import gc
+    import sys
+    import threading
+
+    from sweep.render import load_config, to_source
+
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    rendered = tmp_path / "trial.py"
+    rendered.write_text(_render(base, spec, lr=0.005, max_epochs=2, batch_size=4, lora_r=8, mix_ratio=0.1))
+    big = {"rows": [{"q": "x" * 10, "a": [1, 2, {"b": (3, 4)}]} for _ in range(300)]}  # a long parse
+    errors: list[BaseException] = []
+
+    def hammer(depth: int, fn) -> None:
+        def loop() -> None:
+            for _ in range(80):
+                for _ in range(100):
+                    junk = _Garbage()
+                    junk.me = junk
+                try:
+                    fn()
+                except BaseException as err:  # noqa: BLE001 - collected for the assertion
+                    errors.append(err)
+                    return
+
+        _at_depth(depth, loop)
+
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    gc.set_threshold(50)
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [
+            threading.Thread(target=hammer, args=(5, lambda: to_source(big))),
+            threading.Thread(target=hammer, args=(40, lambda: load_config(rendered))),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
+    assert not errors, errors

@@ -185,6 +185,7 @@ registry: {{name: throughput-adapter}}
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
             "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
+            **phases(events, attrs.get(number, {})),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
     out = {"rc": rc, "wall": wall, "trials": trials, "failed": failed,
@@ -192,6 +193,23 @@ registry: {{name: throughput-adapter}}
     (OUT / "sweep.json").write_text(json.dumps(out, indent=1))
     print(f"sweep: rc {rc} wall {wall:.1f}s")
     print(out["log_tail"][-1500:])
+
+
+def phases(events: list[dict], attrs: dict) -> dict[str, float]:
+    """Where a trial's time outside its steps went, from its metric stream and its trial's attributes:
+    ``setup`` (slot to the loop's start: process or job start, config, runner, data, LoRA), ``val`` (validation
+    points), ``loop_rest`` (the loop's time in neither steps nor validation: hooks, checkpoints, data loading)
+    and ``teardown`` (the loop's end to the exit the sweep saw: the last checkpoint, the job's clean-up)."""
+    start = next((e for e in events if e["kind"] == "start"), None)
+    end = next((e for e in events if e["kind"] == "end"), None)
+    began, wall = attrs.get("train_started_at"), attrs.get("train_wall_seconds")
+    if not (start and end and began and wall):
+        return {}
+    steps = sum(e["perf/iter_seconds"] for e in events if e["kind"] == "train")
+    val = end.get("val_seconds") or 0.0
+    span = end["time"] - start["time"]
+    return {"setup": start["time"] - began, "val": val, "loop_rest": span - steps - val,
+            "teardown": wall - (end["time"] - began)}  # fmt: skip
 
 
 def report() -> None:
@@ -240,6 +258,9 @@ def report() -> None:
                       f"{t['train_seconds']:.1f}s of steps, outside steps {1 - t['train_seconds'] / t['wall']:.0%}, "
                       f"worker job {worker.get('job', '-')}, model reused {worker.get('model_reused', '-')}, "
                       f"peak {round(t.get('peak_mb') or 0)} MB")  # fmt: skip
+                if "setup" in t:
+                    print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
+                          f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip
         if stock_r:
             print(f"speed-up (a)/(b): {stock_wall / sweep_r['wall']:.2f}x")
     # fmt: skip

@@ -452,17 +452,27 @@ def train_in_this_process(argv: list[str]) -> None:
     global _REUSED
     _REUSED = False
     before = _manager_instances()
+    base_before = [id(llm) for llm in _BASE.values()]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
     sys.argv = ["xtuner-train", *argv]
     try:
         train.main()
     finally:
-        _forget_runner_state(before)
+        _forget_runner_state(before, base_before)
 
 
-def _forget_runner_state(before: dict[type, set[str]]) -> None:
-    """After a job: drop mmengine's named instances it made and give the base model back clean."""
+def _forget_runner_state(before: dict[type, set[str]], base_before: list[int]) -> None:
+    """After a job: drop mmengine's named instances it made and give the base model back clean.
+
+    The job's garbage (runner, optimizer, LoRA layers: reference cycles holding GPU memory) is
+    collected here, before the next job. A full collection walks every object of the process, about
+    700,000 once torch, transformers and XTuner are imported: 0.33 s per job on a 2-core CPU. So what
+    survives a job is frozen (``gc.freeze``: the collector skips it from then on) and the next job's
+    collection walks only what that job made: 0.003 s. Frozen objects are never collected, so when the
+    base model changed (another model, or one that could not be reused) everything is unfrozen first
+    and the old model's cycles go with a full collection.
+    """
     import gc
 
     import torch
@@ -479,7 +489,10 @@ def _forget_runner_state(before: dict[type, set[str]]) -> None:
                 _BASE.clear()  # no LoRA in it: the job trained the base weights themselves
     except Exception:  # noqa: BLE001 - a model that cannot be cleaned is not reused
         _BASE.clear()
+    if [id(llm) for llm in _BASE.values()] != base_before:
+        gc.unfreeze()
     gc.collect()
+    gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # what the trial held goes back to the GPU's other trials
 

@@ -322,6 +322,7 @@ def _train(
         trial.set_user_attr("gpus", gpu_ids)
         ctx.tracker.set_tags(run_id, {"gpus": ",".join(map(str, gpu_ids)), "memory_estimate_mb": round(need_mb)})
     started = time.monotonic()
+    trial.set_user_attr("train_started_at", round(time.time(), 3))  # the stream's times are wall-clock too
     try:
         rc = launcher.run(
             launcher.Launch(config, work, train_log, n_gpus=len(gpu_ids), gpu_ids=gpu_ids, threads=ctx.threads),

@@ -10,6 +10,7 @@ behind (CUDA errors, half-built runners) never reaches the next trial, which get
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -58,7 +59,7 @@ def _memory_left() -> dict[str, float]:
     """What the worker still holds after a job and its clean-up: a leak would grow it job after job."""
     with open("/proc/self/status", encoding="ascii") as f:
         rss = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
-    held = {"rss_mb": round(rss, 1)}
+    held = {"rss_mb": round(rss, 1), "gc_frozen": gc.get_freeze_count()}
     import torch
 
     if torch.cuda.is_available():

@@ -29,6 +29,7 @@ def test_workers_are_reused_and_a_failed_job_ends_its_worker(e2e):
     # trial 1 crashed: its worker ended, and trial 2 got a fresh one
     assert w[2]["pid"] != w[1]["pid"] and w[2]["job"] == 1
     assert w[3]["pid"] == w[2]["pid"] and w[3]["job"] == 2 and w[3]["model_reused"] is True, "after a pruned trial"
+    assert w[3]["gc_frozen"] > 100_000, "what the first job left (imports, the model) is frozen"
     assert w[4]["job"] == 1, "a new `sweep run` starts its own workers"
     logs = sorted((e2e["ws"] / "runs" / "e2e" / "workers").glob("worker-*.log"))
     assert len(logs) == 3, logs  # two in the first `sweep run`, one in the second
@@ -162,6 +163,49 @@ def test_stripping_a_trial_gives_back_the_model_as_loaded(tiny_model):
 
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
     assert _strip_training_state(model) is False, "OLoRA rewrote the base weights: never reuse them"
+
+
+class _Runner:
+    me: _Runner
+
+
+def test_what_a_job_leaves_is_frozen_and_a_dropped_base_model_still_collected(tiny_model):
+    """After a job the survivors are frozen (the next job's collection walks only its own objects), yet a
+    base model the worker lets go (another model came) is collected, cycles and all, not kept frozen."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def a_trained_base_model():
+        llm = AutoModelForCausalLM.from_pretrained(tiny_model)
+        get_peft_model(llm, LoraConfig(r=4, target_modules=["q_proj"]))
+        llm._cycle = [llm]  # a reference cycle, as real models and their hooks have
+        return llm
+
+    launcher._BASE.clear()
+    try:
+        launcher._BASE["first"] = a_trained_base_model()
+        old = weakref.ref(launcher._BASE["first"])
+        launcher._forget_runner_state(launcher._manager_instances(), [])  # the job that loaded it
+        assert gc.get_freeze_count() > 0 and old() is not None, "kept for the next job, frozen"
+
+        base_before = [id(llm) for llm in launcher._BASE.values()]
+        runner = _Runner()
+        runner.me = runner  # what a job leaves: cyclic garbage made after the freeze
+        made = weakref.ref(runner)
+        del runner
+        launcher._forget_runner_state(launcher._manager_instances(), base_before)
+        assert made() is None and old() is not None, "a warm job: its garbage goes, the model stays"
+
+        launcher._BASE.clear()  # another model came: the first one goes
+        launcher._BASE["second"] = a_trained_base_model()
+        launcher._forget_runner_state(launcher._manager_instances(), base_before)
+        assert old() is None, "the dropped model was frozen with the rest; unfrozen, it was collected"
+    finally:
+        launcher._BASE.clear()
+        gc.unfreeze()
 
 
 def test_a_worker_outlives_the_thread_that_started_it(tmp_path):

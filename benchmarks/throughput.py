@@ -185,7 +185,7 @@ registry: {{name: throughput-adapter}}
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
             "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
-            **phases(events, attrs.get(number, {})),
+            **phases(start, end, sum(times), attrs.get(number, {})),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
     out = {"rc": rc, "wall": wall, "trials": trials, "failed": failed,
@@ -195,17 +195,14 @@ registry: {{name: throughput-adapter}}
     print(out["log_tail"][-1500:])
 
 
-def phases(events: list[dict], attrs: dict) -> dict[str, float]:
-    """Where a trial's time outside its steps went, from its metric stream and its trial's attributes:
+def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float]:
+    """Where a trial's time outside its steps went, from its stream's start and end events and its trial's attributes:
     ``setup`` (slot to the loop's start: process or job start, config, runner, data, LoRA), ``val`` (validation
     points), ``loop_rest`` (the loop's time in neither steps nor validation: hooks, checkpoints, data loading)
     and ``teardown`` (the loop's end to the exit the sweep saw: the last checkpoint, the job's clean-up)."""
-    start = next((e for e in events if e["kind"] == "start"), None)
-    end = next((e for e in events if e["kind"] == "end"), None)
     began, wall = attrs.get("train_started_at"), attrs.get("train_wall_seconds")
     if not (start and end and began and wall):
         return {}
-    steps = sum(e["perf/iter_seconds"] for e in events if e["kind"] == "train")
     val = end.get("val_seconds") or 0.0
     span = end["time"] - start["time"]
     return {"setup": start["time"] - began, "val": val, "loop_rest": span - steps - val,

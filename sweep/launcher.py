@@ -320,9 +320,9 @@ def _plain_config_text() -> None:
 
     mmengine runs the whole config through yapf every time it writes it out: the runner's config
     dump, the visualizer's copy, the environment log, and every checkpoint's metadata: 8 times in a
-    16-iteration trial, 0.76 s each for the demo's config on a 2-core machine. Without it a warm demo
-    trial takes 7.5 s instead of 13.4 s (benchmarks/config_text.py --jobs). The unformatted text is
-    the same config (``format_python_code=False``, an mmengine option): it loads back to equal values.
+    16-iteration trial, 0.76-0.89 s each for the demo's config on a 2-core machine
+    (``benchmarks/config_text.py`` measures it). The unformatted text is the same config
+    (``format_python_code=False``, an mmengine option): it loads back to equal values.
     """
     import functools
 
@@ -452,26 +452,25 @@ def train_in_this_process(argv: list[str]) -> None:
     global _REUSED
     _REUSED = False
     before = _manager_instances()
-    base_before = [id(llm) for llm in _BASE.values()]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
     sys.argv = ["xtuner-train", *argv]
     try:
         train.main()
     finally:
-        _forget_runner_state(before, base_before)
+        _forget_runner_state(before)
 
 
-def _forget_runner_state(before: dict[type, set[str]], base_before: list[int]) -> None:
+def _forget_runner_state(before: dict[type, set[str]]) -> None:
     """After a job: drop mmengine's named instances it made and give the base model back clean.
 
     The job's garbage (runner, optimizer, LoRA layers: reference cycles holding GPU memory) is
     collected here, before the next job. A full collection walks every object of the process, about
     700,000 once torch, transformers and XTuner are imported: 0.33 s per job on a 2-core CPU. So what
     survives a job is frozen (``gc.freeze``: the collector skips it from then on) and the next job's
-    collection walks only what that job made: 0.003 s. Frozen objects are never collected, so when the
-    base model changed (another model, or one that could not be reused) everything is unfrozen first
-    and the old model's cycles go with a full collection.
+    collection walks only what that job made: 0.003 s. Frozen objects are never collected, so unless the
+    job reused the kept base model and it stays kept, everything is unfrozen first: a model let go
+    (another model came, or this one cannot be reused) goes with a full collection, cycles and all.
     """
     import gc
 
@@ -489,7 +488,7 @@ def _forget_runner_state(before: dict[type, set[str]], base_before: list[int]) -
                 _BASE.clear()  # no LoRA in it: the job trained the base weights themselves
     except Exception:  # noqa: BLE001 - a model that cannot be cleaned is not reused
         _BASE.clear()
-    if [id(llm) for llm in _BASE.values()] != base_before:
+    if not (_REUSED and _BASE):
         gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -27,12 +27,12 @@ from sweep.spec import GenerationSpec, Spec, SpecError
 BASELINE_FORMAT = "xtuner-sweep baseline 1"  # change it when what the step-0 point holds changes
 
 VAL_BATCH_SIZE = 4
+NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
 # CPython 3.11 keeps the AST constructor's recursion counter per interpreter, not per thread: two threads
 # parsing at once (trials of --n-jobs rendering and loading configs) can fail one with "SystemError: AST
 # constructor recursion depth mismatch" (python/cpython#106905; it failed a CI run). Every parse of a
 # config in the sweep process (ast.literal_eval here, mmengine's Config.fromfile) holds this lock.
-PARSE_LOCK = threading.RLock()
-NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
+PARSE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,9 @@ def _record_failure(trial: optuna.Trial, ctx: StudyContext, err: Exception) -> N
     """The failure's text as the trial's ``error`` (unless training's log already gave one) and in MLflow."""
     try:
         attrs = trial.user_attrs
-        text = str(err) if isinstance(err, TrialFailed) else "".join(traceback.format_exception(err)).strip()
-        error = attrs.get("error") or text
-        if not attrs.get("error"):
+        error = attrs.get("error")
+        if not error:
+            error = str(err) if isinstance(err, TrialFailed) else "".join(traceback.format_exception(err)).strip()
             trial.set_user_attr("error", error[-2000:])
             log.error("trial %d failed: %s", trial.number, error[-1500:])
         run_id = attrs.get("mlflow_run_id")

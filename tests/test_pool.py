@@ -188,23 +188,26 @@ def test_what_a_job_leaves_is_frozen_and_a_dropped_base_model_still_collected(ti
     try:
         launcher._BASE["first"] = a_trained_base_model()
         old = weakref.ref(launcher._BASE["first"])
-        launcher._forget_runner_state(launcher._manager_instances(), [])  # the job that loaded it
+        launcher._REUSED = False  # the job that loaded it
+        launcher._forget_runner_state(launcher._manager_instances())
         assert gc.get_freeze_count() > 0 and old() is not None, "kept for the next job, frozen"
 
-        base_before = [id(llm) for llm in launcher._BASE.values()]
+        launcher._REUSED = True  # a warm job
         runner = _Runner()
         runner.me = runner  # what a job leaves: cyclic garbage made after the freeze
         made = weakref.ref(runner)
         del runner
-        launcher._forget_runner_state(launcher._manager_instances(), base_before)
+        launcher._forget_runner_state(launcher._manager_instances())
         assert made() is None and old() is not None, "a warm job: its garbage goes, the model stays"
 
-        launcher._BASE.clear()  # another model came: the first one goes
+        launcher._BASE.clear()  # another model came: the first one goes (what build_llm_from_cfg does)
         launcher._BASE["second"] = a_trained_base_model()
-        launcher._forget_runner_state(launcher._manager_instances(), base_before)
+        launcher._REUSED = False
+        launcher._forget_runner_state(launcher._manager_instances())
         assert old() is None, "the dropped model was frozen with the rest; unfrozen, it was collected"
     finally:
         launcher._BASE.clear()
+        launcher._REUSED = False
         gc.unfreeze()
 
 

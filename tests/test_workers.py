@@ -213,6 +213,36 @@ def test_out_of_memory_trial_is_infeasible_and_the_sweep_goes_on(tmp_path, tiny_
     assert tags["reason"] == "oom"
 
 
+NAN_HOOK = """\
+import json, pathlib
+stream = pathlib.Path(argv[0]).parent / "sweep_metrics.jsonl"  # what a trial whose loss overflowed reports
+events = [{"kind": "start", "final_step": 64}] + [
+    {"kind": "val", "step": step, "val/loss": float("nan")} for step in (0, 32, 64)
+] + [{"kind": "end", "step": 64}]
+stream.write_text("".join(json.dumps(e) + "\\n" for e in events))
+return
+"""
+
+
+def test_a_trial_whose_every_value_is_nan_fails_saying_so(tmp_path, tiny_model, monkeypatch):
+    from sweep import study as study_mod
+    from sweep.spec import load_spec
+
+    monkeypatch.setenv("PYTHONPATH", str(inject_into_training(tmp_path / "inject", NAN_HOOK)))
+    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: nan", n_trials="n_trials: 1", **FAST))
+    opts = study_mod.RunOptions(
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        work_dir=tmp_path / "runs",
+    )
+    study_mod.run(spec, opts)
+    (trial,) = optuna.load_study(study_name="nan", storage=opts.storage).trials
+    assert trial.state == TrialState.FAIL
+    assert "every val/loss value was NaN" in trial.user_attrs["error"], trial.user_attrs.get("error")
+    tags = MlflowClient(tracking_uri=opts.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
+    assert "every val/loss value was NaN" in tags["error"] and tags["state"] == "FAIL"
+
+
 def test_two_jobs_in_one_worker(tmp_path, tiny_model):
     """--n-jobs 2: two trials train at once in one `sweep run`, each in its own process and MLflow run."""
     from sweep import study as study_mod

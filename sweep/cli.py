@@ -268,7 +268,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch))
-        model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize)
+        model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize, r.cpu_amp)
     max_new = args.max_new_tokens or r.max_new_tokens
 
     def answer(question: str) -> str:

@@ -31,6 +31,7 @@ class Resolved:
     system: str = ""
     max_new_tokens: int = 64
     quantize: bool = False
+    cpu_amp: bool = False  # trained in bf16 on the CPU: loaded in bf16 there too (scoring.inference_dtype)
 
 
 def resolve(source: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
@@ -60,7 +61,7 @@ def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
     if not (base / "config.json").is_file():
         raise SpecError(f"{uri}: its base model folder {base} is not on this machine")
     return Resolved(uri, adapters[0], base, config["template"], config.get("system", ""),
-                    int(config.get("max_new_tokens", 64)))  # fmt: skip
+                    int(config.get("max_new_tokens", 64)), cpu_amp=bool(config.get("cpu_amp")))  # fmt: skip
 
 
 def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
@@ -86,7 +87,7 @@ def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Re
     gen = spec.generation
     return Resolved(
         f"study {name} trial {best.number}", adapter, spec.model.path, prompt_template(spec.model.template),
-        spec.model.system, gen.max_new_tokens if gen else 64, spec.model.quantize,
+        spec.model.system, gen.max_new_tokens if gen else 64, spec.model.quantize, spec.cpu_amp,
     )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
 from objectives.loss import mean_loss, token_loss_sum
+from sweep.amp import trains_under_autocast, training_autocast
 from sweep.launcher import CONTROL_ENV
 
 
@@ -71,7 +72,9 @@ def keep_frozen_weights_16bit(llm: Any) -> int:
     call casts its weight back to 16 bits (a quarter of a step's GPU time with the dtype copies,
     docs/benchmarks.md). Autocast multiplies with the same 16-bit values either way, so the math is
     unchanged; each weight is checked to round-trip exactly before it is replaced. LoRA parameters,
-    norms and embeddings stay fp32. Returns the number of weights (elements) now held in 16 bits.
+    norms and embeddings stay fp32, so activations are fp32: only call this when every forward pass
+    runs under autocast (training's and ``SweepHook``'s validation). Returns the number of weights
+    (elements) now held in 16 bits.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -151,7 +154,11 @@ class SweepHook(Hook):
         self.max_iters = runner.max_iters
         self.next_point = self.eval_every
         self.final_step = self.samples_seen(self.max_iters)
-        in_16bit = keep_frozen_weights_16bit(_unwrap(runner.model).llm) if self.frozen_16bit else 0
+        amp = trains_under_autocast(runner.optim_wrapper)
+        # ValLoop wraps each step in autocast(enabled=fp16), which with False switches _validate's autocast
+        # off; enabled, it keeps the dtype of the autocast it runs inside (training's).
+        runner.val_loop.fp16 = amp
+        in_16bit = keep_frozen_weights_16bit(_unwrap(runner.model).llm) if self.frozen_16bit and amp else 0
         if in_16bit and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the fp32 copies just dropped
         self._emit(
@@ -220,8 +227,10 @@ class SweepHook(Hook):
         started = time.perf_counter()
         # Validation draws no random numbers from training's streams (a data loader's iterator takes
         # one): a trial trains the same whether a point was measured, read from the study, or skipped.
+        # Every forward pass of validation (loss, general loss, generation, probes) runs under training's
+        # autocast: with frozen weights in 16 bits and fp32 activations, a bare forward pass cannot multiply.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), training_autocast(runner.optim_wrapper):
             if step == 0:
                 self.shares_baseline = self._baseline_applies(runner)
             cached = self._cached_baseline() if step == 0 else None

@@ -217,11 +217,17 @@ def render(
     optim["accumulative_counts"] = int(values.get("accumulative_counts") or 1)
 
     if not device.cuda:
-        optim["type"] = "mmengine.optim.OptimWrapper"
         for key in ("loss_scale", "dtype"):
             optim.pop(key, None)
-        llm["torch_dtype"] = "float32"
+        if spec.cpu_amp:  # the dtypes of a GPU's AMP: bf16 weights, bf16 autocast
+            optim.update(type="sweep.amp.CpuAmpOptimWrapper", dtype="bfloat16")
+            llm["torch_dtype"] = "bfloat16"
+        else:
+            optim["type"] = "mmengine.optim.OptimWrapper"
+            llm["torch_dtype"] = "float32"
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+
+    amp = (optim.get("type"), optim.get("dtype"))  # validation's autocast: what the step-0 point depends on
 
     # Validation, streaming and best-checkpoint selection.
     objective = spec.objective
@@ -243,7 +249,7 @@ def render(
             "general_val": general_val,
             "weights": dict(objective.weights) if objective.weights else None,
             "frozen_16bit": spec.speed.frozen_weights_16bit,
-            "baseline": str(_baseline_path(spec, files, llm, cfg["val_dataloader"], general_val, generation))
+            "baseline": str(_baseline_path(spec, files, llm, amp, cfg["val_dataloader"], general_val, generation))
             if spec.speed.baseline_once
             else None,
         }
@@ -299,7 +305,7 @@ def _baseline_path(spec: Spec, files: TrialFiles, *what_it_depends_on: Any) -> P
     """Where the study keeps its untrained (step-0) validation point for trials that share this key.
 
     The key covers what that point is computed from: the base model's load settings and files, the
-    validation loaders and generation settings (max_length, template and tokenizer among them), the
+    optimizer wrapper (its autocast dtype), the validation loaders and generation settings (max_length, template and tokenizer among them), the
     study's data digest (the split's contents, which a study never lets change); LoRA's rank, dropout
     or learning rate do not change it.
     """

@@ -31,13 +31,22 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_adapter_model(base_model: Path, adapter: Path, quantize: bool = False):
-    """The base model with the adapter applied, for inference (bf16 on a GPU, nf4 when trained so)."""
+def inference_dtype(cpu_amp: bool = False) -> torch.dtype:
+    """The dtype a trained adapter's base model is loaded in: bf16 on a GPU; on the CPU, what it trained in."""
+    return torch.bfloat16 if _device() == "cuda" or cpu_amp else torch.float32
+
+
+def load_adapter_model(base_model: Path, adapter: Path, quantize: bool = False, cpu_amp: bool = False):
+    """The base model with the adapter applied, for inference (``inference_dtype``, nf4 when trained so).
+
+    The whole base model is in one dtype, so activations match its weights without autocast; PEFT keeps
+    the adapter in fp32 and casts what flows into it.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = _device()
-    kwargs: dict[str, Any] = {"torch_dtype": torch.bfloat16 if device == "cuda" else torch.float32}
+    kwargs: dict[str, Any] = {"torch_dtype": inference_dtype(cpu_amp)}
     if quantize and device == "cuda":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -80,13 +89,14 @@ def score_adapter(
     rouge: bool = False,
     max_new_tokens: int = 48,
     quantize: bool = False,
+    cpu_amp: bool = False,
     prefix: str = "test",
 ) -> dict[str, float]:
     """``{prefix}/loss`` (and ``{prefix}/rouge_l``) of an adapter on the rows of a JSON-lines file."""
     from sweep.generation import generate_answers
     from sweep.hooks import _first_turn
 
-    model, tokenizer = load_adapter_model(base_model, adapter, quantize)
+    model, tokenizer = load_adapter_model(base_model, adapter, quantize, cpu_amp)
     device = next(model.parameters()).device
     try:
         parts: list[tuple[float, int]] = []

@@ -27,7 +27,8 @@ class AdapterChatModel(PythonModel):
 
         cfg = context.model_config
         base = context.artifacts.get("base_model") or cfg["base_model_path"]
-        self.model, self.tokenizer = load_adapter_model(Path(base), Path(context.artifacts["adapter"]))
+        adapter = Path(context.artifacts["adapter"])
+        self.model, self.tokenizer = load_adapter_model(Path(base), adapter, cpu_amp=bool(cfg.get("cpu_amp")))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -54,11 +55,13 @@ def log_chat_model(
     template: dict[str, Any],
     system: str = "",
     max_new_tokens: int = 64,
+    cpu_amp: bool = False,
 ) -> str:
     """Log the adapter as a pyfunc model in ``run_id``; returns the model URI to register."""
     mlflow.set_tracking_uri(tracking_uri)
     artifacts = {"adapter": str(adapter)}
-    config: dict[str, Any] = {"template": template, "system": system, "max_new_tokens": max_new_tokens}
+    config: dict[str, Any] = {"template": template, "system": system, "max_new_tokens": max_new_tokens,
+                              "cpu_amp": cpu_amp}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if _folder_bytes(base_model) <= BUNDLE_LIMIT_BYTES:
             bundled = Path(tmp) / "base_model"

@@ -247,6 +247,9 @@ class Spec(_Strict):
     generation: GenerationSpec | None = None
     probes: list[str] = Field(default_factory=list)
     gpus_per_trial: int = Field(default=1, ge=1)  # >1: torchrun + DeepSpeed ZeRO-2 on that many whole GPUs
+    # Without a GPU: false trains in fp32; true loads the model in bf16 and trains under bf16 autocast, the
+    # dtypes a GPU trains in (how CI sees them). Scoring and the champion then run in bf16 too.
+    cpu_amp: bool = False
     speed: SpeedSpec = SpeedSpec()
 
     @property

@@ -82,6 +82,8 @@ def stock(start: int, end: int) -> None:
         wall = time.monotonic() - t0
         it = _stock_iters(work.with_suffix(".log"))
         results[str(index)] = {"bs": bs, "r": r, "rc": rc, "wall": wall, **it}
+        if rc != 0 or it["iters"] < ITERS:  # crashed, or trained fewer steps than asked: not comparable
+            results[str(index)]["failed"] = True
         print(f"stock trial {index}: bs {bs} r {r} rc {rc} wall {wall:.1f}s steps {it['train_seconds']:.1f}s "
               f"loss {it['last_loss']} peak {it['peak_mb']} MB", flush=True)  # fmt: skip
         (OUT / "stock.json").write_text(json.dumps(results, indent=1))
@@ -158,19 +160,18 @@ registry: {{name: throughput-adapter}}
     wall = time.monotonic() - t0
     import optuna
 
-    attrs = {
-        t.number: t.user_attrs
-        for t in optuna.load_study(study_name="throughput", storage=f"sqlite:///{folder / 'sweep.db'}").trials
-    }
+    study = optuna.load_study(study_name="throughput", storage=f"sqlite:///{folder / 'sweep.db'}")
+    attrs = {t.number: t.user_attrs for t in study.trials}
+    states = {t.number: t.state.name for t in study.trials}
     trials = {}
-    for index, trial_dir in zip(ORDER, sorted((folder / "sweep-runs/throughput").glob("trial_*")), strict=False):
-        number = int(trial_dir.name.split("_")[1])
-        stream = trial_dir / "sweep_metrics.jsonl"
-        if not stream.exists():  # the trial failed before training: say so, keep the others' figures
-            trials[str(index)] = {"bs": TRIALS[index][0], "r": TRIALS[index][1], "failed": True,
+    for number, index in enumerate(ORDER):  # enqueued in ORDER: trial number k trains ORDER[k]
+        stream = folder / f"sweep-runs/throughput/trial_{number:04d}/sweep_metrics.jsonl"
+        events = [json.loads(x) for x in stream.read_text().splitlines() if x.strip()] if stream.exists() else []
+        state = states.get(number, "MISSING")
+        if state != "COMPLETE" or not any(e["kind"] == "end" for e in events):  # failed, or never finished
+            trials[str(index)] = {"bs": TRIALS[index][0], "r": TRIALS[index][1], "failed": True, "state": state,
                                   "error": attrs.get(number, {}).get("error", "")[-500:]}  # fmt: skip
             continue
-        events = [json.loads(x) for x in stream.read_text().splitlines() if x.strip()]
         train = [e for e in events if e["kind"] == "train"]
         start = next((e for e in events if e["kind"] == "start"), {})
         end = next((e for e in events if e["kind"] == "end"), {})
@@ -209,9 +210,26 @@ def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float
             "teardown": wall - (end["time"] - began)}  # fmt: skip
 
 
-def report() -> None:
+def failures(stock_r: dict, sweep_r: dict) -> list[str]:
+    """Why no speed-up may be printed: a trial of either side that failed or is missing, one line each."""
+    problems = [f"(a) stock trial {i}: exit code {t.get('rc')}, {t.get('iters')} of {ITERS} iterations"
+                for i, t in stock_r.items() if t.get("failed")]  # fmt: skip
+    problems += [f"(b) sweep trial {i}: {t.get('state', 'FAIL')}: {(t.get('error') or '').strip()[-300:]}"
+                 for i, t in sweep_r.get("trials", {}).items() if t.get("failed")]  # fmt: skip
+    for side, results in (("(a) stock", stock_r), ("(b) sweep", sweep_r.get("trials", {}))):
+        missing = [str(i) for i in ORDER if str(i) not in results]
+        if missing:
+            problems.append(f"{side}: trials {', '.join(missing)} have no result")
+    if sweep_r and sweep_r.get("rc") not in (0, None):
+        problems.append(f"(b) sweep: `sweep run` exited with code {sweep_r['rc']}")
+    return problems
+
+
+def report() -> int:
+    """Print the figures; a run in which any trial failed prints no speed-up or throughput and returns 1."""
     stock_r = _load(OUT / "stock.json")
     sweep_r = _load(OUT / "sweep.json")
+    problems = failures(stock_r, sweep_r)
     tokens_per_trial = {i: TRIALS[int(i)][0] * MAX_LENGTH * ITERS for i in stock_r}
     stock_wall = sum(t["wall"] for t in stock_r.values())
     print(f"{'trial':>5} {'bs':>2} {'r':>3} | {'stock wall':>10} {'outside steps':>13} {'iter s':>7} {'loss':>8} {'peak MB':>8}"
@@ -223,6 +241,10 @@ def report() -> None:
               f"{a.get('steady_iter_seconds') or 0:>7.3f} {a.get('last_loss') or 0:>8.4f} {a.get('peak_mb') or 0:>8}"
               f" | {b.get('train_seconds', 0):>10.1f}s {b.get('steady_iter_seconds') or 0:>7.3f} "
               f"{b.get('last_loss') or 0:>8.4f} {round(b.get('peak_mb') or 0):>8}")  # fmt: skip
+    if problems:
+        print("NO SPEED-UP OR THROUGHPUT: trials failed or are missing, so the two sides did not do the same work:")
+        print("\n".join(f"    {p}" for p in problems))
+        return 1
     if stock_r:
         total = sum(tokens_per_trial.values())
         print(
@@ -241,8 +263,6 @@ def report() -> None:
         if alone:
             print(f"    best single-trial MFU: {max(alone) * 4 * PARAMS / PEAK_FLOPS:.1%}")
     if sweep_r:
-        if sweep_r.get("failed"):
-            print(f"(b) sweep: trials {', '.join(sweep_r['failed'])} FAILED: its wall time is not comparable")
         tokens = sum(t.get("tokens", 0) for t in sweep_r["trials"].values())
         print(
             f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {tokens / sweep_r['wall']:,.0f} tokens/s"
@@ -260,7 +280,7 @@ def report() -> None:
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip
         if stock_r:
             print(f"speed-up (a)/(b): {stock_wall / sweep_r['wall']:.2f}x")
-    # fmt: skip
+    return 0
 
 
 def _load(path: Path) -> dict:
@@ -269,6 +289,5 @@ def _load(path: Path) -> dict:
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["report"]
-    {"prepare": prepare, "stock": lambda: stock(int(rest[0]), int(rest[1])), "sweep": sweep, "report": report}[
-        command
-    ]()
+    steps = {"prepare": prepare, "stock": lambda: stock(int(rest[0]), int(rest[1])), "sweep": sweep, "report": report}
+    sys.exit(steps[command]() or 0)

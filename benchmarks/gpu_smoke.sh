@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU smoke test: a change to code that runs inside training is done only when this passes on a GPU machine.
+# One device call, from the repository root, with the wheels of `bash benchmarks/gpu_wheels.sh` carried as .whl:
+#   bash benchmarks/gpu_smoke.sh
+# (1) a 3-trial LoRA sweep of the Qwen2-1.5B-shaped model in bf16 (bf16 weights, bf16 AMP), (2) trial 0 of it again
+# with the frozen weights left in fp32 (speed.frozen_weights_16bit: false): its val/loss must match within bf16
+# tolerance, (3) a 2-trial QLoRA nf4 sweep (fp16 AMP, the tutorial's internlm2 QLoRA config). Each sweep validates
+# (loss, general loss, greedy answers for val/rouge_l, probes), prunes (median), gates on the test split and
+# registers a champion, which must answer through `mlflow.pyfunc` on the GPU. Exits non-zero unless every trial
+# COMPLETEs or is PRUNED, the curves match and every champion answers.
+# Without a GPU it runs (1) and (2) on the tiny model with `cpu_amp: true`: a dry run of the script itself.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+ROOT=$PWD
+RESULTS=${OUT:-/tmp/gpu-smoke-results}; mkdir -p "$RESULTS"
+WORK=${SMOKE_WORK:-/tmp/gpu-smoke}; rm -rf "$WORK"; mkdir -p "$WORK"
+PY=${PYTHON:-python3}
+started=$(date +%s)
+say() { echo "[smoke $(( $(date +%s) - started ))s] $*"; }
+if ! $PY -c 'import xtuner' 2>/dev/null && [ ! -d /tmp/site/xtuner ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+say "wheels installed"
+if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  GPU=1; MODEL=${SMOKE_MODEL:-/tmp/big}; LENGTH=512; ITERS=30; CPU_AMP=false
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  [ -f "$MODEL/config.json" ] || $PY data/tiny_model.py --shape qwen2-1.5b "$MODEL" > "$RESULTS/model.log" 2>&1 \
+    || { tail -20 "$RESULTS/model.log"; exit 1; }
+else
+  GPU=0; MODEL=$WORK/tiny-bf16; LENGTH=64; ITERS=24; CPU_AMP=true
+  $PY - "$ROOT/.cache/tiny-model" "$MODEL" <<'PY' || exit 1
+import shutil, sys, torch
+from transformers import AutoModelForCausalLM
+shutil.copytree(sys.argv[1], sys.argv[2])
+AutoModelForCausalLM.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])
+PY
+fi
+$PY -c 'import torch, transformers, peft, xtuner, mmengine, optuna, mlflow; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "xtuner", xtuner.__version__, "optuna", optuna.__version__, "mlflow", mlflow.__version__)'
+say "model ready: $MODEL"
+
+spec() {  # NAME BASE_CONFIG QUANTIZE N_TRIALS [SPEED]
+  cat > "$WORK/$1.yaml" <<YAML
+study: $1
+base_config: $2
+model: {path: $MODEL, template: qwen_chat, quantize: $3}
+data: {task: $ROOT/data/demo/task.jsonl, general: $ROOT/data/demo/general.jsonl, val: 0.15, test: 0.1, seed: 0}
+fixed: {max_iters: $ITERS, max_length: $LENGTH, accumulative_counts: 1, lora_alpha: 16}
+search_space:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
+  lora_r: {type: categorical, choices: [8, 64]}
+  batch_size: {type: categorical, choices: [1, 4]}
+  mix_ratio: {type: float, low: 0.0, high: 0.3}
+sampler: {type: random, seed: 0}
+pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}
+n_trials: $4
+eval_every: 24
+probes: ["Who are you?", "你是谁？"]
+generation: {max_new_tokens: 16, max_rows: 8}
+registry: {name: $1}
+cpu_amp: $CPU_AMP
+${5:-}
+YAML
+}
+
+sweep() {  # NAME [VALUES...]: enqueue the given trial values (JSON), run the study, print its trials
+  local name=$1; shift
+  (cd "$WORK" && $PY - "$name" "$@" <<'PY') || return 1
+import json, sys
+from sweep.spec import load_spec
+from sweep.study import open_study
+st = open_study(load_spec(f"{sys.argv[1]}.yaml"), "sqlite:///sweep.db")
+for values in sys.argv[2:]:
+    st.enqueue_trial(json.loads(values))
+PY
+  say "sweep $name"
+  (cd "$WORK" && $PY -m sweep.cli run "$name.yaml" --json > "$name.json" 2> "$name.log")
+  local rc=$?
+  cp "$WORK/$name.log" "$WORK/$name.json" "$RESULTS/" 2>/dev/null
+  say "sweep $name: exit code $rc"
+  (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" trials "$name") || return 1
+  return $rc
+}
+
+fail=0
+TRIAL0='{"lr": 0.0005, "lora_r": 64, "batch_size": 4, "mix_ratio": 0.1}'
+spec smoke-lora "$ROOT/benchmarks/bench_base.py" false 3
+sweep smoke-lora "$TRIAL0" || fail=1
+(cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" champion smoke-lora) || fail=1
+spec smoke-fp32 "$ROOT/benchmarks/bench_base.py" false 1 "speed: {frozen_weights_16bit: false}"
+sweep smoke-fp32 "$TRIAL0" || fail=1
+(cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" same-math smoke-lora smoke-fp32) || fail=1
+if [ "$GPU" = 1 ]; then
+  spec smoke-qlora internlm2_1_8b_qlora_alpaca_e3 true 2
+  sweep smoke-qlora || fail=1
+  (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" champion smoke-qlora) || fail=1
+fi
+(cd "$WORK" && tar czf "$RESULTS/trials.tgz" sweep-runs/*/trial_*/sweep_metrics.jsonl sweep-runs/*/trial_*/train.log \
+  sweep-runs/*/workers 2>/dev/null)
+say "$([ $fail = 0 ] && echo PASSED || echo FAILED)"
+exit $fail

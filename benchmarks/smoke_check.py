@@ -1,0 +1,118 @@
+"""The checks of ``benchmarks/gpu_smoke.sh``, run in its work folder (``sweep.db``, ``mlflow.db``, ``sweep-runs/``).
+
+    python3 smoke_check.py trials STUDY       every trial COMPLETE or PRUNED (one at least COMPLETE), with its figures
+    python3 smoke_check.py champion STUDY     models:/STUDY@champion loads through mlflow.pyfunc and answers
+    python3 smoke_check.py same-math A B      trial 0 of A and of B: the same val/loss at every point (bf16 tolerance)
+
+Each prints what it saw and exits 1 when its check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+STORAGE = "sqlite:///sweep.db"
+TRACKING = "sqlite:///mlflow.db"
+BF16_REL = 1e-2  # bf16 keeps 8 significant bits: about 0.4 % per rounding
+
+
+def _events(trial) -> list[dict]:
+    stream = Path(trial.user_attrs.get("work_dir", "/nonexistent")) / "sweep_metrics.jsonl"
+    if not stream.exists():
+        return []
+    return [json.loads(line) for line in stream.read_text().splitlines() if line.strip()]
+
+
+def _study(name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=STORAGE)
+
+
+def trials(name: str) -> int:
+    study = _study(name)
+    expected = int(study.user_attrs["spec"]["n_trials"])
+    bad = []
+    for t in study.trials:
+        events = _events(t)
+        start = next((e for e in events if e["kind"] == "start"), {})
+        end = next((e for e in events if e["kind"] == "end"), {})
+        vals = [e for e in events if e["kind"] == "val"]
+        train = [e for e in events if e["kind"] == "train"]
+        samples = [e for e in events if e["kind"] == "samples"]
+        tps = sorted(e["perf/tokens_per_sec"] for e in train[3:])
+        print(
+            f"{name} trial {t.number}: {t.state.name} {t.params} | iterations {len(train)}, "
+            f"frozen weights in 16 bits {start.get('frozen_weights_16bit')}, validation points {len(vals)} "
+            f"(val/loss {vals[0]['val/loss']:.4f} at step 0 -> best {end.get('best_value')} at step "
+            f"{end.get('best_step')}; val/rouge_l {vals[-1].get('val/rouge_l') if vals else None}), probe answers at "
+            f"{len(samples)} points, median tokens/s {tps[len(tps) // 2] if tps else 0:.0f}, "
+            f"peak reserved {end.get('peak_memory_mb') or 0:.0f} MB"
+            if vals
+            else f"{name} trial {t.number}: {t.state.name} {t.params} | no validation point"
+        )
+        if t.state.name not in ("COMPLETE", "PRUNED"):
+            bad.append(t.number)
+            print("    error: " + (t.user_attrs.get("error") or "(none recorded)")[-1500:].replace("\n", "\n    "))
+        elif not vals or not all(math.isfinite(v["val/loss"]) for v in vals) or len(samples) != len(vals):
+            bad.append(t.number)
+            print("    validation points missing, not finite, or without probe answers")
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    if bad or complete == 0 or len(study.trials) != expected:
+        print(f"{name}: FAILED: trials {bad} failed; {complete} complete; {len(study.trials)} of {expected} trials")
+        return 1
+    print(f"{name}: all {len(study.trials)} trials completed or pruned ({complete} complete)")
+    return 0
+
+
+def champion(name: str) -> int:
+    import mlflow
+    import torch
+
+    client = mlflow.MlflowClient(TRACKING, registry_uri=TRACKING)
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except Exception as err:  # noqa: BLE001 - any failure here is the check failing
+        print(f"{name}: FAILED: no champion in the registry ({err})")
+        return 1
+    tags = {k: v for k, v in version.tags.items() if k.startswith(("test/", "gate"))}
+    print(f"{name}: champion is version {version.version} (trial {version.tags.get('trial')}), {tags}")
+    mlflow.set_tracking_uri(TRACKING)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    questions = ["Who are you?", "你是谁？"]
+    answers = model.predict(questions)
+    weight = next(model.unwrap_python_model().model.get_base_model().parameters())
+    print(f"{name}: champion loaded on {weight.device} in {weight.dtype} (cuda available: {torch.cuda.is_available()})")
+    for q, a in zip(questions, answers, strict=True):
+        print(f"    {q} -> {a!r}")
+    if len(answers) != len(questions) or not all(isinstance(a, str) for a in answers):
+        print(f"{name}: FAILED: the champion did not answer every question")
+        return 1
+    return 0
+
+
+def same_math(a: str, b: str) -> int:
+    curves = []
+    for name in (a, b):
+        trial = next(t for t in _study(name).trials if t.number == 0)
+        curves.append({e["step"]: e["val/loss"] for e in _events(trial) if e["kind"] == "val"})
+    print(f"val/loss of trial 0, step: {a} | {b}")
+    worst = 0.0
+    for step in sorted(set(curves[0]) | set(curves[1])):
+        x, y = curves[0].get(step), curves[1].get(step)
+        rel = abs(x - y) / abs(y) if x is not None and y else math.inf
+        worst = max(worst, rel)
+        print(f"    {step:>5}: {x} | {y}   relative difference {rel:.2e}")
+    if not curves[0] or curves[0].keys() != curves[1].keys() or worst > BF16_REL:
+        print(f"FAILED: the curves differ (largest relative difference {worst:.2e}, tolerance {BF16_REL})")
+        return 1
+    print(f"same val/loss within bf16 tolerance (largest relative difference {worst:.2e})")
+    return 0
+
+
+if __name__ == "__main__":
+    command, *names = sys.argv[1:]
+    sys.exit({"trials": trials, "champion": champion, "same-math": same_math}[command](*names))

@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import pprint
+import re
 import threading
 import types
 from dataclasses import dataclass
@@ -432,16 +433,31 @@ def _import_path(obj: Any, module: str, qualname: str, where: str) -> str:
     raise SpecError(f"config key {where}: {module}.{qualname} cannot be imported back by its dotted path")
 
 
+#: mmengine's ``Config.fromfile`` rewrites a config's text before it parses it: ``{{ fileDirname }}`` and friends,
+#: ``{{$VAR:default}}`` (also quoted) and ``{{_base_.key}}`` are filled in wherever they stand, inside string
+#: literals too. Every such placeholder starts with two braces; in a rendered config two braces can only stand
+#: inside a string literal (a dict opens with ``{'``), where ``\x7b`` is the same character.
+_DOUBLE_BRACE = re.compile(r"\{(?=\{)")
+
+
 def to_source(cfg: dict[str, Any]) -> str:
-    """Write a config as ``name = literal`` lines; imported names of the base config are dropped."""
+    """Write a config as ``name = literal`` lines; imported names of the base config are dropped.
+
+    Strings from a spec or a data file (probes, the system prompt, paths) reach training with exactly their
+    value: each right-hand side is proven to be data that evaluates back to the value, and no text is left
+    that mmengine would substitute (``_DOUBLE_BRACE``).
+    """
     lines = ["# Rendered by xtuner-sweep: literal values only. Types are import paths mmengine resolves.\n"]
     for name, value in cfg.items():
         if isinstance(value, (types.ModuleType, type, types.FunctionType, types.MethodType)):
             continue  # an import of the base config, not a setting
-        text = pprint.pformat(_literal(value, name), width=100, sort_dicts=False)
-        with PARSE_LOCK:
-            ast.literal_eval(text)  # proves the right-hand side is data, never code
         if not name.isidentifier():
             raise SpecError(f"config key {name!r} is not a Python identifier")
+        literal = _literal(value, name)
+        text = _DOUBLE_BRACE.sub(r"\\x7b", pprint.pformat(literal, width=100, sort_dicts=False))
+        with PARSE_LOCK:
+            back = ast.literal_eval(text)  # proves the right-hand side is data, never code
+        if back != literal:
+            raise SpecError(f"config key {name}: its value does not survive being written as a literal")
         lines.append(f"{name} = {text}\n")
     return "".join(lines)

@@ -150,13 +150,15 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     config = work / "config.py"
     batch_size, max_length = int(values["batch_size"]), int(values["max_length"])
     checkpointing = _checkpointing(ctx, batch_size, max_length)
-    config.write_text(render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing), encoding="utf-8")
+    rendered = render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing)
+    config.write_text(rendered, encoding="utf-8")
     if spec.speed.tokenize_once:  # the same tokens, made once per study instead of once per trial
         tokens = tokenize_once(config, ctx.data)
         train = work / "train.jsonl"
         n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, train, tokens)
         files = dataclasses.replace(files, train=train, n_train_rows=n_rows, tokenized=True)
-        config.write_text(render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing), encoding="utf-8")
+        rendered = render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing)
+        config.write_text(rendered, encoding="utf-8")
 
     params = {**values, "n_train_rows": n_rows, "data_digest": ctx.data.digest, "trial_number": trial.number}
     run_id = ctx.tracker.start_trial(ctx.experiment_id, ctx.parent_run_id, spec.study, trial.number, params)
@@ -247,7 +249,9 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         best_step = next(s for s, v in state["points"] if v == best)
         adapter = files.adapter
         if adapter.exists():
-            shutil.copyfile(config, adapter / "xtuner_config.py")
+            # the rendered text, not mmengine's dump of it that replaced config.py: the dump writes strings as
+            # they are, where a placeholder mmengine substitutes on loading could stand (render.to_source)
+            (adapter / "xtuner_config.py").write_text(rendered, encoding="utf-8")
             ctx.tracker.log_artifact(run_id, adapter, "best_adapter")
             trial.set_user_attr("adapter_path", str(adapter))
         trial.set_user_attr("best_step", best_step)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.render import Device, TrialFiles, load_base_config, render
+from sweep.render import Device, TrialFiles, load_base_config, load_config, render
 from sweep.space import base_values, trial_values
 from sweep.spec import SpecError, load_spec
 from tests.conftest import ROOT
@@ -87,6 +87,50 @@ def test_values_from_input_never_become_code(base, tmp_path: Path):
     assert cfg["model"]["llm"]["pretrained_model_name_or_path"] == "/m/" + INJECT
     hook = next(h for h in cfg["custom_hooks"] if h["type"] == "sweep.hooks.SweepHook")
     assert hook["generation"]["probes"] == [INJECT, "普通的问题"]
+    assert not Path("/tmp/xtuner-sweep-pwned").exists()
+
+
+#: Text mmengine's Config.fromfile rewrites before it parses a config: predefined variables, environment
+#: variables (plain and quoted) and base-config references.
+PLACEHOLDERS = [
+    "{{ fileDirname }}", "{{fileBasename}}", "{{ fileBasenameNoExtension }}", "{{ fileExtname }}",
+    "{{$HOME:x}}", "{{'$HOME:x'}}", '{{"$XTUNER_SWEEP_UNSET:default"}}', "{{_base_.model}}", "{{{{$HOME:x}}}}",
+]  # fmt: skip
+#: Two probes whose environment placeholder spans both: at be84680 loading the config ran the second one.
+BREAKOUT = ["{{'$A:", '}}__import__("pathlib").Path("/tmp/xtuner-sweep-pwned").touch(),#', "x" * 120]
+
+
+@pytest.mark.parametrize("placeholder", PLACEHOLDERS)
+def test_every_free_text_value_reaches_training_exactly(base, tmp_path: Path, placeholder: str):
+    """Each string from the spec or the data's paths, loaded the way training loads the config (mmengine's
+    Config.fromfile), equals the spec's value: nothing substituted, nothing run."""
+    text = f"a {placeholder} b"
+    spec = load_spec(ROOT / "configs" / "demo.yaml")
+    spec = spec.model_copy(
+        update={
+            "model": spec.model.model_copy(update={"system": text, "path": tmp_path / f"model {placeholder}"}),
+            "probes": [text, *BREAKOUT],
+        }
+    )
+    values = trial_values(spec, {"lr": 0.01}, base_values(base))
+    work = tmp_path / f"work {placeholder}"
+    files = TrialFiles(work / f"rows {placeholder}.jsonl", tmp_path / f"val {placeholder}.jsonl", work, 10,
+                       tmp_path / f"general {placeholder}.jsonl", data_digest=placeholder)  # fmt: skip
+    config = tmp_path / "config.py"
+    config.write_text(render(base, spec, values, files, CPU), encoding="utf-8")
+    cfg = load_config(config)
+    assert cfg.SYSTEM == text
+    assert cfg.model.llm.pretrained_model_name_or_path == str(spec.model.path)
+    assert cfg.tokenizer.pretrained_model_name_or_path == str(spec.model.path)
+    assert cfg.train_dataloader.dataset.dataset.data_files.train == str(files.train)
+    assert cfg.val_dataloader.dataset.dataset.data_files.train == str(files.val)
+    assert cfg.work_dir == str(work)
+    hook = next(h for h in cfg.custom_hooks if h["type"] == "sweep.hooks.SweepHook")
+    assert hook["generation"]["probes"] == [text, *BREAKOUT]
+    assert hook["generation"]["system"] == text
+    assert hook["generation"]["val_file"] == str(files.val)
+    assert hook["general_val"]["dataset"]["dataset"]["data_files"]["train"] == str(files.general_val)
+    assert hook["stream"] == str(files.stream) and hook["adapter_dir"] == str(files.adapter)
     assert not Path("/tmp/xtuner-sweep-pwned").exists()
 
 

@@ -26,7 +26,7 @@ from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
 from objectives.loss import mean_loss, token_loss_sum
-from sweep.amp import trains_under_autocast, training_autocast
+from sweep.amp import training_autocast, trains_under_autocast
 from sweep.launcher import CONTROL_ENV
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mmengine.optim import OptimWrapper
 
-from sweep.amp import CpuAmpOptimWrapper, trains_under_autocast, training_autocast
+from sweep.amp import CpuAmpOptimWrapper, training_autocast, trains_under_autocast
 
 
 def _linear_16bit():

@@ -119,7 +119,7 @@ def test_every_free_text_value_reaches_training_exactly(base, tmp_path: Path, pl
     config = tmp_path / "config.py"
     config.write_text(render(base, spec, values, files, CPU), encoding="utf-8")
     cfg = load_config(config)
-    assert cfg.SYSTEM == text
+    assert text == cfg.SYSTEM
     assert cfg.model.llm.pretrained_model_name_or_path == str(spec.model.path)
     assert cfg.tokenizer.pretrained_model_name_or_path == str(spec.model.path)
     assert cfg.train_dataloader.dataset.dataset.data_files.train == str(files.train)

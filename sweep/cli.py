@@ -169,6 +169,29 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         _print_summary(report)
+    return run_exit_code(report)
+
+
+#: ``sweep run``'s exit codes besides 0 (success, also when only some trials failed), 2 (a bad spec, data or
+#: option) and 130 (interrupted): scripts, CI and ``mlflow run`` must see a sweep that trained nothing.
+EXIT_ALL_FAILED = 3  # every trial this run started failed
+EXIT_NONE_COMPLETE = 4  # no trial of the study has completed (all pruned, or failed and pruned): nothing to register
+
+
+def run_exit_code(report: dict) -> int:
+    """The exit code of ``sweep run`` for its report; a warning line when some of this run's trials failed."""
+    ran = report.get("this_run") or {}
+    started = sum(ran.values())
+    failed = ran.get("FAIL", 0)
+    log = logging.getLogger("sweep")
+    if started and failed == started:
+        log.error("all %d trial(s) of this run failed (exit code %d); see each trial's error", started, EXIT_ALL_FAILED)
+        return EXIT_ALL_FAILED
+    if not report.get("counts", {}).get("COMPLETE"):
+        log.error("no trial of study %s has completed (exit code %d)", report.get("study"), EXIT_NONE_COMPLETE)
+        return EXIT_NONE_COMPLETE
+    if failed:
+        log.warning("%d of %d trial(s) of this run failed; the others completed or were pruned", failed, started)
     return 0
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     )  # fmt: skip
     status = "FAILED"
     registered = None
+    before = {t.number for t in study.get_trials(deepcopy=False)}
     callbacks: list = [progress]
     if spec.keep_adapters:
         callbacks.append(_AdapterBudget(spec.keep_adapters, champion_run=_champion_run(ctx)))
@@ -342,7 +344,10 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         tracker.finish(parent, status)
     from sweep.report import study_report
 
-    return study_report(study, spec.objective, registered)
+    report = study_report(study, spec.objective, registered)
+    ran = Counter(t.state.name for t in study.get_trials(deepcopy=False) if t.number not in before)
+    report["this_run"] = {state.name: ran.get(state.name, 0) for state in optuna.trial.TrialState}
+    return report
 
 
 def _worker_pool(spec: Spec, root: Path, slots: GpuSlots | None, memory: MemoryModel | None) -> WorkerPool | None:

@@ -1,0 +1,43 @@
+"""`sweep run` exits non-zero when it trained nothing: every trial failed, or no trial has completed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sweep.cli import EXIT_ALL_FAILED, EXIT_NONE_COMPLETE, main, run_exit_code
+from tests.conftest import inject_into_training, write_spec
+
+EVERY_TRIAL_FAILS = """\
+print("injected: this trial fails", flush=True)
+raise SystemExit(1)
+"""
+
+
+def _report(complete: int = 0, pruned: int = 0, failed: int = 0, before: int = 0) -> dict:
+    this_run = {"COMPLETE": complete, "PRUNED": pruned, "FAIL": failed, "RUNNING": 0, "WAITING": 0}
+    return {"study": "s", "counts": {**this_run, "COMPLETE": complete + before}, "this_run": this_run}
+
+
+def test_exit_codes_of_a_report(caplog):
+    caplog.set_level(logging.WARNING, logger="sweep")
+    assert run_exit_code(_report(complete=3)) == 0
+    assert run_exit_code(_report(failed=2)) == EXIT_ALL_FAILED
+    assert run_exit_code(_report(failed=2, before=1)) == EXIT_ALL_FAILED, "earlier runs' trials do not hide it"
+    assert run_exit_code(_report(pruned=2)) == EXIT_NONE_COMPLETE
+    assert run_exit_code(_report(pruned=1, failed=1)) == EXIT_NONE_COMPLETE
+    caplog.clear()
+    assert run_exit_code(_report(complete=2, failed=1)) == 0
+    assert "1 of 3 trial(s) of this run failed" in caplog.text
+
+
+@pytest.mark.e2e
+def test_a_sweep_whose_trials_all_fail_exits_3(tmp_path, tiny_model, monkeypatch, capsys):
+    inject = inject_into_training(tmp_path / "inject", EVERY_TRIAL_FAILS)
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    spec = write_spec(tmp_path, tiny_model, n_trials="n_trials: 2", study="study: all-fail")
+    rc = main(["run", str(spec), "--storage", f"sqlite:///{tmp_path / 'sweep.db'}",
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--work-dir", str(tmp_path / "runs"), "--json"])  # fmt: skip
+    assert rc == EXIT_ALL_FAILED
+    assert '"FAIL": 2' in capsys.readouterr().out

@@ -31,6 +31,16 @@ def _tracking_uri(arg: str | None) -> str:
     return arg or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
 
 
+#: The Optuna storage URL when ``--storage`` is not given: from the environment, so that a URL with a password
+#: need not stand in argv (``ps``, shell history, MLflow's logged parameters). PostgreSQL also reads
+#: ``PGPASSWORD`` and ``~/.pgpass`` itself: ``postgresql://user@host/db`` then needs no password at all.
+STORAGE_ENV = "SWEEP_STORAGE"
+
+
+def _default_storage() -> str:
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -38,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or continue) the study a spec describes")
     r.add_argument("spec", type=Path)
     r.add_argument("--study", help="study name (default: the spec's `study`, else its file name)")
-    r.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    r.add_argument(
+        "--storage",
+        default=_default_storage(),
+        help=f"Optuna storage URL (default ${STORAGE_ENV} or {DEFAULT_STORAGE})",
+    )
     r.add_argument("--tracking-uri", help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING})")
     r.add_argument("--work-dir", type=Path, default=Path("sweep-runs"), help="where trials write (default sweep-runs/)")
     r.add_argument(
@@ -75,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         help="score the study's best trial and the champion on the test split; move the alias if it is better",
     )
     pro.add_argument("study")
-    pro.add_argument("--storage", default=DEFAULT_STORAGE)
+    pro.add_argument("--storage", default=_default_storage())
     pro.add_argument("--tracking-uri")
     pro.add_argument("--json", action="store_true")
 
@@ -83,19 +97,19 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("source", help="a study name, or models:/NAME@ALIAS (or models:/NAME/VERSION)")
     exp.add_argument("--adapter", type=Path, help="copy the LoRA adapter into this new folder")
     exp.add_argument("--merge", type=Path, help="write the merged Hugging Face model (XTuner's merge) here")
-    exp.add_argument("--storage", default=DEFAULT_STORAGE)
+    exp.add_argument("--storage", default=_default_storage())
     exp.add_argument("--tracking-uri")
 
     chat = sub.add_parser("chat", help="talk to an adapter in its prompt template (like `xtuner chat --adapter`)")
     chat.add_argument("source", help="a study name, or models:/NAME@ALIAS")
     chat.add_argument("--question", action="append", help="answer this question and exit (repeatable)")
     chat.add_argument("--max-new-tokens", type=int)
-    chat.add_argument("--storage", default=DEFAULT_STORAGE)
+    chat.add_argument("--storage", default=_default_storage())
     chat.add_argument("--tracking-uri")
 
     rep = sub.add_parser("report", help="trials table, parameter importances and Optuna's plots (HTML, PNG); or --json")
     rep.add_argument("study")
-    rep.add_argument("--storage", default=DEFAULT_STORAGE)
+    rep.add_argument("--storage", default=_default_storage())
     rep.add_argument("--tracking-uri")
     rep.add_argument("--json", action="store_true")
     rep.add_argument("--plots", type=Path, help="folder for the plots (default: the study's work dir /plots)")

@@ -44,12 +44,14 @@ def resolve(source: str, storage: str, tracking_uri: str, scratch: Path) -> Reso
 def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
     import mlflow
 
+    from sweep.tracking import redact
+
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(scratch)))
     except Exception as err:  # noqa: BLE001 - MLflow raises several types for "no such model/alias"
-        raise SpecError(f"{uri}: not found in the registry at {tracking_uri} ({_first_line(err)})") from None
+        raise SpecError(f"{uri}: not found in the registry at {redact(tracking_uri)} ({_first_line(err)})") from None
     meta = yaml.safe_load((local / "MLmodel").read_text())
     flavor = meta.get("flavors", {}).get("python_function", {})
     config = flavor.get("config") or flavor.get("model_config") or {}  # MLmodel's key for pyfunc's model_config

@@ -9,11 +9,11 @@ parent run instead of starting a new one.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -32,13 +32,28 @@ RACE_MARKERS = (
 )  # MLflow's log_batch takes at most 1000 metrics per call
 
 
+#: Query parameters that carry a secret (libpq's ``password``, tokens of HTTP tracking servers).
+SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "token", "access_token", "api_key", "apikey"})
+
+
 def redact(uri: str) -> str:
-    """A URI with its password replaced, so it can be shown, logged or tagged."""
-    parts = urlsplit(uri)
-    if parts.password is None:
+    """A storage or tracking URI with its password (and secret query parameters) replaced, to show, log or tag.
+
+    Parsed by SQLAlchemy, as Optuna and MLflow parse it: ``urlsplit`` stops at a ``#``, ``?`` or ``/`` inside a
+    password and left ``postgresql://u:pa#ss@host/db`` whole. Whatever cannot be parsed loses everything
+    between ``://`` and the last ``@``.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except (ArgumentError, ValueError):
+        return re.sub(r"://.*@", "://***@", uri) if "@" in uri else uri
+    secret = {k: "***" for k in url.query if k.lower() in SECRET_PARAMS}
+    if not (secret or url.password):
         return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return url.update_query_dict(secret).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 class Tracker:

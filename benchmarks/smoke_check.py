@@ -81,6 +81,7 @@ def champion(name: str) -> int:
     tags = {k: v for k, v in version.tags.items() if k.startswith(("test/", "gate"))}
     print(f"{name}: champion is version {version.version} (trial {version.tags.get('trial')}), {tags}")
     mlflow.set_tracking_uri(TRACKING)
+    mlflow.set_registry_uri(TRACKING)  # another study's gate may have set it
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     questions = ["Who are you?", "你是谁？"]
     answers = model.predict(questions)

@@ -156,8 +156,8 @@ def _run(args: argparse.Namespace) -> int:
     from sweep import study
 
     spec = load_spec(args.spec)
-    if args.study:
-        spec = spec.model_copy(update={"study": args.study})
+    if args.study is not None:
+        spec = spec.with_study(args.study)
     opts = study.RunOptions(
         storage=args.storage,
         tracking_uri=_tracking_uri(args.tracking_uri),

@@ -29,6 +29,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder; expected a JSON or JSONL data file") from None
+    except OSError as err:  # a symlink loop, no permission, ...
+        raise SpecError(f"{path}: cannot be read as a data file ({err.strerror or err})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -141,6 +141,11 @@ def render(
 
     ``activation_checkpointing`` None keeps the base config's choice (XTuner's default is on).
     """
+    if not isinstance(_get(base, "model", "lora"), dict):
+        raise SpecError(
+            f"base_config {spec.base_config}: has no model.lora (it trains every weight: a full or DPO fine-tune); "
+            "xtuner-sweep tunes LoRA/QLoRA adapters: start from a *_lora_* or *_qlora_* config"
+        )
     cfg = copy.deepcopy(base)
     if activation_checkpointing is not None:
         cfg["model"]["use_activation_checkpointing"] = bool(activation_checkpointing)

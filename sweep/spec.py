@@ -8,6 +8,7 @@ name the file and the dotted path of the offending key.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,38 @@ KNOBS: dict[str, type] = {
     "mix_ratio": float,
     "max_length": int,
 }
+
+
+#: Where each knob's values make sense: (low, high, low included, high included). A value outside fails the
+#: spec at once, naming the key, instead of a trial that crashes or trains nothing hours later.
+KNOB_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "max_epochs": (1, 100_000, True, True),
+    "max_iters": (1, 10**9, True, True),
+    "batch_size": (1, 65_536, True, True),
+    "accumulative_counts": (1, 65_536, True, True),
+    "lr": (0.0, 1.0, False, True),
+    "lora_r": (1, 65_536, True, True),
+    "lora_alpha": (1, 10**6, True, True),
+    "lora_alpha_ratio": (0.0, 1024.0, False, True),
+    "lora_dropout": (0.0, 1.0, True, False),
+    "mix_ratio": (0.0, 1.0, True, False),
+    "max_length": (16, 1_048_576, True, True),
+}
+
+
+def check_knob(name: str, value: float) -> None:
+    """Raise ValueError when a knob's value is outside ``KNOB_RANGES``."""
+    low, high, low_in, high_in = KNOB_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: {value!r} is not a number")
+    if value < low or value > high or (value == low and not low_in) or (value == high and not high_in):
+        raise ValueError(f"{name}: {value!r} is outside {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}")
+
+
+#: A study name becomes a folder and an MLflow experiment: letters, digits, `_`, `.`, `-`, and not only dots.
+STUDY_NAME = r"^(?!\.+$)[A-Za-z0-9_.\-]+$"
+#: A registered model name goes into MLflow filter strings and URIs (``models:/NAME@champion``).
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
 class SpecError(ValueError):
@@ -222,13 +255,22 @@ class SpeedSpec(_Strict):
 
 
 class RegistrySpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not re.match(MODEL_NAME, v):
+            raise ValueError(
+                f"{v!r} is not a model name: letters, digits, '_', '.', '-', starting with a letter or digit"
+            )
+        return v
 
 
 class Spec(_Strict):
     """A whole sweep. Paths are resolved relative to the spec file's folder."""
 
-    study: str = Field(default="", pattern=r"^[A-Za-z0-9_.\-]*$")
+    study: str
     base_config: str
     model: ModelSpec
     data: DataSpec
@@ -260,6 +302,13 @@ class Spec(_Strict):
     def scores_rouge(self) -> bool:
         return self.generation is not None or "val/rouge_l" in self.objective.components
 
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v: str) -> str:
+        if not re.match(STUDY_NAME, v):
+            raise ValueError(f"{v!r} is not a study name: letters, digits, '_', '.', '-', and not only dots")
+        return v
+
     @field_validator("search_space", "fixed")
     @classmethod
     def _known_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +337,26 @@ class Spec(_Strict):
                         raise ValueError(f"search_space.{name}: choice {choice!r} is not a number")
             if isinstance(param, FloatParam) and want is int:
                 raise ValueError(f"search_space.{name}: is an int knob; use type: int")
+            for value in param.choices if isinstance(param, CategoricalParam) else (param.low, param.high):
+                try:
+                    check_knob(name, value)
+                except ValueError as err:
+                    raise ValueError(f"search_space.{err}") from None
+        for name, value in self.fixed.items():
+            try:
+                check_knob(name, value)
+            except ValueError as err:
+                raise ValueError(f"fixed.{err}") from None
         return self
+
+    def with_study(self, name: str) -> Spec:
+        """This spec under another study name (``--study``), validated like the file's own."""
+        try:
+            return Spec.model_validate({**self.model_dump(), "study": name})
+        except ValidationError as err:
+            raise SpecError(
+                f"--study {name!r}: {_format_errors(Path('--study'), err).splitlines()[-1].strip()}"
+            ) from None
 
     @property
     def registered_model_name(self) -> str:
@@ -305,9 +373,9 @@ def load_spec(path: str | Path) -> Spec:
     except UnicodeDecodeError as err:
         raise SpecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+        raise SpecError(f"{path}: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     raw.setdefault("study", path.stem.replace(" ", "_"))
@@ -316,6 +384,32 @@ def load_spec(path: str | Path) -> Spec:
     except ValidationError as err:
         raise SpecError(_format_errors(path, err)) from None
     return _resolve_paths(spec, path.resolve().parent)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML lets the last one win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where (line and column) and what, instead of PyYAML's five-line report."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if "\\t" in problem:  # PyYAML writes the tab it found as '\t'
+        problem += " (YAML indents with spaces, not tabs)"
+    return f"not valid YAML: {where}{problem}"
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

@@ -27,6 +27,7 @@ def _data_block(task: Path, extra: str = "") -> str:
     return f"data:\n  task: {task}\n  val: 0.2\n  seed: 0\n{extra}"
 
 
+MIX_ONLY = "search_space:\n  mix_ratio: {type: float, low: 0.0, high: 0.3}"
 CASES = {
     "malformed json": (lambda d, m: {"data": _data_block(_task(d, '{"messages": ['))}, "line 21: malformed JSON"),
     "no messages": (
@@ -69,7 +70,52 @@ CASES = {
         lambda d, m: {"n_trials": "n_trials: 2\nobjective: {metric: val/bleu}"},
         "objective.metric: 'val/bleu' is produced by nothing",
     ),
+    # names and values that used to pass (issue 16, item 5)
+    "study ..": (lambda d, m: {"study": "study: '..'"}, "study: '..' is not a study name"),
+    "study empty": (lambda d, m: {"study": "study: ''"}, "study: '' is not a study name"),
+    "registry name with /": (lambda d, m: {"registry": "registry: {name: team/model}"}, "registry.name: 'team/model'"),
+    "registry name with '": (lambda d, m: {"registry": 'registry: {name: "it\'s"}'}, "registry.name:"),
+    "batch_size 0": (lambda d, m: {"fixed": "fixed: {batch_size: 0}"}, "fixed.batch_size: 0 is outside [1, 65536]"),
+    "lr -1": (
+        lambda d, m: {"fixed": "fixed: {lr: -1}", "search_space": MIX_ONLY},
+        "fixed.lr: -1 is outside (0.0, 1.0]",
+    ),
+    "max_epochs 0": (lambda d, m: {"fixed": "fixed: {max_epochs: 0}"}, "fixed.max_epochs: 0 is outside"),
+    "lora_r 0 searched": (
+        lambda d, m: {"search_space": "search_space:\n  lora_r: {type: categorical, choices: [0, 8]}"},
+        "search_space.lora_r: 0 is outside [1, 65536]",
+    ),
+    "lora_dropout 7": (
+        lambda d, m: {"fixed": "fixed: {lora_dropout: 7.0}"},
+        "fixed.lora_dropout: 7.0 is outside [0.0, 1.0)",
+    ),
+    "max_length huge": (
+        lambda d, m: {"fixed": "fixed: {max_length: 100000000000}"},
+        "fixed.max_length: 100000000000 is outside",
+    ),
+    "lr range below 0": (
+        lambda d, m: {"search_space": "search_space:\n  lr: {type: float, low: -0.1, high: 0.1}"},
+        "search_space.lr: -0.1 is outside",
+    ),
+    "full fine-tune base config": (
+        lambda d, m: {
+            "base_config": "base_config: internlm2_chat_1_8b_full_alpaca_e3",
+            "fixed": "fixed: {max_length: 64, lora_r: 8}",
+            "search_space": MIX_ONLY,
+        },
+        "base_config internlm2_chat_1_8b_full_alpaca_e3: has no model.lora",
+    ),  # fmt: skip
+    "data path is a folder": (lambda d, m: {"data": _data_block(d)}, f"{'inputs'}: is a folder"),
+    "data path is a symlink loop": (lambda d, m: {"data": _data_block(_loop(d))}, "cannot be read as a data file"),
+    "duplicate key": (lambda d, m: {"n_trials": "n_trials: 2\nn_trials: 3"}, "key 'n_trials' given twice"),
+    "tab": (lambda d, m: {"n_trials": "n_trials: 2\nprobes:\n\t- a"}, "not tabs"),
 }
+
+
+def _loop(folder: Path) -> Path:
+    (folder / "loop-a").symlink_to(folder / "loop-b")
+    (folder / "loop-b").symlink_to(folder / "loop-a")
+    return folder / "loop-a"
 
 
 def _val_file(folder: Path) -> Path:
@@ -104,7 +150,19 @@ def test_bad_input_exits_2_and_creates_nothing(case, tmp_path, monkeypatch, caps
     assert rc == 2, err
     assert expected in err, err
     assert str(inputs) in err, "the message names the file"
+    assert "Traceback" not in err and err.count("error:") == 1, err
     assert _files(tmp_path) == before, "bad input left files behind"
+
+
+@pytest.mark.parametrize("name", ["..", "", "a/b", "."])
+def test_a_bad_study_option_exits_2_and_creates_nothing(name, tmp_path, monkeypatch, capsys, tiny_model):
+    spec = write_spec(tmp_path, tiny_model)
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path.parent)
+    rc = main(["run", str(spec), "--study", name])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--study {name!r}" in err and "is not a study name" in err, err
+    assert _files(tmp_path.parent) == before
 
 
 def test_unreachable_storage_exits_2_and_hides_the_password(tmp_path, monkeypatch, capsys, tiny_model):

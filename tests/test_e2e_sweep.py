@@ -149,6 +149,7 @@ def test_champion_is_registered_and_answers(e2e):
     else:  # it lost on the test split: registered without the alias, the champion kept
         assert reg["alias"] is None and str(mv.version) == reg["champion_version"]
     mlflow.set_tracking_uri(e2e["opts"].tracking_uri)
+    mlflow.set_registry_uri(e2e["opts"].tracking_uri)  # another study's gate may have set it
     model = mlflow.pyfunc.load_model("models:/e2e-model@champion")
     answers = model.predict(["Who are you?", "你是谁？"])
     assert isinstance(answers, list) and len(answers) == 2

@@ -103,7 +103,13 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     """
     try:
         return _run_trial(trial, ctx)
-    except (optuna.TrialPruned, launcher.Interrupted):
+    except launcher.Interrupted:
+        # Queue the same values again, so that the next `sweep run` resumes where this one stopped: also a
+        # trial Optuna had just taken off the queue when the stop came, before it started training.
+        trial.study.enqueue_trial(trial.params, user_attrs={"resumes_trial": trial.number})
+        log.warning("trial %d: interrupted; its values are queued again for the next `sweep run`", trial.number)
+        raise
+    except optuna.TrialPruned:
         raise
     except Exception as err:
         _record_failure(trial, ctx, err)
@@ -132,12 +138,12 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     A multi-objective trial returns every objective's value at the primary metric's best point,
     the point its adapter was saved at, so that each Pareto trial's adapter is what its values say.
     """
-    if launcher.STOP.is_set():
-        raise launcher.Interrupted("the sweep is stopping; trial not started")
     spec = ctx.spec
     objective = spec.objective
     metric = objective.primary
-    values = trial_values(spec, suggest(trial, spec), ctx.base_knobs)
+    values = trial_values(spec, suggest(trial, spec), ctx.base_knobs)  # first: an interrupted trial has its values
+    if launcher.STOP.is_set():
+        raise launcher.Interrupted("the sweep is stopping; trial not started")
     work = ctx.root / f"trial_{trial.number:04d}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -293,10 +299,7 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     except launcher.Interrupted:
         status = "KILLED"
         ctx.tracker.set_tags(run_id, {"state": "INTERRUPTED"})
-        # Queue the same values again, so that the next `sweep run` resumes where this one stopped.
-        trial.study.enqueue_trial(trial.params, user_attrs={"resumes_trial": trial.number})
-        log.warning("trial %d: interrupted; queued again for the next `sweep run`", trial.number)
-        raise
+        raise  # run_trial queues the values again
     finally:
         progress.trial_ended(trial.number)
         ctx.tracker.finish(run_id, status)

@@ -185,7 +185,7 @@ def challenge(
     current = tracker.champion(name, CHAMPION)
     if current is not None and str(current.version) == version:
         return GateResult(name, version, True, "already the champion", already=True)
-    candidate = tagged_scores(tracker.client.get_model_version(name, version), key)
+    candidate = tagged_scores(tracker.client.get_model_version(name, version), key, metric)
     if candidate is None:
         candidate = score_candidate()
         save_scores(tracker, name, version, candidate, key)
@@ -214,7 +214,7 @@ def _move_if_better(
     the re-read narrows the race but does not close it.
     """
     champ = seen
-    champ_scores = _scores_of(champ, key, score_champion) if champ is not None else None
+    champ_scores = _scores_of(champ, key, metric, score_champion) if champ is not None else None
     for _ in range(MAX_ROUNDS):
         with champion_lock(tracker.uri, name) as kind:
             now = tracker.champion(name, CHAMPION)
@@ -222,7 +222,7 @@ def _move_if_better(
                 return GateResult(name, version, True, "already the champion (moved by another gate)", dict(candidate))
             stale = False
             if _version_of(now) != _version_of(champ):
-                champ, champ_scores = now, (tagged_scores(now, key) if now is not None else None)
+                champ, champ_scores = now, (tagged_scores(now, key, metric) if now is not None else None)
                 stale = now is not None and champ_scores is None  # never scored on this test split
             if not stale:
                 return _decide(tracker, name, version, candidate, metric, direction, champ, champ_scores, kind)
@@ -239,9 +239,9 @@ def _version_of(mv: ModelVersion | None) -> str | None:
 
 
 def _scores_of(
-    mv: ModelVersion, key: str, score_champion: Callable[[ModelVersion], dict[str, float] | None]
+    mv: ModelVersion, key: str, metric: str, score_champion: Callable[[ModelVersion], dict[str, float] | None]
 ) -> dict[str, float] | None:
-    cached = tagged_scores(mv, key)
+    cached = tagged_scores(mv, key, metric)
     return cached if cached is not None else score_champion(mv)
 
 
@@ -296,13 +296,14 @@ def scoring_key(spec: Spec, test_file: Path) -> str:
 def save_scores(tracker: Tracker, name: str, version: str, scores: dict[str, float], key: str) -> None:
     """Full-precision test scores as version tags (``test/loss`` ...), with the key they were measured under."""
     client = tracker.client
+    client.set_model_version_tag(name, version, KEY_TAG, "")  # no reader pairs new scores with an old key
     for metric, value in scores.items():
         client.set_model_version_tag(name, version, metric, repr(float(value)))
     client.set_model_version_tag(name, version, KEY_TAG, key)
 
 
-def tagged_scores(mv: ModelVersion | None, key: str) -> dict[str, float] | None:
-    """A version's recorded test scores, if they were measured under ``key``; None: score it."""
+def tagged_scores(mv: ModelVersion | None, key: str, metric: str) -> dict[str, float] | None:
+    """A version's recorded test scores, if measured under ``key`` and holding ``metric``; None: score it."""
     tags = getattr(mv, "tags", None) or {}
     if tags.get(KEY_TAG) != key:
         return None
@@ -313,7 +314,7 @@ def tagged_scores(mv: ModelVersion | None, key: str) -> dict[str, float] | None:
                 scores[tag] = float(value)
             except ValueError:
                 continue
-    return scores or None
+    return scores if metric in scores else None
 
 
 def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adapter: Path, run_id: str):

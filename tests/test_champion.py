@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.gate import CHAMPION, GateResult, challenge
+from sweep.gate import CHAMPION, GateResult, challenge, save_scores
 from sweep.locks import champion_lock
 from sweep.tracking import Tracker
 
@@ -125,6 +125,7 @@ def test_a_changed_champion_without_scores_is_scored_before_the_move(registry: s
     """The champion moved to a version never scored on this test split: it is scored (outside the lock) first."""
     tracker = Tracker(registry)
     first, second, mine = _version(tracker), _version(tracker), _version(tracker)
+    save_scores(tracker, NAME, second, {"test/loss": 0.1}, "another-test-split")  # not comparable: ignored
     tracker.client.set_registered_model_alias(NAME, CHAMPION, first)
     scored: list[str] = []
 
@@ -137,7 +138,7 @@ def test_a_changed_champion_without_scores_is_scored_before_the_move(registry: s
 
     result = challenge(tracker, NAME, mine, KEY, "test/loss", "minimize", lambda: {"test/loss": 1.0}, champion_scores)
     assert scored == [first, second]
-    assert not result.moved and result.champion_version == second
+    assert not result.moved and result.champion_version == second and result.champion == {"test/loss": 0.5}
     assert str(tracker.champion(NAME).version) == second
 
 

@@ -50,7 +50,8 @@ def champion_lock(tracking_uri: str, name: str, timeout: float = LOCK_TIMEOUT_S)
     Yields what kind of lock it is, for the log. With a tracking server (``http(s)://``,
     ``databricks``) there is no database this process can lock: it yields ``"none"`` and the gate
     only re-reads the champion right before moving the alias, which narrows the race to the
-    milliseconds between that read and the move but does not close it.
+    milliseconds between that read and the move but does not close it. MySQL and MSSQL stores
+    get the same (their named locks are not implemented here yet).
     """
     if tracking_uri.startswith("postgresql"):
         with _pg_advisory_lock(tracking_uri, name, timeout):

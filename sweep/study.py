@@ -15,6 +15,8 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from optuna.trial import TrialState
 
 from sweep import data as data_mod
 from sweep.gate import best_trial, pareto_trials, promote
+from sweep.locks import adapter_removal
 from sweep.pool import WorkerPool
 from sweep.progress import SweepProgress
 from sweep.render import Device, TrialFiles, load_base_config, prompt_template, render
@@ -319,7 +322,8 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     before = {t.number for t in study.get_trials(deepcopy=False)}
     callbacks: list = [progress]
     if spec.keep_adapters:
-        callbacks.append(_AdapterBudget(spec.keep_adapters, champion_run=_champion_run(ctx)))
+        name = spec.registered_model_name
+        callbacks.append(_AdapterBudget(spec.keep_adapters, champion_run=lambda: _champion_run(tracker, name)))
     try:
         with progress:
             study.optimize(
@@ -404,8 +408,9 @@ def _check_work_dir(root: Path, storage: str) -> Path:
     return owner
 
 
-def _champion_run(ctx: StudyContext) -> str | None:
-    mv = ctx.tracker.champion(ctx.spec.registered_model_name)
+def _champion_run(tracker: Tracker, name: str) -> str | None:
+    """The run of the version ``champion`` points to now (another worker or study may have moved it)."""
+    mv = tracker.champion(name)
     return mv.run_id if mv is not None else None
 
 
@@ -413,12 +418,15 @@ class _AdapterBudget:
     """Keep adapters on disk only for the best ``keep`` trials, every Pareto trial and the champion.
 
     Deleted adapters stay in MLflow as artifacts of their trial's run; only the local copy goes.
-    Ranking is by the primary objective.
+    Ranking is by the primary objective. Workers of one study share the work dir, so an adapter
+    is removed only under its exclusive lock (a gate registering or scoring it holds it shared,
+    and then it stays), and the champion is read after those locks are taken, each time: a gate
+    that moved the alias to one of them has finished by then, and the new champion is kept.
     """
 
-    def __init__(self, keep: int, champion_run: str | None = None) -> None:
+    def __init__(self, keep: int, champion_run: Callable[[], str | None] | None = None) -> None:
         self.keep = keep
-        self.champion_run = champion_run
+        self.champion_run = champion_run or (lambda: None)
 
     def __call__(self, study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
         import shutil
@@ -432,11 +440,25 @@ class _AdapterBudget:
         sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
         ranked = sorted(with_adapter, key=lambda t: (t.state != optuna.trial.TrialState.COMPLETE, sign * _score(t)))
         pareto = {t.number for t in pareto_trials(study)} if len(study.directions) > 1 else set()
-        for t in ranked[self.keep :]:
-            if t.user_attrs.get("mlflow_run_id") == self.champion_run or t.number in pareto:
-                continue
-            shutil.rmtree(t.user_attrs["adapter_path"], ignore_errors=True)
-            log.info("trial %d: adapter removed from disk (kept in MLflow); keep_adapters=%d", t.number, self.keep)
+        doomed = [t for t in ranked[self.keep :] if t.number not in pareto]
+        if not doomed:
+            return
+        with ExitStack() as locks:
+            mine = [t for t in doomed if locks.enter_context(adapter_removal(Path(t.user_attrs["adapter_path"])))]
+            for number in sorted({t.number for t in doomed} - {t.number for t in mine}):
+                log.info("trial %d: adapter in use by a gate; kept for now (keep_adapters)", number)
+            if not mine:
+                return
+            try:
+                champion = self.champion_run()
+            except Exception as err:  # noqa: BLE001 - cannot tell which adapter is the champion's: remove none
+                log.warning("keep_adapters: no adapter removed this time: %s", err)
+                return
+            for t in mine:
+                if t.user_attrs.get("mlflow_run_id") == champion:
+                    continue
+                shutil.rmtree(t.user_attrs["adapter_path"], ignore_errors=True)
+                log.info("trial %d: adapter removed from disk (kept in MLflow); keep_adapters=%d", t.number, self.keep)
 
 
 def _score(t: optuna.trial.FrozenTrial) -> float:

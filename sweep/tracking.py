@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 STUDY_TAG = "xtuner_sweep.study"
@@ -165,16 +166,54 @@ class Tracker:
 
     # -- registry --------------------------------------------------------------------------
     def version_of_run(self, name: str, run_id: str):
-        """The oldest registered version made from this run, if any (re-runs must not duplicate it)."""
+        """The oldest registered version made from this run, if any (re-runs must not duplicate it).
+
+        Only "not found" means "none": a registry error must not look like "not registered yet",
+        or a re-run would register the run twice.
+        """
         try:
             versions = self.client.search_model_versions(f"name = '{name}'")
-        except Exception:  # noqa: BLE001 - no such registered model yet
-            return None
+        except MlflowException as err:
+            if is_not_found(err):
+                return None
+            raise RegistryError(self._cannot(f"list the versions of model {name!r}", err)) from err
         mine = sorted((mv for mv in versions if mv.run_id == run_id), key=lambda mv: int(mv.version))
         return mine[0] if mine else None
 
     def champion(self, name: str, alias: str = "champion"):
+        """The version ``alias`` points to; None only when the model or the alias does not exist.
+
+        Any other error (the database or server briefly unreachable) propagates: were it read as
+        "no champion", the gate would crown its candidate without comparing it with anything.
+        MLflow's SQL store says RESOURCE_DOES_NOT_EXIST for a missing model but
+        INVALID_PARAMETER_VALUE for a missing alias, so that one is confirmed on the model itself.
+        """
         try:
             return self.client.get_model_version_by_alias(name, alias)
-        except Exception:  # noqa: BLE001 - no such model or alias yet
-            return None
+        except Exception as err:  # noqa: BLE001 - every failure is named below; only "not found" is None
+            if is_not_found(err):
+                return None
+            if not isinstance(err, MlflowException):
+                raise RegistryError(self._cannot(f"read alias {alias!r} of model {name!r}", err)) from err
+            try:
+                aliases = self.client.get_registered_model(name).aliases or {}
+            except MlflowException as again:
+                if is_not_found(again):
+                    return None
+                raise RegistryError(self._cannot(f"read alias {alias!r} of model {name!r}", err)) from again
+            if alias not in aliases:
+                return None
+            raise RegistryError(self._cannot(f"read alias {alias!r} of model {name!r}", err)) from err
+
+    def _cannot(self, what: str, err: Exception) -> str:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"registry {redact(self.uri)}: cannot {what}: {getattr(err, 'error_code', type(err).__name__)}: {first}"
+
+
+class RegistryError(RuntimeError):
+    """The registry failed to answer (as opposed to answering "not found")."""
+
+
+def is_not_found(err: Exception) -> bool:
+    """MLflow's "no such resource" (a model, version or run), as opposed to any failure to answer."""
+    return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"

@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--merge", type=Path, help="write the merged Hugging Face model (XTuner's merge) here")
     exp.add_argument("--storage", default=_default_storage())
     exp.add_argument("--tracking-uri")
+    exp.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let a registered model's base model run its own code (InternLM2 needs it); only for sources you trust",
+    )  # fmt: skip
 
     chat = sub.add_parser("chat", help="talk to an adapter in its prompt template (like `xtuner chat --adapter`)")
     chat.add_argument("source", help="a study name, or models:/NAME@ALIAS")
@@ -106,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int)
     chat.add_argument("--storage", default=_default_storage())
     chat.add_argument("--tracking-uri")
+    chat.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let a registered model's base model run its own code (InternLM2 needs it); only for sources you trust",
+    )  # fmt: skip
 
     rep = sub.add_parser("report", help="trials table, parameter importances and Optuna's plots (HTML, PNG); or --json")
     rep.add_argument("study")
@@ -171,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         console=args.console,
     )
     _stop_on_signals()
+    umask = os.umask(0o077)  # work dirs, SQLite stores, adapters and logs: the user's alone (0700/0600)
     try:
         report = study.run(spec, opts)
     except KeyboardInterrupt:
@@ -179,6 +188,8 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        os.umask(umask)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -287,7 +298,9 @@ def _export(args: argparse.Namespace) -> int:
     if not args.adapter and not args.merge:
         raise SpecError("export: give --adapter DIR, --merge DIR or both")
     with tempfile.TemporaryDirectory() as scratch:
-        resolved = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch))
+        resolved = resolve(
+            args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch), args.trust_remote_code
+        )
         for out in (args.adapter, args.merge):
             if out:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -304,8 +317,8 @@ def _chat(args: argparse.Namespace) -> int:
     from sweep.scoring import load_adapter_model
 
     with tempfile.TemporaryDirectory() as scratch:
-        r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch))
-        model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize, r.cpu_amp)
+        r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch), args.trust_remote_code)
+        model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize, r.cpu_amp, r.trust_remote_code)
     max_new = args.max_new_tokens or r.max_new_tokens
 
     def answer(question: str) -> str:

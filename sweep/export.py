@@ -32,12 +32,23 @@ class Resolved:
     max_new_tokens: int = 64
     quantize: bool = False
     cpu_amp: bool = False  # trained in bf16 on the CPU: loaded in bf16 there too (scoring.inference_dtype)
+    trust_remote_code: bool = False  # a study: its spec's choice; a registry URI: only the user's --trust-remote-code
 
 
-def resolve(source: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
-    """Find the adapter, base model and template behind a study name or a ``models:/`` URI."""
+def resolve(source: str, storage: str, tracking_uri: str, scratch: Path, trust_remote_code: bool = False) -> Resolved:
+    """Find the adapter, base model and template behind a study name or a ``models:/`` URI.
+
+    A registered model's remote code runs only with ``trust_remote_code`` (the user's flag): anyone who can
+    write the registry could have put it there. A study's own spec decides for its own model.
+    """
     if source.startswith("models:/"):
-        return _from_registry(source, tracking_uri, scratch)
+        resolved = _from_registry(source, tracking_uri, scratch)
+        if resolved.trust_remote_code and not trust_remote_code:
+            raise SpecError(
+                f"{source}: its base model runs code of its own; pass --trust-remote-code if you trust its source"
+            )
+        resolved.trust_remote_code = trust_remote_code
+        return resolved
     return _from_study(source, storage, tracking_uri, scratch)
 
 
@@ -63,7 +74,8 @@ def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
     if not (base / "config.json").is_file():
         raise SpecError(f"{uri}: its base model folder {base} is not on this machine")
     return Resolved(uri, adapters[0], base, config["template"], config.get("system", ""),
-                    int(config.get("max_new_tokens", 64)), cpu_amp=bool(config.get("cpu_amp")))  # fmt: skip
+                    int(config.get("max_new_tokens", 64)), cpu_amp=bool(config.get("cpu_amp")),
+                    trust_remote_code=bool(config.get("needs_remote_code")))  # fmt: skip
 
 
 def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
@@ -90,6 +102,7 @@ def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Re
     return Resolved(
         f"study {name} trial {best.number}", adapter, spec.model.path, prompt_template(spec.model.template),
         spec.model.system, gen.max_new_tokens if gen else 64, spec.model.quantize, spec.cpu_amp,
+        spec.model.trust_remote_code,
     )  # fmt: skip
 
 
@@ -109,6 +122,10 @@ def export(resolved: Resolved, adapter_out: Path | None, merge_out: Path | None)
         tmp.rename(adapter_out)
         written.append(adapter_out)
     if merge_out is not None:
+        if not resolved.trust_remote_code and "auto_map" in (resolved.base_model / "config.json").read_text():
+            raise SpecError(  # XTuner's merge loads every model with trust_remote_code=True
+                f"{resolved.base_model}: this base model runs code of its own; pass --trust-remote-code to merge it"
+            )
         if merge_out.exists():
             merge_out.rmdir()
         merge_adapter(resolved.base_model, resolved.adapter, merge_out)

@@ -329,8 +329,9 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
         return version
     template = prompt_template(spec.model.template)
     uri = log_chat_model(
-        run_id, tracker.uri, adapter, spec.model.path, template, spec.model.system, cpu_amp=spec.cpu_amp
-    )
+        run_id, tracker.uri, adapter, spec.model.path, template, spec.model.system, cpu_amp=spec.cpu_amp,
+        needs_remote_code=spec.model.trust_remote_code,
+    )  # fmt: skip
     mlflow.set_registry_uri(tracker.uri)
     mine = mlflow.register_model(uri, name, tags={"study": spec.study, "trial": str(best.number)})
     client = tracker.client
@@ -359,6 +360,7 @@ def _score(spec: Spec, adapter: Path, config: Path, test_file: Path) -> dict[str
         max_new_tokens=gen.max_new_tokens if gen else 48,
         quantize=spec.model.quantize,
         cpu_amp=spec.cpu_amp,
+        trust_remote_code=spec.model.trust_remote_code,
     )
 
 

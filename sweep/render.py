@@ -158,9 +158,11 @@ def render(
     tokenizer = copy.deepcopy(cfg.get("tokenizer")) or {
         "type": "transformers.AutoTokenizer.from_pretrained",
         "pretrained_model_name_or_path": model_path,
-        "trust_remote_code": True,
+        "trust_remote_code": spec.model.trust_remote_code,
         "padding_side": "right",
     }
+    _replace_values(cfg, "trust_remote_code", None, spec.model.trust_remote_code)  # XTuner's configs say True
+    _replace_values(tokenizer, "trust_remote_code", None, spec.model.trust_remote_code)
     llm = cfg["model"]["llm"]
     if spec.model.quantize:
         llm.setdefault(

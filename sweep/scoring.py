@@ -36,7 +36,9 @@ def inference_dtype(cpu_amp: bool = False) -> torch.dtype:
     return torch.bfloat16 if _device() == "cuda" or cpu_amp else torch.float32
 
 
-def load_adapter_model(base_model: Path, adapter: Path, quantize: bool = False, cpu_amp: bool = False):
+def load_adapter_model(
+    base_model: Path, adapter: Path, quantize: bool = False, cpu_amp: bool = False, trust_remote_code: bool = False
+):
     """The base model with the adapter applied, for inference (``inference_dtype``, nf4 when trained so).
 
     The whole base model is in one dtype, so activations match its weights without autocast; PEFT keeps
@@ -55,8 +57,8 @@ def load_adapter_model(base_model: Path, adapter: Path, quantize: bool = False, 
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": 0}
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(base_model, trust_remote_code=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base_model, trust_remote_code=trust_remote_code, **kwargs)
     model = PeftModel.from_pretrained(model, str(adapter))
     if "device_map" not in kwargs:
         model = model.to(device)
@@ -90,13 +92,14 @@ def score_adapter(
     max_new_tokens: int = 48,
     quantize: bool = False,
     cpu_amp: bool = False,
+    trust_remote_code: bool = False,
     prefix: str = "test",
 ) -> dict[str, float]:
     """``{prefix}/loss`` (and ``{prefix}/rouge_l``) of an adapter on the rows of a JSON-lines file."""
     from sweep.generation import generate_answers
     from sweep.hooks import _first_turn
 
-    model, tokenizer = load_adapter_model(base_model, adapter, quantize, cpu_amp)
+    model, tokenizer = load_adapter_model(base_model, adapter, quantize, cpu_amp, trust_remote_code)
     device = next(model.parameters()).device
     try:
         parts: list[tuple[float, int]] = []

@@ -28,7 +28,15 @@ class AdapterChatModel(PythonModel):
         cfg = context.model_config
         base = context.artifacts.get("base_model") or cfg["base_model_path"]
         adapter = Path(context.artifacts["adapter"])
-        self.model, self.tokenizer = load_adapter_model(Path(base), adapter, cpu_amp=bool(cfg.get("cpu_amp")))
+        trust = cfg.get("trust_remote_code") is True  # only the loader's own override sets it (see log_chat_model)
+        if cfg.get("needs_remote_code") and not trust:
+            raise RuntimeError(
+                "this model's base model runs code of its own (trust_remote_code); load it with "
+                "mlflow.pyfunc.load_model(uri, model_config={'trust_remote_code': True}) if you trust its source"
+            )
+        self.model, self.tokenizer = load_adapter_model(
+            Path(base), adapter, cpu_amp=bool(cfg.get("cpu_amp")), trust_remote_code=trust
+        )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -56,12 +64,19 @@ def log_chat_model(
     system: str = "",
     max_new_tokens: int = 64,
     cpu_amp: bool = False,
+    needs_remote_code: bool = False,
 ) -> str:
-    """Log the adapter as a pyfunc model in ``run_id``; returns the model URI to register."""
+    """Log the adapter as a pyfunc model in ``run_id``; returns the model URI to register.
+
+    The bundle records whether its base model needs remote code but never grants it: whoever can write the
+    registry could otherwise make every loader run their code. A loader grants it with
+    ``model_config={"trust_remote_code": True}``.
+    """
     mlflow.set_tracking_uri(tracking_uri)
     artifacts = {"adapter": str(adapter)}
     config: dict[str, Any] = {"template": template, "system": system, "max_new_tokens": max_new_tokens,
-                              "cpu_amp": cpu_amp}  # fmt: skip
+                              "cpu_amp": cpu_amp, "needs_remote_code": needs_remote_code,
+                              "trust_remote_code": False}  # fmt: skip  # MLflow lets a loader override logged keys only
     with tempfile.TemporaryDirectory() as tmp:
         if _folder_bytes(base_model) <= BUNDLE_LIMIT_BYTES:
             bundled = Path(tmp) / "base_model"

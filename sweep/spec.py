@@ -121,6 +121,9 @@ class ModelSpec(_Strict):
     template: str = "qwen_chat"
     quantize: bool = False
     system: str = ""
+    # Run the Python code a model folder ships (InternLM2 needs it; Qwen2 and Llama do not). Off unless the
+    # spec says so, whatever the base config says: the code runs with the sweep's rights.
+    trust_remote_code: bool = False
 
 
 class DataSpec(_Strict):

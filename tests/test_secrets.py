@@ -82,6 +82,11 @@ def test_no_trace_of_the_password_after_a_sweep(tmp_path: Path, tiny_model: Path
     assert main(["run", str(spec), "--tracking-uri", tracking, "--work-dir", str(tmp_path / "runs")]) == 0
     assert main(["report", "e2e", "--tracking-uri", tracking, "--no-plots"]) == 0
     assert main(["report", "no-such-study", "--tracking-uri", tracking]) == 2  # an error message that names the storage
+    # what the sweep made is its user's alone (issue 16, item 8)
+    assert (tmp_path / "runs").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "mlflow.db").stat().st_mode & 0o777 == 0o600
+    made = [p for p in (tmp_path / "runs").rglob("*") if not p.is_symlink()]
+    assert made and not [str(p) for p in made if p.stat().st_mode & 0o077], "readable by others"
     out, err = capfd.readouterr()
     assert "***" in err, "the storage URL was shown, redacted"
     leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

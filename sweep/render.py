@@ -275,8 +275,6 @@ def render(
         "save_best": objective.primary,
         "rule": rule,
     }
-    if "logger" in default_hooks:
-        default_hooks["logger"]["interval"] = 1
     cfg["randomness"] = {"seed": spec.seed, "deterministic": False}
     cfg["work_dir"] = str(files.work_dir)
     cfg["visualizer"] = None

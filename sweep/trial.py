@@ -33,6 +33,7 @@ from sweep.tokenized import tokenize_once
 from sweep.tracking import Tracker
 
 log = logging.getLogger("sweep")
+METRIC_INTERVAL_S = 5.0  # per-iteration metrics go to MLflow in batches at most this often
 TRAIN_KEYS = ("train/loss", "train/lr", "perf/tokens_per_sec", "perf/memory_mb")
 
 
@@ -181,9 +182,18 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         "points": [], "pruned": False, "end": None, "final_step": None, "at_step": {},
     }  # fmt: skip
     started = time.monotonic()
+    pending: list[tuple[str, float, int]] = []  # training metrics not yet sent to MLflow
+    sent = [time.monotonic()]
+
+    def flush_metrics() -> None:
+        if pending:
+            ctx.tracker.log_metrics(run_id, pending)
+            pending.clear()
+        sent[0] = time.monotonic()
 
     def on_poll() -> None:
-        rows: list[tuple[str, float, int]] = []
+        rows = pending
+        validated = False
         for ev in stream.read():
             kind = ev.get("kind")
             if kind == "train":
@@ -193,6 +203,7 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
                 state["final_step"] = ev["final_step"]
                 progress.trial_planned(trial.number, int(ev["final_step"]))
             elif kind == "val":
+                validated = True
                 step, value = int(ev["step"]), ev.get(metric)
                 rows += [(k, v, step) for k, v in ev.items() if "/" in k and isinstance(v, (int, float))]
                 stop = False
@@ -214,16 +225,21 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
                 state["end"] = ev
             elif kind == "warning":
                 log.warning("trial %d: %s", trial.number, ev.get("message"))
-        if rows:
-            ctx.tracker.log_metrics(run_id, rows)
+        # One MLflow call per METRIC_INTERVAL_S at most for the per-iteration curves (a poll is every 0.2 s),
+        # at once for a validation point, and whatever is left when training ends (flush_metrics below).
+        if validated or time.monotonic() - sent[0] >= METRIC_INTERVAL_S:
+            flush_metrics()
 
     train_log = work / "train.log"
     status = "FAILED"
     gpu_ids: list[int] = list(ctx.gpu_ids)
     try:
         for attempt in (1, 2):
-            rc, gpu_ids, shared = _train(ctx, trial, run_id, config, work, train_log, on_poll,
-                                         (batch_size, max_length, checkpointing), alone=attempt == 2)  # fmt: skip
+            try:
+                rc, gpu_ids, shared = _train(ctx, trial, run_id, config, work, train_log, on_poll,
+                                             (batch_size, max_length, checkpointing), alone=attempt == 2)  # fmt: skip
+            finally:
+                flush_metrics()
             if attempt == 1 and rc != 0 and shared and launcher.is_oom(rc, launcher.log_tail(train_log)):
                 # Our packing guessed wrong, not the trial: plan larger from now on and run it again, alone.
                 ctx.memory.out_of_memory()

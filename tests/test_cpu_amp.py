@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from sweep import study as study_mod
 from sweep.render import load_config
 from sweep.spec import load_spec
+from sweep.tracking import Tracker
 from tests.conftest import write_spec
 
 pytestmark = pytest.mark.e2e
@@ -55,8 +56,17 @@ def _sweep(ws: Path, model: Path, speed: str, n_trials: int) -> dict:
     st = study_mod.open_study(spec, opts.storage)
     for values in VALUES[:n_trials]:
         st.enqueue_trial(values)
-    report = study_mod.run(spec, opts)
-    return {"report": report, "opts": opts, "study": study_mod.open_study(spec, opts.storage)}
+    calls: list[str] = []
+    original = Tracker.log_metrics
+
+    def counted(self, run_id, rows):
+        calls.append(run_id)
+        return original(self, run_id, rows)
+
+    with pytest.MonkeyPatch.context() as mp:  # a spy: MLflow still receives every metric
+        mp.setattr(Tracker, "log_metrics", counted)
+        report = study_mod.run(spec, opts)
+    return {"report": report, "opts": opts, "study": study_mod.open_study(spec, opts.storage), "calls": calls}
 
 
 def _events(trial) -> list[dict]:
@@ -130,3 +140,18 @@ def test_gate_scores_in_bf16_and_the_champion_answers_in_bf16(amp):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     inner = champion.unwrap_python_model().model
     assert next(inner.get_base_model().model.layers[0].mlp.parameters()).dtype == torch.bfloat16
+
+
+def test_training_metrics_reach_mlflow_in_batches(amp):
+    """Not one MLflow call per 0.2 s poll: at most one per validation point, one per METRIC_INTERVAL_S of
+    training, and a last one, per trial (plus the trial's `best/` metric)."""
+    from sweep.trial import METRIC_INTERVAL_S
+
+    for t in amp["on"]["study"].trials:
+        run_id = t.user_attrs["mlflow_run_id"]
+        events = _events(t)
+        points = sum(e["kind"] == "val" for e in events)
+        iterations = sum(e["kind"] == "train" for e in events)
+        seconds = next(e["time"] for e in events if e["kind"] == "end") - events[0]["time"]
+        calls = amp["on"]["calls"].count(run_id)
+        assert calls <= points + seconds / METRIC_INTERVAL_S + 3 < iterations, (calls, points, iterations)

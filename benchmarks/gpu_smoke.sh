@@ -76,7 +76,8 @@ for values in sys.argv[2:]:
     st.enqueue_trial(json.loads(values))
 PY
   say "sweep $name"
-  (cd "$WORK" && $PY -m sweep.cli run "$name.yaml" --json > "$name.json" 2> "$name.log")
+  (cd "$WORK" && $PY -m sweep.cli run "$name.yaml" --storage sqlite:///sweep.db --tracking-uri sqlite:///mlflow.db \
+    --json > "$name.json" 2> "$name.log")
   local rc=$?
   cp "$WORK/$name.log" "$WORK/$name.json" "$RESULTS/" 2>/dev/null
   say "sweep $name: exit code $rc"
@@ -89,7 +90,7 @@ TRIAL0='{"lr": 0.0005, "lora_r": 64, "batch_size": 4, "mix_ratio": 0.1}'
 spec smoke-lora "$ROOT/benchmarks/bench_base.py" false 3
 sweep smoke-lora "$TRIAL0" || fail=1
 (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" champion smoke-lora) || fail=1
-if [ "${SMOKE_MATH:-1}" = 1 ]; then  # SMOKE_MATH=0 skips it (about 1 minute on an H200)
+if [ "${SMOKE_MATH:-1}" = 1 ]; then  # SMOKE_MATH=0 skips it (docs/benchmarks.md has its time)
   spec smoke-fp32 "$ROOT/benchmarks/bench_base.py" false 1 "speed: {frozen_weights_16bit: false}"
   sweep smoke-fp32 "$TRIAL0" || fail=1
   (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" same-math smoke-lora smoke-fp32) || fail=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheels a GPU call carries (at most 64 MiB): the team's fetch script with bitsandbytes, whose wheel is then cut
-# to the libraries of the GPU machine's CUDA 13 (130/132) and the CPU: 43 MB -> about 4 MB, so LoRA and QLoRA
-# fit in one call.   Usage: bash benchmarks/gpu_wheels.sh [DEST=.whl]   (DEST is git-ignored)
+# to the libraries of the GPU machine's CUDA 13 (130/132) and the CPU, so that LoRA and QLoRA fit in one call
+# (sizes in docs/benchmarks.md).   Usage: bash benchmarks/gpu_wheels.sh [DEST=.whl]   (DEST is git-ignored)
 set -euo pipefail
 dest=${1:-.whl}
 here=$(cd "$(dirname "$0")" && pwd)

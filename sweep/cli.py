@@ -41,6 +41,13 @@ def _default_storage() -> str:
     return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let the base model run its own code (InternLM2 needs it); only for sources you trust",
+    )  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,10 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--merge", type=Path, help="write the merged Hugging Face model (XTuner's merge) here")
     exp.add_argument("--storage", default=_default_storage())
     exp.add_argument("--tracking-uri")
-    exp.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let a registered model's base model run its own code (InternLM2 needs it); only for sources you trust",
-    )  # fmt: skip
+    _trust_flag(exp)
 
     chat = sub.add_parser("chat", help="talk to an adapter in its prompt template (like `xtuner chat --adapter`)")
     chat.add_argument("source", help="a study name, or models:/NAME@ALIAS")
@@ -110,10 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int)
     chat.add_argument("--storage", default=_default_storage())
     chat.add_argument("--tracking-uri")
-    chat.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let a registered model's base model run its own code (InternLM2 needs it); only for sources you trust",
-    )  # fmt: skip
+    _trust_flag(chat)
 
     rep = sub.add_parser("report", help="trials table, parameter importances and Optuna's plots (HTML, PNG); or --json")
     rep.add_argument("study")
@@ -201,6 +202,7 @@ def _run(args: argparse.Namespace) -> int:
 #: option) and 130 (interrupted): scripts, CI and ``mlflow run`` must see a sweep that trained nothing.
 EXIT_ALL_FAILED = 3  # every trial this run started failed
 EXIT_NONE_COMPLETE = 4  # no trial of the study has completed (all pruned, or failed and pruned): nothing to register
+EXIT_GATE_FAILED = 5  # trials completed, but registering the best one failed: `sweep promote STUDY` tries again
 
 
 def run_exit_code(report: dict) -> int:
@@ -217,6 +219,8 @@ def run_exit_code(report: dict) -> int:
         return EXIT_NONE_COMPLETE
     if failed:
         log.warning("%d of %d trial(s) of this run failed; the others completed or were pruned", failed, started)
+    if (report.get("registered") or {}).get("error"):
+        return EXIT_GATE_FAILED
     return 0
 
 
@@ -267,14 +271,13 @@ def _promote(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sweep.gate import promote
-    from sweep.spec import Spec
+    from sweep.spec import stored_spec
     from sweep.tracking import Tracker
 
     st = _load_study(args.study, args.storage)
-    saved = st.user_attrs.get("spec")
-    if not saved or "work_dir" not in st.user_attrs:
+    if "work_dir" not in st.user_attrs:
         raise SpecError(f"study {args.study}: has no saved spec; it was not made by `sweep run`")
-    spec = Spec.model_validate(saved)
+    spec = stored_spec(st)
     result = promote(
         st, spec, Tracker(_tracking_uri(args.tracking_uri)), Path(st.user_attrs["work_dir"]) / "data",
         st.user_attrs.get("mlflow_parent_run_id"),
@@ -400,7 +403,9 @@ def _print_summary(report: dict) -> None:
         )
         print(f"      adapter {best['adapter_path']}  mlflow run {best['mlflow_run_id']}")
     reg = report["registered"]
-    if reg and reg.get("alias"):
+    if reg and reg.get("error"):
+        print(f"not registered: {reg['error'].splitlines()[0]} (`sweep promote {report['study']}` tries again)")
+    elif reg and reg.get("alias"):
         print(f"champion: models:/{reg['name']}@{reg['alias']} (version {reg['version']}) {reg.get('reason', '')}")
     elif reg:
         print(f"registered: models:/{reg['name']}/{reg['version']}, not champion: {reg.get('reason', '')}")

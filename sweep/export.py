@@ -49,7 +49,9 @@ def resolve(source: str, storage: str, tracking_uri: str, scratch: Path, trust_r
             )
         resolved.trust_remote_code = trust_remote_code
         return resolved
-    return _from_study(source, storage, tracking_uri, scratch)
+    resolved = _from_study(source, storage, tracking_uri, scratch)
+    resolved.trust_remote_code = resolved.trust_remote_code or trust_remote_code  # a study run before the key
+    return resolved
 
 
 def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
@@ -83,14 +85,14 @@ def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Re
 
     from sweep.gate import best_trial
     from sweep.render import prompt_template
-    from sweep.spec import Spec
+    from sweep.spec import stored_spec
     from sweep.tracking import Tracker, redact
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         raise SpecError(f"storage {redact(storage)}: no study named {name!r} (or give models:/NAME@ALIAS)") from None
-    spec = Spec.model_validate(study.user_attrs["spec"])
+    spec = stored_spec(study)
     best = best_trial(study, spec.objective)
     if best is None:
         raise SpecError(f"study {name}: no completed trial yet")
@@ -122,7 +124,9 @@ def export(resolved: Resolved, adapter_out: Path | None, merge_out: Path | None)
         tmp.rename(adapter_out)
         written.append(adapter_out)
     if merge_out is not None:
-        if not resolved.trust_remote_code and "auto_map" in (resolved.base_model / "config.json").read_text():
+        from sweep.study import needs_remote_code
+
+        if not resolved.trust_remote_code and needs_remote_code(resolved.base_model):
             raise SpecError(  # XTuner's merge loads every model with trust_remote_code=True
                 f"{resolved.base_model}: this base model runs code of its own; pass --trust-remote-code to merge it"
             )

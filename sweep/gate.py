@@ -151,7 +151,7 @@ def _gate(
             return _score_version(spec, tracker, str(mv.version), config, test_file)
 
         metric, direction = gate_metric(spec.objective)
-        key = scoring_key(spec, test_file)
+        key = scoring_key(spec, test_file, config)
         result = challenge(tracker, name, version, key, metric, direction, score_candidate, score_champion)
         if result.already:
             log.info("study %s: trial %d is already %s (version %s)", spec.study, best.number, CHAMPION, version)
@@ -273,15 +273,21 @@ def _decide(
     return result
 
 
-def scoring_key(spec: Spec, test_file: Path) -> str:
+def scoring_key(spec: Spec, test_file: Path, config: Path) -> str:
     """What a test score depends on besides the adapter: scores with the same key are comparable.
 
     A version's scores are kept in its tags with this key, so a rival gate (same test split,
-    same base model and settings) reads them instead of downloading and scoring it again.
+    same base model and settings) reads them instead of downloading and scoring it again. Both
+    sides are tokenized by the candidate's config (``config``): its validation loader (max_length,
+    template) is part of the key, since ``max_length`` may be a searched knob.
     """
+    from sweep.render import load_config
+
     gen = spec.generation
+    loader = load_config(config).val_dataloader.dataset
     settings = {
         "test": hashlib.sha256(test_file.read_bytes()).hexdigest(),
+        "tokens": {k: str(v) for k, v in loader.items() if k != "dataset"},
         "model": str(spec.model.path),
         "template": spec.model.template,
         "system": spec.model.system,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -263,7 +264,7 @@ class RegistrySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not re.match(MODEL_NAME, v):
+        if not re.fullmatch(MODEL_NAME, v):
             raise ValueError(
                 f"{v!r} is not a model name: letters, digits, '_', '.', '-', starting with a letter or digit"
             )
@@ -308,7 +309,7 @@ class Spec(_Strict):
     @field_validator("study")
     @classmethod
     def _study_name(cls, v: str) -> str:
-        if not re.match(STUDY_NAME, v):
+        if not re.fullmatch(STUDY_NAME, v):
             raise ValueError(f"{v!r} is not a study name: letters, digits, '_', '.', '-', and not only dots")
         return v
 
@@ -395,7 +396,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: SafeLoader merges it below
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not {type(key).__name__}", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
@@ -457,3 +464,14 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
 def spec_summary(spec: Spec) -> dict[str, Any]:
     """The spec as plain JSON-able data, for the MLflow parent run and Optuna's study attributes."""
     return spec.model_dump(mode="json")
+
+
+def stored_spec(study: Any) -> Spec:
+    """The spec an Optuna study was run with (its ``spec`` attribute), or a SpecError saying why it cannot be used."""
+    saved = study.user_attrs.get("spec")
+    if not saved:
+        raise SpecError(f"study {study.study_name}: has no spec attribute; it was not made by `sweep run`")
+    try:
+        return Spec.model_validate(saved)
+    except ValidationError as err:
+        raise SpecError(_format_errors(Path(f"study {study.study_name}'s stored spec"), err)) from None

@@ -10,6 +10,7 @@ with the alias ``champion``.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -75,9 +76,22 @@ def check_model_dir(path: Path) -> None:
         raise SpecError(f"model.path: {path} has no tokenizer (none of {list(tokenizer_files)})")
 
 
+def needs_remote_code(model_dir: Path) -> bool:
+    """Whether a model folder's config asks Transformers to import Python code the folder ships (``auto_map``)."""
+    try:
+        return "auto_map" in json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def check(spec: Spec, device: Device | None = None) -> Checked:
     """Every check that can fail before training, with nothing written anywhere."""
     check_model_dir(spec.model.path)
+    if needs_remote_code(spec.model.path) and not spec.model.trust_remote_code:
+        raise SpecError(
+            f"model.path: {spec.model.path} ships its own modeling code (config.json auto_map, as InternLM2 does); "
+            "set model.trust_remote_code: true if you trust that folder"
+        )
     prompt_template(spec.model.template)
     splits = data_mod.split_rows(spec.data)
     if not splits["val"]:
@@ -319,8 +333,8 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     )  # fmt: skip
     status = "FAILED"
     registered = None
-    before = {t.number for t in study.get_trials(deepcopy=False)}
-    callbacks: list = [progress]
+    ran: Counter[str] = Counter()  # how this process's trials ended (other workers' are not ours to report)
+    callbacks: list = [progress, lambda _study, trial: ran.update([trial.state.name])]
     if spec.keep_adapters:
         name = spec.registered_model_name
         callbacks.append(_AdapterBudget(spec.keep_adapters, champion_run=lambda: _champion_run(tracker, name)))
@@ -335,8 +349,13 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
                 gc_after_trial=False,
                 callbacks=callbacks,
             )
-        gated = promote(study, spec, tracker, prepared.folder, parent)
-        registered = gated.as_dict() if gated else None
+        try:
+            gated = promote(study, spec, tracker, prepared.folder, parent)
+            registered = gated.as_dict() if gated else None
+        except Exception as err:  # noqa: BLE001 - the trials are saved; only registering them failed
+            log.error("study %s: the test gate failed (%s); run `sweep promote %s` to try again", spec.study,
+                      str(err).splitlines()[0] if str(err) else type(err).__name__, spec.study)  # fmt: skip
+            registered = {"error": f"{type(err).__name__}: {err}"}
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -349,8 +368,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     from sweep.report import study_report
 
     report = study_report(study, spec.objective, registered)
-    ran = Counter(t.state.name for t in study.get_trials(deepcopy=False) if t.number not in before)
-    report["this_run"] = {state.name: ran.get(state.name, 0) for state in optuna.trial.TrialState}
+    report["this_run"] = {state: ran.get(state, 0) for state in ("COMPLETE", "PRUNED", "FAIL")}
     return report
 
 

@@ -33,25 +33,28 @@ RACE_MARKERS = (
 )  # MLflow's log_batch takes at most 1000 metrics per call
 
 
-#: Query parameters that carry a secret (libpq's ``password``, tokens of HTTP tracking servers).
-SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "token", "access_token", "api_key", "apikey"})
+#: Query parameters that carry a secret: any name holding one of these (libpq's ``password``, ``sslpassword``,
+#: tokens and keys of HTTP tracking servers).
+SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "key")
 
 
 def redact(uri: str) -> str:
     """A storage or tracking URI with its password (and secret query parameters) replaced, to show, log or tag.
 
     Parsed by SQLAlchemy, as Optuna and MLflow parse it: ``urlsplit`` stops at a ``#``, ``?`` or ``/`` inside a
-    password and left ``postgresql://u:pa#ss@host/db`` whole. Whatever cannot be parsed loses everything
-    between ``://`` and the last ``@``.
+    password and left ``postgresql://u:pa#ss@host/db`` whole. A URL with more than one ``@`` (an unescaped
+    ``@`` in the password), or one that cannot be parsed, loses everything between ``://`` and the last ``@``.
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
+        if uri.count("@") > 1:  # hiding too much beats showing part of a password
+            raise ArgumentError("an @ inside the password")
         url = make_url(uri)
     except (ArgumentError, ValueError):
         return re.sub(r"://.*@", "://***@", uri) if "@" in uri else uri
-    secret = {k: "***" for k in url.query if k.lower() in SECRET_PARAMS}
+    secret = {k: "***" for k in url.query if any(w in k.lower() for w in SECRET_WORDS)}
     if not (secret or url.password):
         return uri
     return url.update_query_dict(secret).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")

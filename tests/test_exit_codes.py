@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from sweep.cli import EXIT_ALL_FAILED, EXIT_NONE_COMPLETE, main, run_exit_code
+from sweep.cli import EXIT_ALL_FAILED, EXIT_GATE_FAILED, EXIT_NONE_COMPLETE, main, run_exit_code
 from tests.conftest import inject_into_training, write_spec
 
 EVERY_TRIAL_FAILS = """\
@@ -16,7 +16,7 @@ raise SystemExit(1)
 
 
 def _report(complete: int = 0, pruned: int = 0, failed: int = 0, before: int = 0) -> dict:
-    this_run = {"COMPLETE": complete, "PRUNED": pruned, "FAIL": failed, "RUNNING": 0, "WAITING": 0}
+    this_run = {"COMPLETE": complete, "PRUNED": pruned, "FAIL": failed}
     return {"study": "s", "counts": {**this_run, "COMPLETE": complete + before}, "this_run": this_run}
 
 
@@ -30,6 +30,7 @@ def test_exit_codes_of_a_report(caplog):
     caplog.clear()
     assert run_exit_code(_report(complete=2, failed=1)) == 0
     assert "1 of 3 trial(s) of this run failed" in caplog.text
+    assert run_exit_code({**_report(complete=1), "registered": {"error": "RegistryError: ..."}}) == EXIT_GATE_FAILED
 
 
 @pytest.mark.e2e

@@ -23,6 +23,8 @@ SHAPES = [
     f"http://admin:{SECRET}@mlflow.example:5000",
     f"https://mlflow.example/?token={SECRET}",
     f"not a url://user:{SECRET}@host",
+    f"postgresql://postgres:{SECRET}@x@127.0.0.1/optuna",  # an @ the user forgot to escape
+    f"postgresql://postgres@127.0.0.1/optuna?sslpassword={SECRET}&sslmode=require",
 ]
 
 

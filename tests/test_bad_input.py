@@ -107,9 +107,24 @@ CASES = {
     ),  # fmt: skip
     "data path is a folder": (lambda d, m: {"data": _data_block(d)}, f"{'inputs'}: is a folder"),
     "data path is a symlink loop": (lambda d, m: {"data": _data_block(_loop(d))}, "cannot be read as a data file"),
+    "model with its own code": (
+        lambda d, m: {"model": f"model: {{path: {_coded_model(d, m)}}}"},
+        "ships its own modeling code",
+    ),
     "duplicate key": (lambda d, m: {"n_trials": "n_trials: 2\nn_trials: 3"}, "key 'n_trials' given twice"),
     "tab": (lambda d, m: {"n_trials": "n_trials: 2\nprobes:\n\t- a"}, "not tabs"),
 }
+
+
+def _coded_model(folder: Path, model: Path) -> Path:
+    """The tiny model with an ``auto_map``, as InternLM2's folder has: Transformers would import its code."""
+    import shutil
+
+    copy = folder / "coded-model"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "m.Model"}}))
+    return copy
 
 
 def _loop(folder: Path) -> Path:

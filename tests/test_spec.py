@@ -80,3 +80,14 @@ def test_objective_shapes(tmp_path: Path):
     assert combo.components == ["val/loss", "val/rouge_l"]
     multi = objective("{metrics: [val/loss, val/general_loss]}")
     assert multi.multi and multi.directions == ["minimize", "minimize"] and multi.primary == "val/loss"
+
+
+def test_yaml_merge_keys_still_work_and_odd_keys_fail_in_one_line(tmp_path, tiny_model):
+    space = ("search_space:\n  lr: &range {type: float, low: 1.0e-4, high: 3.0e-2, log: true}\n"
+             "  mix_ratio: {<<: *range, low: 0.0, high: 0.3, log: false}")  # fmt: skip
+    spec = write_spec(tmp_path, tiny_model, search_space=space)
+    merged = load_spec(spec).search_space["mix_ratio"]
+    assert (merged.type, merged.low, merged.high, merged.log) == ("float", 0.0, 0.3, False)
+    spec.write_text(spec.read_text() + "? [a, b]\n: 1\n")
+    with pytest.raises(SpecError, match="line .*: a key must be a plain value, not list"):
+        load_spec(spec)

@@ -21,8 +21,8 @@ from typing import Any
 import optuna
 
 from objectives import best_of
+from sweep import atomic, launcher
 from sweep import data as data_mod
-from sweep import launcher
 from sweep.pool import WorkerPool
 from sweep.progress import SweepProgress
 from sweep.render import Device, TrialFiles, render
@@ -88,9 +88,8 @@ class MetricStream:
 
 
 def _write_verdict(path: Path, step: int, stop: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "stop": stop}))
-    tmp.replace(path)
+    """The hook polls this file: it must never read half of it."""
+    atomic.write_text(path, json.dumps({"step": step, "stop": stop}))
 
 
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:

@@ -284,3 +284,99 @@ def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path, source: Path
     rng.shuffle(rows)
     out.write_text("".join(rows), encoding="utf-8")
     return len(rows)
+
+
+REFERENCE = "data.json"  # in a trial dir: what its copies of the training rows were made from
+
+
+def write_reference(work: Path, data: PreparedData, mix_ratio: float, seed: int, copies: dict[str, Path]) -> None:
+    """Record, in ``work/data.json``, how the trial's copies of its training rows were made.
+
+    ``copies`` maps each file in ``work`` written by `mix` to the ``source`` folder it was mixed from
+    (the split itself, or its tokens). With the split's digest and each copy's sha256 this lets a
+    trial that is not kept drop its copies (`drop_copies`) and anyone make them again (`remake`).
+    """
+    entries = {
+        name: {"source": str(source), "sha256": file_sha256(work / name), "rows": _count_lines(work / name)}
+        for name, source in copies.items()
+    }
+    reference = {
+        "data": str(data.folder), "data_digest": data.digest, "mix_ratio": mix_ratio, "seed": seed, "copies": entries,
+        "remake": f"python -c \"from sweep.data import remake; remake('{work}')\"",
+    }  # fmt: skip
+    atomic.write_text(work / REFERENCE, json.dumps(reference, indent=1))
+
+
+def drop_copies(work: Path) -> list[str]:
+    """Delete the trial's copies of its training rows where digests prove `remake` gives them back.
+
+    A copy goes only if ``data.json`` names it, its sha256 is the one recorded, and the study's
+    split still has the digest the copy was mixed from (its manifest, checked file by file when the
+    split is read). Anything else stays. Returns the names deleted.
+    """
+    reference = _read_reference(work)
+    if reference is None or saved_digest(Path(reference["data"])) != reference["data_digest"]:
+        return []
+    dropped = []
+    for name, entry in reference["copies"].items():
+        path = work / name
+        if path.is_file() and file_sha256(path) == entry["sha256"]:
+            path.unlink(missing_ok=True)  # another thread may thin the same trial out at once
+            dropped.append(name)
+    return dropped
+
+
+def remake(work: Path | str) -> list[Path]:
+    """Write a trial's dropped copies of its training rows again, byte for byte, from the study's split."""
+    work = Path(work)
+    path = work / REFERENCE
+    reference = _read_reference(work)
+    if reference is None:
+        raise SpecError(f"{path}: not found or not valid; expected the reference a trial writes beside its config")
+    folder, digest = Path(reference["data"]), reference["data_digest"]
+    if saved_digest(folder) != digest:
+        raise SpecError(f"{folder}: is not the split with digest {digest} that {path} names; its rows cannot be remade")
+    made = []
+    for name, entry in reference["copies"].items():
+        out = work / name
+        if out.exists():
+            continue
+        source = Path(entry["source"])
+        if not (source / "train.jsonl").is_file():
+            raise SpecError(f"{source}: not found; `sweep run` of the study makes its tokens again, then run remake")
+        data = PreparedData(folder, {}, {}, digest)
+        mix(data, reference["mix_ratio"], reference["seed"], out, None if source == folder else source)
+        if file_sha256(out) != entry["sha256"]:
+            out.unlink()
+            raise SpecError(f"{out}: remade with sha256 other than {entry['sha256']} recorded in {path}; removed")
+        made.append(out)
+    return made
+
+
+def saved_digest(folder: Path) -> str | None:
+    """The digest in a split's manifest, or None when it has no valid one."""
+    saved = _read_manifest(folder / MANIFEST)
+    return saved["digest"] if saved is not None else None
+
+
+def _read_reference(work: Path) -> dict[str, Any] | None:
+    try:
+        reference = json.loads((work / REFERENCE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    keys = ("data", "data_digest", "mix_ratio", "seed", "copies")
+    return reference if isinstance(reference, dict) and all(k in reference for k in keys) else None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (token files can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)

@@ -405,9 +405,14 @@ def _champion_run(ctx: StudyContext) -> str | None:
 
 
 class _AdapterBudget:
-    """Keep adapters on disk only for the best ``keep`` trials, every Pareto trial and the champion.
+    """Keep the best ``keep`` trials whole, and every Pareto trial and the champion; thin out the rest.
 
-    Deleted adapters stay in MLflow as artifacts of their trial's run; only the local copy goes.
+    A finished trial outside them keeps its config, metric stream, logs and ``data.json``, and
+    loses its adapter (still in MLflow as an artifact of its run), its ``.pth`` checkpoints (which
+    nothing reads once its adapter is saved; gigabytes for a large model) and its copies of the
+    training rows where the study's data digest proves ``sweep.data.remake`` gives them back.
+    Runs as an Optuna callback, after a trial's result is recorded, and touches COMPLETE and PRUNED
+    trials only: a RUNNING trial's files are in use, a FAILED one's are kept to find out why.
     Ranking is by the primary objective.
     """
 
@@ -416,22 +421,45 @@ class _AdapterBudget:
         self.champion_run = champion_run
 
     def __call__(self, study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
-        import shutil
-
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        finished = study.get_trials(deepcopy=False, states=states)
         with_adapter = [
-            t
-            for t in study.get_trials(deepcopy=False, states=states)
-            if t.user_attrs.get("adapter_path") and Path(t.user_attrs["adapter_path"]).is_dir()
+            t for t in finished if t.user_attrs.get("adapter_path") and Path(t.user_attrs["adapter_path"]).is_dir()
         ]
         sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
         ranked = sorted(with_adapter, key=lambda t: (t.state != optuna.trial.TrialState.COMPLETE, sign * _score(t)))
         pareto = {t.number for t in pareto_trials(study)} if len(study.directions) > 1 else set()
-        for t in ranked[self.keep :]:
-            if t.user_attrs.get("mlflow_run_id") == self.champion_run or t.number in pareto:
-                continue
-            shutil.rmtree(t.user_attrs["adapter_path"], ignore_errors=True)
+        kept = {t.number for t in ranked[: self.keep]} | pareto
+        if self.champion_run is not None:
+            kept |= {t.number for t in finished if t.user_attrs.get("mlflow_run_id") == self.champion_run}
+        for t in finished:
+            if t.number not in kept:
+                self._thin_out(t)
+
+    def _thin_out(self, t: optuna.trial.FrozenTrial) -> None:
+        """Remove what a trial that is not kept no longer needs; already-thin trials cost a directory scan."""
+        import shutil
+
+        adapter = t.user_attrs.get("adapter_path")
+        if adapter and Path(adapter).is_dir():
+            shutil.rmtree(adapter, ignore_errors=True)
             log.info("trial %d: adapter removed from disk (kept in MLflow); keep_adapters=%d", t.number, self.keep)
+        work = Path(t.user_attrs["work_dir"]) if t.user_attrs.get("work_dir") else None
+        if work is None or not work.is_dir():
+            return
+        freed, removed = 0, []
+        for ckpt in [*work.rglob("*.pth"), work / "last_checkpoint"]:  # last_checkpoint names the last .pth
+            try:
+                size = ckpt.stat().st_size
+                ckpt.unlink()
+            except FileNotFoundError:  # not written, or another thread's callback was first
+                continue
+            freed += size
+            removed.append(ckpt.name)
+        removed += data_mod.drop_copies(work)
+        if removed:
+            log.info("trial %d: removed %s (%.1f MB of checkpoints); not among keep_adapters=%d",
+                     t.number, ", ".join(sorted(removed)), freed / 2**20, self.keep)  # fmt: skip
 
 
 def _score(t: optuna.trial.FrozenTrial) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep import atomic, launcher
-from sweep.data import MANIFEST, PreparedData
+from sweep.data import MANIFEST, PreparedData, file_sha256
 from sweep.render import load_config
 from sweep.spec import SpecError
 
@@ -70,7 +70,7 @@ def tokenize_once(config_file: Path, data: PreparedData) -> Path:
                 for split in SPLITS:
                     out = tmp / f"{split}.jsonl"
                     counts[split] = _tokenize(dataset, data.path(split), out)
-                    hashes[split] = _file_sha256(out)
+                    hashes[split] = file_sha256(out)
                 manifest = {"settings": settings, "counts": counts, "hashes": hashes}
                 (tmp / MANIFEST).write_text(json.dumps(manifest, default=str, indent=1))
             except BaseException:
@@ -99,17 +99,9 @@ def _check(folder: Path) -> None:
         return
     for split in SPLITS:
         path = folder / f"{split}.jsonl"
-        found = _file_sha256(path) if path.is_file() else "missing"
+        found = file_sha256(path) if path.is_file() else "missing"
         if found != hashes.get(split):
             raise SpecError(f"{path}: sha256 {found}, but {MANIFEST} says {hashes.get(split)}; {again}")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tokenize(dataset: Any, source: Path, out: Path) -> int:

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sweep import atomic
 from sweep.spec import DataSpec, SpecError
+
+log = logging.getLogger("sweep")
 
 ROLES = ("system", "user", "assistant")
 SPLIT_FILES = ("train", "val", "test", "general_train", "general_val")
+MANIFEST = "manifest.json"
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -160,38 +165,106 @@ def split_rows(spec: DataSpec) -> dict[str, list[dict[str, Any]]]:
 def prepare(spec: DataSpec, folder: Path) -> PreparedData:
     """Write the study's splits once; on later calls check the saved files still match the spec's data.
 
-    Files are written to a temporary folder and renamed into place, so a crash never leaves a
-    half-written split that a later worker would trust.
+    Many workers (threads, processes, containers where each is PID 1) may call this on one folder at
+    once. Each writes into its own temporary folder beside ``folder`` and renames it into place; the
+    first rename wins and the others read the winner's files. Saved files are checked against the
+    manifest's hashes whenever they are read, so a changed or truncated split is never trusted.
     """
     splits = split_rows(spec)
     lines = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in splits.items()}
-    hashes = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in lines.items()}
-    digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+    hashes = {name: _sha256(text.encode("utf-8")) for name, text in lines.items()}
+    digest = _digest(hashes)
     counts = {name: len(rows) for name, rows in splits.items()}
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        saved = json.loads(manifest.read_text())
-        if saved["digest"] != digest:
-            raise SpecError(
-                f"{manifest}: the study's data split was made from other data (hash {saved['digest']}, "
-                f"now {digest}); use a new study name or restore the original data files"
-            )
-        return PreparedData(folder, saved["counts"], saved["hashes"], saved["digest"])
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    manifest = json.dumps({"digest": digest, "hashes": hashes, "counts": counts, "seed": spec.seed}, indent=2)
+    made = PreparedData(folder, counts, hashes, digest)
+    if not folder.exists():
+        tmp = atomic.temp_dir_beside(folder)
+        try:
+            for name, text in lines.items():
+                (tmp / f"{name}.jsonl").write_text(text, encoding="utf-8")
+            (tmp / MANIFEST).write_text(manifest, encoding="utf-8")  # last: a folder with it is complete
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if atomic.publish_dir(tmp, folder):
+            return made
+        # another worker's folder won the rename: check it like any saved split
+    return _check_saved(made, lines, manifest)
+
+
+def _check_saved(made: PreparedData, lines: dict[str, str], manifest: str) -> PreparedData:
+    """Use a saved split after checking its manifest and every file's hash; repair what the spec's data can remake.
+
+    ``made`` and ``lines`` are the split this spec's data makes. A split file is written again only
+    where a hash proves what it must hold (the manifest's, equal to ours, or ours when the manifest
+    is missing and the file is too), so a repair writes exactly the bytes the first worker wrote.
+    """
+    folder = made.folder
+    if not folder.is_dir():
+        raise SpecError(
+            f"{folder}: exists but is not a folder; expected the study's data split. Remove it and run again"
+        )
+    path = folder / MANIFEST
+    saved = _read_manifest(path)
+    if saved is not None and saved["digest"] != made.digest:
+        raise SpecError(
+            f"{path}: the study's data split was made from other data (hash {saved['digest']}, "
+            f"now {made.digest}); use a new study name or restore the original data files"
+        )
+    repaired, foreign = [], []
     for name, text in lines.items():
-        (tmp / f"{name}.jsonl").write_text(text, encoding="utf-8")
-    (tmp / "manifest.json").write_text(
-        json.dumps({"digest": digest, "hashes": hashes, "counts": counts, "seed": spec.seed}, indent=2)
-    )
+        file = folder / f"{name}.jsonl"
+        try:
+            found = _sha256(file.read_bytes())
+        except FileNotFoundError:
+            found = None
+        if found == made.hashes[name]:
+            continue
+        if found is not None and saved is None:
+            foreign.append(file.name)  # no manifest vouches for ours being what was meant: do not overwrite
+            continue
+        atomic.write_text(file, text)
+        repaired.append(file.name)
+    if foreign:
+        raise SpecError(
+            f"{folder}: has no valid {MANIFEST} (a split that was never finished) and {', '.join(foreign)} "
+            f"differ(s) from the split this spec's data makes; move the folder away or delete it (rm -r {folder}) "
+            "to have it made again, or use a new study name"
+        )
+    if saved is None:
+        atomic.write_text(path, manifest)
+        log.warning("%s: had no valid %s; checked its files, wrote %s and the manifest", folder, MANIFEST,
+                    ", ".join(repaired) or "nothing else")  # fmt: skip
+    elif repaired:
+        log.warning("%s: %s did not match the hashes in %s (changed or cut short); written again from the data",
+                    folder, ", ".join(repaired), MANIFEST)  # fmt: skip
+    return made
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The saved manifest if it is whole and self-consistent (its digest is that of its hashes), else None."""
     try:
-        tmp.rename(folder)
-    except OSError:  # another worker won the race: theirs must match ours
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        return prepare(spec, folder)
-    return PreparedData(folder, counts, hashes, digest)
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: not valid JSON; treated as missing", path)
+        return None
+    if not (isinstance(saved, dict) and isinstance(saved.get("hashes"), dict) and isinstance(saved.get("digest"), str)):
+        log.warning("%s: expected digest and hashes; treated as missing", path)
+        return None
+    if _digest(saved["hashes"]) != saved["digest"]:
+        log.warning("%s: its digest is not that of its hashes; treated as missing", path)
+        return None
+    return saved
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _digest(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path, source: Path | None = None) -> int:
@@ -215,3 +288,99 @@ def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path, source: Path
     rng.shuffle(rows)
     out.write_text("".join(rows), encoding="utf-8")
     return len(rows)
+
+
+REFERENCE = "data.json"  # in a trial dir: what its copies of the training rows were made from
+
+
+def write_reference(work: Path, data: PreparedData, mix_ratio: float, seed: int, copies: dict[str, Path]) -> None:
+    """Record, in ``work/data.json``, how the trial's copies of its training rows were made.
+
+    ``copies`` maps each file in ``work`` written by `mix` to the ``source`` folder it was mixed from
+    (the split itself, or its tokens). With the split's digest and each copy's sha256 this lets a
+    trial that is not kept drop its copies (`drop_copies`) and anyone make them again (`remake`).
+    """
+    entries = {
+        name: {"source": str(source), "sha256": file_sha256(work / name), "rows": _count_lines(work / name)}
+        for name, source in copies.items()
+    }
+    reference = {
+        "data": str(data.folder), "data_digest": data.digest, "mix_ratio": mix_ratio, "seed": seed, "copies": entries,
+        "remake": f"python -c \"from sweep.data import remake; remake('{work}')\"",
+    }  # fmt: skip
+    atomic.write_text(work / REFERENCE, json.dumps(reference, indent=1))
+
+
+def drop_copies(work: Path) -> list[str]:
+    """Delete the trial's copies of its training rows where digests prove `remake` gives them back.
+
+    A copy goes only if ``data.json`` names it, its sha256 is the one recorded, and the study's
+    split still has the digest the copy was mixed from (its manifest, checked file by file when the
+    split is read). Anything else stays. Returns the names deleted.
+    """
+    reference = _read_reference(work)
+    if reference is None or saved_digest(Path(reference["data"])) != reference["data_digest"]:
+        return []
+    dropped = []
+    for name, entry in reference["copies"].items():
+        path = work / name
+        if path.is_file() and file_sha256(path) == entry["sha256"]:
+            path.unlink(missing_ok=True)  # another thread may thin the same trial out at once
+            dropped.append(name)
+    return dropped
+
+
+def remake(work: Path | str) -> list[Path]:
+    """Write a trial's dropped copies of its training rows again, byte for byte, from the study's split."""
+    work = Path(work)
+    path = work / REFERENCE
+    reference = _read_reference(work)
+    if reference is None:
+        raise SpecError(f"{path}: not found or not valid; expected the reference a trial writes beside its config")
+    folder, digest = Path(reference["data"]), reference["data_digest"]
+    if saved_digest(folder) != digest:
+        raise SpecError(f"{folder}: is not the split with digest {digest} that {path} names; its rows cannot be remade")
+    made = []
+    for name, entry in reference["copies"].items():
+        out = work / name
+        if out.exists():
+            continue
+        source = Path(entry["source"])
+        if not (source / "train.jsonl").is_file():
+            raise SpecError(f"{source}: not found; `sweep run` of the study makes its tokens again, then run remake")
+        data = PreparedData(folder, {}, {}, digest)
+        mix(data, reference["mix_ratio"], reference["seed"], out, None if source == folder else source)
+        if file_sha256(out) != entry["sha256"]:
+            out.unlink()
+            raise SpecError(f"{out}: remade with sha256 other than {entry['sha256']} recorded in {path}; removed")
+        made.append(out)
+    return made
+
+
+def saved_digest(folder: Path) -> str | None:
+    """The digest in a split's manifest, or None when it has no valid one."""
+    saved = _read_manifest(folder / MANIFEST)
+    return saved["digest"] if saved is not None else None
+
+
+def _read_reference(work: Path) -> dict[str, Any] | None:
+    try:
+        reference = json.loads((work / REFERENCE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    keys = ("data", "data_digest", "mix_ratio", "seed", "copies")
+    return reference if isinstance(reference, dict) and all(k in reference for k in keys) else None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (token files can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)

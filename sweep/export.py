@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sweep import atomic
 from sweep.spec import SpecError
 
 log = logging.getLogger("sweep")
@@ -117,11 +117,10 @@ def export(resolved: Resolved, adapter_out: Path | None, merge_out: Path | None)
             raise SpecError(f"{out}: exists and is not empty; name a new folder")
     written = []
     if adapter_out is not None:
-        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=adapter_out.parent))
+        tmp = atomic.temp_dir_beside(adapter_out)
         shutil.copytree(resolved.adapter, tmp, dirs_exist_ok=True)
-        if adapter_out.exists():
-            adapter_out.rmdir()
-        tmp.rename(adapter_out)
+        if not atomic.publish_dir(tmp, adapter_out):  # an empty folder is replaced
+            raise SpecError(f"{adapter_out}: was filled by another writer during the export; name a new folder")
         written.append(adapter_out)
     if merge_out is not None:
         from sweep.study import needs_remote_code

@@ -26,6 +26,7 @@ from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
 from objectives.loss import mean_loss, token_loss_sum
+from sweep import atomic
 from sweep.amp import training_autocast, trains_under_autocast
 from sweep.launcher import CONTROL_ENV
 
@@ -305,9 +306,8 @@ class SweepHook(Hook):
         point = {"metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                  "samples": samples}  # fmt: skip
         self.baseline.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.baseline.with_name(f"{self.baseline.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(point, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(self.baseline)  # trials that measured it at the same time write the same values
+        # trials that measured it at the same time write the same values; each through a temp file of its own
+        atomic.write_text(self.baseline, json.dumps(point, ensure_ascii=False))
 
     @torch.no_grad()
     def _general_loss(self, runner) -> float:
@@ -347,15 +347,13 @@ class SweepHook(Hook):
 
     def _save_adapter(self, runner) -> None:
         """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""
-        tmp = self.adapter_dir.with_name(self.adapter_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
-        old = self.adapter_dir.with_name(self.adapter_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.adapter_dir.exists():
-            self.adapter_dir.rename(old)
-        tmp.rename(self.adapter_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        tmp = atomic.temp_dir_beside(self.adapter_dir)
+        try:
+            _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
+            atomic.replace_dir(tmp, self.adapter_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _await_verdict(self, step: int) -> bool:
         if not self.wait_for_verdict:

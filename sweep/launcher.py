@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sweep import atomic
+
 #: Set for the training process: the sweep hook then waits for a verdict after each validation point.
 CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
 
@@ -275,19 +277,23 @@ def merge_adapter(base_model: Path, adapter: Path, out: Path) -> None:
     """
     import torch
 
-    tmp = out.with_name(out.name + ".tmp-merge")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.temp_dir_beside(out)  # unique: two merges to one place never remove each other's
     cmd = [
         sys.executable, "-m", "xtuner.tools.model_converters.merge", str(base_model), str(adapter), str(tmp),
         "--safe-serialization", "--device", "cuda" if torch.cuda.is_available() else "cpu",
     ]  # fmt: skip
     env = {**environment(Launch(config=Path(), work_dir=Path(), log=Path())), CONTROL_ENV: "0"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    except BaseException:  # Ctrl-C while it runs: leave no half model behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise RuntimeError(f"XTuner's merge exited with code {proc.returncode}:\n{tail}")
-    tmp.rename(out)
+    if not atomic.publish_dir(tmp, out):
+        raise FileExistsError(f"{out}: was filled by another writer while the merge ran; the merged model was not kept")
 
 
 # -- inside the training process (sweep.worker) ------------------------------------------------

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -88,8 +89,9 @@ class WorkerPool:
 
     def _spawn(self, launch: launcher.Launch) -> Worker:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"worker-{os.getpid()}-{next(_SPAWNED)}.log"  # this process's n-th
-        out = path.open("ab")
+        # this process's n-th; made exclusively, as sweeps in other containers may share the PID and the folder
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"worker-{os.getpid()}-{next(_SPAWNED)}-", suffix=".log")
+        path, out = Path(name), os.fdopen(fd, "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "sweep.worker"],
             stdin=subprocess.PIPE,

@@ -14,18 +14,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
+import logging
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
-from sweep import launcher
-from sweep.data import PreparedData
+from sweep import atomic, launcher
+from sweep.data import MANIFEST, PreparedData, file_sha256
 from sweep.render import load_config
+from sweep.spec import SpecError
 
+log = logging.getLogger("sweep")
 SPLITS = ("train", "general_train")
 _LOCK = threading.Lock()
+_CHECKED: set[Path] = set()  # folders whose files this process has checked against their manifest
 
 
 def _plain(node: Any) -> Any:
@@ -48,27 +51,57 @@ def token_config(config_file: Path) -> dict[str, Any]:
 def tokenize_once(config_file: Path, data: PreparedData) -> Path:
     """The folder of tokenized ``train``/``general_train`` rows for this trial's tokenizing settings.
 
-    Made at most once per settings (thread- and process-safe: written aside, renamed into place).
+    Made at most once per settings and process; workers in other processes (even ones with the same
+    PID) each write into a folder of their own beside it and the first rename wins, so no writer
+    removes or renames another's folder. Its files are checked against the manifest's hashes once
+    per process before they are used.
     """
     dataset = token_config(config_file)
     settings = {k: v for k, v in _plain(dataset).items() if k != "dataset"}
     key = hashlib.sha256(json.dumps([settings, data.digest], sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = data.folder / f"tokens-{key}"
     with _LOCK:
-        if (folder / "manifest.json").is_file():
+        if folder in _CHECKED:
             return folder
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        counts = {}
-        for split in SPLITS:
-            counts[split] = _tokenize(dataset, data.path(split), tmp / f"{split}.jsonl")
-        (tmp / "manifest.json").write_text(json.dumps({"settings": settings, "counts": counts}, default=str, indent=1))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another worker made it first; theirs is the same
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.exists():
+            tmp = atomic.temp_dir_beside(folder)
+            try:
+                counts, hashes = {}, {}
+                for split in SPLITS:
+                    out = tmp / f"{split}.jsonl"
+                    counts[split] = _tokenize(dataset, data.path(split), out)
+                    hashes[split] = file_sha256(out)
+                manifest = {"settings": settings, "counts": counts, "hashes": hashes}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, default=str, indent=1))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            atomic.publish_dir(tmp, folder)  # False: another worker's folder is there; it is checked below
+        _check(folder)
+        _CHECKED.add(folder)
     return folder
+
+
+def _check(folder: Path) -> None:
+    """Refuse a tokens folder whose manifest is missing or whose files do not have the manifest's hashes."""
+    again = f"delete the folder (rm -r {folder}) and run again: it is made again from the study's data split"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{folder}: has no {MANIFEST}, so it is not a finished tokens folder; {again}") from None
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{folder / MANIFEST}: not valid JSON ({err}); {again}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("hashes", {}), dict):
+        raise SpecError(f"{folder / MANIFEST}: expected an object with the files' hashes; {again}")
+    hashes = manifest.get("hashes")
+    if hashes is None:  # made before manifests held hashes: used as it was then, unchecked
+        log.warning("%s: made by an older xtuner-sweep, without file hashes; used unchecked", folder)
+        return
+    for split in SPLITS:
+        path = folder / f"{split}.jsonl"
+        found = file_sha256(path) if path.is_file() else "missing"
+        if found != hashes.get(split):
+            raise SpecError(f"{path}: sha256 {found}, but {MANIFEST} says {hashes.get(split)}; {again}")
 
 
 def _tokenize(dataset: Any, source: Path, out: Path) -> int:

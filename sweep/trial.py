@@ -21,8 +21,8 @@ from typing import Any
 import optuna
 
 from objectives import best_of
+from sweep import atomic, launcher
 from sweep import data as data_mod
-from sweep import launcher
 from sweep.pool import WorkerPool
 from sweep.progress import SweepProgress
 from sweep.render import Device, TrialFiles, render
@@ -89,9 +89,8 @@ class MetricStream:
 
 
 def _write_verdict(path: Path, step: int, stop: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "stop": stop}))
-    tmp.replace(path)
+    """The hook polls this file: it must never read half of it."""
+    atomic.write_text(path, json.dumps({"step": step, "stop": stop}))
 
 
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
@@ -149,7 +148,9 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     # rows.jsonl: the rows this trial trains on, readable (with tokenize_once, train.jsonl holds their tokens)
-    n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, work / "rows.jsonl")
+    mix_ratio, mix_seed = float(values["mix_ratio"]), spec.data.seed + trial.number
+    n_rows = data_mod.mix(ctx.data, mix_ratio, mix_seed, work / "rows.jsonl")
+    copies = {"rows.jsonl": ctx.data.folder}  # what each copy of the rows was mixed from (data.json)
     general_val = ctx.data.path("general_val") if ctx.data.counts.get("general_val") else None
     files = TrialFiles(
         work / "rows.jsonl", ctx.data.path("val"), work, n_rows, general_val, data_digest=ctx.data.digest
@@ -162,10 +163,13 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     if spec.speed.tokenize_once:  # the same tokens, made once per study instead of once per trial
         tokens = tokenize_once(config, ctx.data)
         train = work / "train.jsonl"
-        n_rows = data_mod.mix(ctx.data, float(values["mix_ratio"]), spec.data.seed + trial.number, train, tokens)
+        n_rows = data_mod.mix(ctx.data, mix_ratio, mix_seed, train, tokens)
+        copies[train.name] = tokens
         files = dataclasses.replace(files, train=train, n_train_rows=n_rows, tokenized=True)
         rendered = render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing)
         config.write_text(rendered, encoding="utf-8")
+    # a trial that is not kept drops its copies; this says how to make them again (keep_adapters)
+    data_mod.write_reference(work, ctx.data, mix_ratio, mix_seed, copies)
 
     params = {**values, "n_train_rows": n_rows, "data_digest": ctx.data.digest, "trial_number": trial.number}
     run_id = ctx.tracker.start_trial(ctx.experiment_id, ctx.parent_run_id, spec.study, trial.number, params)

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sweep import launcher
+from sweep import atomic, launcher
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -68,9 +68,8 @@ def _memory_left() -> dict[str, float]:
 
 
 def _write_done(path: Path, result: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    """The sweep process reads this file as soon as it exists: it must never see half of it."""
+    atomic.write_text(path, json.dumps(result))
 
 
 def _exit_when_orphaned(interval: float = 0.5) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -105,3 +106,97 @@ def test_mix_ratio_is_the_general_share(tmp_path: Path):
     n_general = sum(r["messages"][0]["content"].startswith("g") for r in mixed)
     assert n == len(mixed) == 30 + 10 and n_general == 10
     assert mix(data, 0.0, seed=0, out=tmp_path / "t0.jsonl") == 30
+
+
+def _big_spec(tmp_path: Path) -> DataSpec:
+    """Enough rows (a few MB of splits) that writers which start together overlap while writing."""
+    filler = "x" * 400
+    rows = [_row(f"q{i} {filler}", f"a{i} {filler}") for i in range(3000)]
+    general = [_row(f"g{i} {filler}") for i in range(1000)]
+    return DataSpec(
+        task=_jsonl(tmp_path / "t.jsonl", rows), general=_jsonl(tmp_path / "g.jsonl", general), val=0.2, test=0.1
+    )
+
+
+def _prepare_as_pid_1(spec: DataSpec, folder: Path, start, results) -> None:
+    """One worker of a container: its PID is 1, like every other worker's."""
+    import os
+
+    start.wait()
+    real = os.getpid
+    os.getpid = lambda: 1
+    try:
+        outcome = ("ok", prepare(spec, folder).digest)
+    except BaseException as err:  # noqa: BLE001 - reported to the test, which fails on it
+        outcome = ("error", f"{type(err).__name__}: {err}")
+    finally:
+        os.getpid = real  # before the queue: multiprocessing's own clean-up compares PIDs
+    results.put(outcome)
+
+
+def test_processes_with_the_same_pid_prepare_one_folder(tmp_path: Path):
+    """Temp names made from the PID collided here (1 crash in 6 runs, files rewritten after the rename)."""
+    import multiprocessing
+
+    spec = _big_spec(tmp_path)
+    expected = prepare(spec, tmp_path / "reference").digest
+    ctx = multiprocessing.get_context("fork")
+    n_workers = 4
+    for round_ in range(3):
+        folder = tmp_path / f"study{round_}" / "data"
+        start, results = ctx.Barrier(n_workers), ctx.Queue()
+        procs = [ctx.Process(target=_prepare_as_pid_1, args=(spec, folder, start, results)) for _ in range(n_workers)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == [("ok", expected)] * n_workers, outcomes
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [f"{n}.jsonl" for n in manifest["hashes"]] + ["manifest.json"]
+        )
+        for name, digest in manifest["hashes"].items():
+            assert hashlib.sha256((folder / f"{name}.jsonl").read_bytes()).hexdigest() == digest, name
+        assert [p.name for p in folder.parent.iterdir()] == ["data"], "no temp folder is left behind"
+
+
+def test_a_data_folder_without_manifest_is_repaired_or_refused(tmp_path: Path):
+    rows = [_row(f"q{i}") for i in range(30)]
+    spec = DataSpec(task=_jsonl(tmp_path / "t.jsonl", rows), val=0.2)
+    reference = prepare(spec, tmp_path / "reference" / "data")
+
+    empty = tmp_path / "empty" / "data"
+    empty.mkdir(parents=True)  # this recursed until RecursionError
+    assert prepare(spec, empty).digest == reference.digest and (empty / "manifest.json").is_file()
+
+    half = tmp_path / "half" / "data"
+    half.mkdir(parents=True)
+    (half / "train.jsonl").write_bytes(reference.path("train").read_bytes())  # a writer died before the rest
+    assert prepare(spec, half).digest == reference.digest
+    assert (half / "val.jsonl").read_bytes() == reference.path("val").read_bytes()
+
+    other = tmp_path / "other" / "data"
+    other.mkdir(parents=True)
+    (other / "train.jsonl").write_text(json.dumps(_row("not this study's row")) + "\n")
+    with pytest.raises(SpecError) as err:
+        prepare(spec, other)
+    assert str(other) in str(err.value) and "train.jsonl" in str(err.value) and "rm -r" in str(err.value)
+    assert json.loads((other / "train.jsonl").read_text()) == _row("not this study's row"), "left as it was"
+
+
+def test_saved_files_are_checked_against_the_manifest(tmp_path: Path, caplog):
+    rows = [_row(f"q{i}") for i in range(30)]
+    spec = DataSpec(task=_jsonl(tmp_path / "t.jsonl", rows), val=0.2)
+    folder = tmp_path / "data"
+    first = prepare(spec, folder)
+    whole = first.path("val").read_bytes()
+    first.path("val").write_bytes(whole[: len(whole) // 2])  # cut short
+    with caplog.at_level("WARNING", logger="sweep"):
+        again = prepare(spec, folder)
+    assert again == first and first.path("val").read_bytes() == whole
+    assert "val.jsonl did not match the hashes in manifest.json" in caplog.text
+
+    (folder / "manifest.json").write_text("{")  # a manifest cut short: its files are checked against the data
+    assert prepare(spec, folder) == first
+    assert json.loads((folder / "manifest.json").read_text())["digest"] == first.digest

@@ -61,6 +61,10 @@ def main() -> None:
             r = results[-1]
             print(f"{json.dumps(r['pruner'])}: best {r['best']:.4f}, {r['iterations']} iterations, {r['rows_seen']} rows seen, "
                   f"{r['counts']['COMPLETE']} complete / {r['counts']['PRUNED']} pruned, {r['wall']:.0f}s", flush=True)  # fmt: skip
+    failed = [f"{json.dumps(r['pruner'])}: {r['counts']['FAIL']} failed" for r in results if r["counts"].get("FAIL")]
+    if failed:  # a failed trial saved its steps for a wrong reason: no comparison
+        print("NO COMPARISON: trials failed (" + "; ".join(failed) + ")")
+        sys.exit(1)
     if len(results) < 2:
         return
     pruned, full = results

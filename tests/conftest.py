@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,16 @@ def e2e(tmp_path_factory, tiny_model):
         "trials_after_first": trials_after_first,
         "study": optuna.load_study(study_name="e2e", storage=opts.storage),
     }
+
+
+def pg_database() -> str:
+    """A new, empty database on the machine's PostgreSQL (trust auth), or the test skipped where none runs."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"xts_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
+    except psycopg.OperationalError as err:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not running ({err}); .ci/run starts it")
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return name

@@ -19,29 +19,18 @@ import pytest
 from sweep.gate import CHAMPION, GateResult, challenge, save_scores
 from sweep.locks import champion_lock
 from sweep.tracking import Tracker
+from tests.conftest import pg_database
 
 NAME = "race-model"
 KEY = "same-test-split"
 WAIT_S = 60.0
 
 
-def _pg_database() -> str:
-    psycopg = pytest.importorskip("psycopg")
-    name = f"xts_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
-    except psycopg.OperationalError as err:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not running ({err}); .ci/run starts it")
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return name
-
-
 @pytest.fixture(params=["postgresql", "sqlite"])
 def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh MLflow tracking/registry store: a new PostgreSQL database, or a SQLite file."""
     if request.param == "postgresql":
-        yield f"postgresql://postgres@127.0.0.1:5432/{_pg_database()}"
+        yield f"postgresql://postgres@127.0.0.1:5432/{pg_database()}"
     else:
         yield f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 
 from sweep.cli import main
 from sweep.tracking import redact
-from tests.conftest import ROOT, write_spec
+from tests.conftest import ROOT, pg_database, write_spec
 
 SECRET = "Xy#9?z/Qs3"  # `#`, `?` and `/`: urlsplit stopped at the first of them and showed the URL whole
 
@@ -48,18 +47,6 @@ def test_the_mlproject_takes_no_storage_parameter():
         assert "{storage}" not in point["command"], name
 
 
-def _pg_database() -> str:
-    psycopg = pytest.importorskip("psycopg")
-    name = f"xts_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
-    except psycopg.OperationalError as err:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not running ({err}); .ci/run starts it")
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return name
-
-
 def _database_text(db: str) -> str:
     """Every text column of every table of the Optuna database: attributes, system attributes, names."""
     import psycopg
@@ -73,7 +60,7 @@ def _database_text(db: str) -> str:
 def test_no_trace_of_the_password_after_a_sweep(tmp_path: Path, tiny_model: Path, capfd, monkeypatch):
     """A real one-trial sweep on PostgreSQL (trust auth accepts any password), then every byte it left is read.
     (The other URL shapes go through the same ``redact``: the unit tests above.)"""
-    db = _pg_database()
+    db = pg_database()
     storage = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/{db}"
     fixed = "fixed: {max_length: 64, max_epochs: 1, batch_size: 4, accumulative_counts: 1, lora_r: 8, mix_ratio: 0.1}"
     spec = write_spec(tmp_path, tiny_model, n_trials="n_trials: 1", fixed=fixed, pruner="pruner: {type: none}",

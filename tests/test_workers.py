@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -16,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import inject_into_training, write_spec
+from tests.conftest import inject_into_training, pg_database, write_spec
 
 pytestmark = pytest.mark.e2e
 PG = "postgresql://postgres:s3cret-pw@127.0.0.1:5432/{db}"  # trust auth: any password is accepted
@@ -28,18 +27,6 @@ FAST = {
 
 
 LONG = {**FAST, "fixed": "fixed: {max_length: 64, max_epochs: 8, batch_size: 2, accumulative_counts: 1, lora_r: 8}"}
-
-
-def _pg_database() -> str:
-    psycopg = pytest.importorskip("psycopg")
-    name = f"xts_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
-    except psycopg.OperationalError as err:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not running ({err}); .ci/run starts it")
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return name
 
 
 def _sweep(cwd: Path, *args: str, **popen) -> subprocess.Popen:
@@ -85,8 +72,8 @@ def _training_processes(cwd: Path) -> list[int]:
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, tiny_model):
-    storage = PG.format(db=_pg_database())
-    tracking = PG.format(db=_pg_database())
+    storage = PG.format(db=pg_database())
+    tracking = PG.format(db=pg_database())
     spec = write_spec(tmp_path, tiny_model, study="study: pg-two", **FAST)
     args = [str(spec), "--storage", storage, "--tracking-uri", tracking, "--n-trials", "3"]
     workers = [_sweep(tmp_path, *args) for _ in range(2)]

@@ -8,20 +8,18 @@
 #   OUT=that/folder python3 benchmarks/throughput.py report
 set -uo pipefail
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" BENCH_WORK=${BENCH_WORK:-/tmp/bench}
-RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$BENCH_WORK/out"
+RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$RESULTS"  # each trial's figures land there at once
 STEPS=${STEPS:-sweep stock}
 [ -d /tmp/site/xtuner ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-rm -rf "$BENCH_WORK/sweep" "$OUT"
+rm -rf "$BENCH_WORK/sweep"
 python3 benchmarks/throughput.py prepare > "$RESULTS/prepare.log" 2>&1 || { tail -20 "$RESULTS/prepare.log"; exit 1; }
 if [[ " $STEPS " == *" sweep "* ]]; then
   python3 benchmarks/throughput.py sweep > "$RESULTS/sweep_step.log" 2>&1; echo "sweep step: exit $?"
   cp "$BENCH_WORK/sweep/sweep.log" "$RESULTS/" 2>/dev/null
   (cd "$BENCH_WORK/sweep" && tar czf "$RESULTS/trials.tgz" sweep-runs/throughput/trial_*/sweep_metrics.jsonl \
     sweep-runs/throughput/trial_*/worker.json sweep-runs/throughput/workers 2>/dev/null)
-  cp "$OUT"/sweep.json "$RESULTS/" 2>/dev/null
 fi
 if [[ " $STEPS " == *" stock "* ]]; then
   python3 benchmarks/throughput.py stock 0 12 > "$RESULTS/stock_step.log" 2>&1; echo "stock step: exit $?"
-  cp "$OUT"/stock.json "$RESULTS/" 2>/dev/null
 fi
-OUT="$RESULTS" python3 benchmarks/throughput.py report | tee "$RESULTS/report.txt"
+python3 benchmarks/throughput.py report | tee "$RESULTS/report.txt"

@@ -37,4 +37,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf sweep-runs sweep.db mlflow.db mlruns mlartifacts
+	rm -rf sweep-runs sweep.db mlflow.db mlflow.db.champion.lock sweep.db.claims mlruns mlartifacts

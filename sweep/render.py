@@ -155,14 +155,13 @@ def render(
 
     # Model and tokenizer: every place the base config named its model now names the user's.
     _replace_values(cfg, "pretrained_model_name_or_path", old_path, model_path)
+    _replace_values(cfg, "trust_remote_code", None, spec.model.trust_remote_code)  # XTuner's configs say True
     tokenizer = copy.deepcopy(cfg.get("tokenizer")) or {
         "type": "transformers.AutoTokenizer.from_pretrained",
         "pretrained_model_name_or_path": model_path,
         "trust_remote_code": spec.model.trust_remote_code,
         "padding_side": "right",
     }
-    _replace_values(cfg, "trust_remote_code", None, spec.model.trust_remote_code)  # XTuner's configs say True
-    _replace_values(tokenizer, "trust_remote_code", None, spec.model.trust_remote_code)
     llm = cfg["model"]["llm"]
     if spec.model.quantize:
         llm.setdefault(

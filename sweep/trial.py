@@ -239,9 +239,8 @@ def _run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     gpu_ids: list[int] = list(ctx.gpu_ids)
     try:
         for attempt in (1, 2):
-            # mmengine's runner dumped the config over config.py, unescaped (render.to_source): a retry trains
-            # from the rendered text again
-            config.write_text(rendered, encoding="utf-8")
+            if attempt == 2:  # mmengine's runner dumped the config over config.py, unescaped (render.to_source)
+                config.write_text(rendered, encoding="utf-8")
             try:
                 rc, gpu_ids, shared = _train(ctx, trial, run_id, config, work, train_log, on_poll,
                                              (batch_size, max_length, checkpointing), alone=attempt == 2)  # fmt: skip

@@ -30,19 +30,10 @@ def _study(tmp_path: Path, trials: list[tuple[float, TrialState]]) -> tuple[optu
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="minimize")
     dirs = {}
     for number, (value, state) in enumerate(trials):
-        folder = tmp_path / f"trial_{number}" / "best_adapter"
-        folder.mkdir(parents=True)
-        dirs[number] = folder
-        study.add_trial(
-            create_trial(
-                state=state,
-                value=value if state == TrialState.COMPLETE else None,
-                params={"lr": 0.1},
-                distributions={"lr": FloatDistribution(0.01, 1.0)},
-                user_attrs={"adapter_path": str(folder), "best_value": value, "mlflow_run_id": f"run{number}"},
-                intermediate_values={1: value},
-            )
-        )
+        work = tmp_path / f"trial_{number}"
+        (work / "best_adapter").mkdir(parents=True)
+        dirs[number] = work / "best_adapter"
+        _add(study, work, number, state, value)
     return study, dirs
 
 

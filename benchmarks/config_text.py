@@ -1,4 +1,4 @@
-"""What writing a trial's config out costs, with and without yapf (``launcher._plain_config_text``).
+"""What writing a trial's config out costs, with and without yapf (``sweep.training.patches._plain_config_text``).
 
     .venv/bin/python benchmarks/config_text.py [REPEATS]     # CPU, about 10 s
     .venv/bin/python benchmarks/config_text.py --jobs N      # also N warm jobs each way, about 3 min for N=3
@@ -24,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sweep import cli, launcher  # noqa: E402
+from sweep import cli  # noqa: E402
+from sweep.training import job, patches  # noqa: E402
+from sweep.trial import launcher  # noqa: E402
 
 
 def _seconds(config_file: Path, repeats: int) -> tuple[float, str]:
@@ -57,7 +59,7 @@ def _trial_config(tmp: Path) -> Path:
 def _jobs(config: str, n: int, mode: str) -> None:
     """In a process of its own: ``n`` jobs of ``config``, the way a resident worker runs them."""
     os.environ.update(launcher.environment(launcher.Launch(Path(config), Path(config).parent, Path(os.devnull))))
-    launcher.prepare_process()
+    patches.prepare_process()
     if mode == "yapf":
         from mmengine.config import Config
 
@@ -66,7 +68,7 @@ def _jobs(config: str, n: int, mode: str) -> None:
         work = Path(config).parent / f"bench-{mode}-{i}"
         shutil.rmtree(work, ignore_errors=True)
         start = time.perf_counter()
-        launcher.train_in_this_process([config, "--work-dir", str(work)])
+        job.train_in_this_process([config, "--work-dir", str(work)])
         print(f"{mode}: job {i + 1}: {time.perf_counter() - start:.2f} s", file=sys.__stdout__, flush=True)
 
 
@@ -82,7 +84,7 @@ def main() -> None:
         if cli.main(["validate", str(ROOT / "configs" / "demo.yaml"), "--output", str(rendered)]) != 0:
             sys.exit("sweep validate failed")
         formatted, _ = _seconds(rendered, repeats)
-        launcher.prepare_process()  # what every training process does first
+        patches.prepare_process()  # what every training process does first
         plain, text = _seconds(rendered, repeats)
         back = Path(tmp) / "back.py"
         back.write_text(text, encoding="utf-8")

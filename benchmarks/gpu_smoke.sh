@@ -70,7 +70,7 @@ sweep() {  # NAME [VALUES...]: enqueue the given trial values (JSON), run the st
   (cd "$WORK" && $PY - "$name" "$@" <<'PY') || return 1
 import json, sys
 from sweep.spec import load_spec
-from sweep.study import open_study
+from sweep.storage import open_study
 st = open_study(load_spec(f"{sys.argv[1]}.yaml"), "sqlite:///sweep.db")
 for values in sys.argv[2:]:
     st.enqueue_trial(json.loads(values))

@@ -145,7 +145,7 @@ registry: {{name: throughput-adapter}}
     )
     env = {**os.environ, **ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     enqueue = (
-        "import optuna, sys; from sweep.spec import load_spec; from sweep.study import open_study;"
+        "import optuna, sys; from sweep.spec import load_spec; from sweep.storage import open_study;"
         f"s = open_study(load_spec('{spec}'), 'sqlite:///{folder / 'sweep.db'}');"
         + "".join(f"s.enqueue_trial({{'batch_size': {TRIALS[i][0]}, 'lora_r': {TRIALS[i][1]}}});" for i in ORDER)
     )

@@ -226,7 +226,7 @@ def run_exit_code(report: dict) -> int:
 
 def _stop_on_signals() -> None:
     """First SIGINT/SIGTERM: stop running trials cleanly (recorded, queued again). Second: stop at once."""
-    from sweep.launcher import STOP
+    from sweep.trial.launcher import STOP
 
     def handler(signum: int, frame) -> None:
         if STOP.is_set():
@@ -259,7 +259,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _load_study(name: str, storage: str):
     import optuna
 
-    from sweep.tracking import redact
+    from sweep.registry.tracking import redact
 
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -270,9 +270,9 @@ def _load_study(name: str, storage: str):
 def _promote(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sweep.gate import promote
+    from sweep.registry.gate import promote
+    from sweep.registry.tracking import Tracker
     from sweep.spec import stored_spec
-    from sweep.tracking import Tracker
 
     st = _load_study(args.study, args.storage)
     if "work_dir" not in st.user_attrs:
@@ -296,7 +296,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from sweep.export import export, resolve
+    from sweep.registry.export import export, resolve
 
     if not args.adapter and not args.merge:
         raise SpecError("export: give --adapter DIR, --merge DIR or both")
@@ -315,9 +315,9 @@ def _export(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     import tempfile
 
-    from sweep.export import resolve
-    from sweep.generation import generate_answers
-    from sweep.scoring import load_adapter_model
+    from sweep.registry.export import resolve
+    from sweep.registry.scoring import load_adapter_model
+    from sweep.xtuner.generation import generate_answers
 
     with tempfile.TemporaryDirectory() as scratch:
         r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch), args.trust_remote_code)
@@ -344,8 +344,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from sweep.registry.tracking import Tracker
     from sweep.report import champion_info, objective_of, study_report, trials_table
-    from sweep.tracking import Tracker
 
     st = _load_study(args.study, args.storage)
     registry = (st.user_attrs.get("spec") or {}).get("registry") or {}

@@ -24,7 +24,6 @@ from sweep.spec import DataSpec, SpecError
 log = logging.getLogger("sweep")
 
 ROLES = ("system", "user", "assistant")
-SPLIT_FILES = ("train", "val", "test", "general_train", "general_val")
 MANIFEST = "manifest.json"
 
 
@@ -272,7 +271,7 @@ def mix(data: PreparedData, mix_ratio: float, seed: int, out: Path, source: Path
 
     ``mix_ratio`` is the general rows' share of the mixed set, so 0.2 means one general row for
     every four task rows, capped by how many general rows there are. Returns the row count.
-    ``source`` is a folder of the same splits already tokenized (``sweep.tokenized``).
+    ``source`` is a folder of the same splits already tokenized (``sweep.xtuner.tokenized``).
     """
     folder = source or data.folder
     task = (folder / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)

@@ -19,6 +19,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from sweep.ranking import best_trial
+
 log = logging.getLogger("sweep")
 
 
@@ -108,24 +110,11 @@ class SweepProgress:
         with self._lock:
             self.counts[trial.state.name] += 1
             if trial.state == optuna.trial.TrialState.COMPLETE and trial.values:
-                best = _best(study)
+                best = best_trial(study)
                 if best is not None:
                     self.best = f"trial {best.number}: {self.metric} {best.values[0]:.4f}"
         if not self.live:
             log.info("study: %s", self.summary())
-
-
-def _best(study: optuna.Study):
-    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not trials:
-        return None
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    feasible = [t for t in trials if t.values and not _infeasible(t)]
-    return min(feasible, key=lambda t: sign * t.values[0]) if feasible else None
-
-
-def _infeasible(t: optuna.trial.FrozenTrial) -> bool:
-    return any(c > 0 for c in t.system_attrs.get("constraints", []) or [])
 
 
 def _of(step: int, final_step: int | None) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from sweep.gate import best_trial, pareto_trials
+from sweep.ranking import best_trial, pareto_trials
 from sweep.spec import ObjectiveSpec
 
 
@@ -35,7 +35,7 @@ def study_report(
     objective = objective or objective_of(study)
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
-    best_t = best_trial(study, objective)
+    best_t = best_trial(study)
     report: dict[str, Any] = {
         "study": study.study_name,
         "objective": objective.describe(),

@@ -17,58 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from objectives import METRICS, WEIGHTED
-
-#: The knobs a trial may vary, with the type a value must have. They map onto XTuner config
-#: fields in ``sweep.render`` (``mix_ratio`` onto the data mix in ``sweep.data``).
-KNOBS: dict[str, type] = {
-    "max_epochs": int,
-    "max_iters": int,  # instead of max_epochs: a fixed number of iterations (benchmarks, huge data)
-    "batch_size": int,
-    "accumulative_counts": int,
-    "lr": float,
-    "lora_r": int,
-    "lora_alpha": int,
-    "lora_alpha_ratio": float,
-    "lora_dropout": float,
-    "mix_ratio": float,
-    "max_length": int,
-}
-
-
-#: Where each knob's values make sense: (low, high, low included, high included). A value outside fails the
-#: spec at once, naming the key, instead of a trial that crashes or trains nothing hours later.
-KNOB_RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "max_epochs": (1, 100_000, True, True),
-    "max_iters": (1, 10**9, True, True),
-    "batch_size": (1, 65_536, True, True),
-    "accumulative_counts": (1, 65_536, True, True),
-    "lr": (0.0, 1.0, False, True),
-    "lora_r": (1, 65_536, True, True),
-    "lora_alpha": (1, 10**6, True, True),
-    "lora_alpha_ratio": (0.0, 1024.0, False, True),
-    "lora_dropout": (0.0, 1.0, True, False),
-    "mix_ratio": (0.0, 1.0, True, False),
-    "max_length": (16, 1_048_576, True, True),
-}
-
-
-def check_knob(name: str, value: float) -> None:
-    """Raise ValueError when a knob's value is outside ``KNOB_RANGES``."""
-    low, high, low_in, high_in = KNOB_RANGES[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: {value!r} is not a number")
-    if value < low or value > high or (value == low and not low_in) or (value == high and not high_in):
-        raise ValueError(f"{name}: {value!r} is outside {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}")
-
+from sweep.errors import SpecError
+from sweep.knobs import KNOBS, check_knob
 
 #: A study name becomes a folder and an MLflow experiment: letters, digits, `_`, `.`, `-`, and not only dots.
 STUDY_NAME = r"^(?!\.+$)[A-Za-z0-9_.\-]+$"
 #: A registered model name goes into MLflow filter strings and URIs (``models:/NAME@champion``).
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-
-
-class SpecError(ValueError):
-    """A spec, data file or model directory that cannot be used; the message says where and why."""
 
 
 class _Strict(BaseModel):

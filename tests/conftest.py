@@ -72,13 +72,13 @@ def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
 def inject_into_training(folder: Path, body: str) -> Path:
     """A ``sitecustomize.py`` that runs ``body`` at the start of every training job, with ``argv``
     (xtuner train's arguments, the trial's config path first) in scope; return ``True`` from it to
-    train normally. It wraps ``sweep.launcher.train_in_this_process``, which a fresh training
+    train normally. It wraps ``sweep.training.job.train_in_this_process``, which a fresh training
     process and a resident worker both call once per job. Put ``folder`` on PYTHONPATH.
     """
     folder.mkdir(parents=True, exist_ok=True)
     indented = textwrap.indent(textwrap.dedent(body), "    ")
     (folder / "sitecustomize.py").write_text(
-        "import sweep.launcher as _launcher\n"
+        "import sweep.training.job as _launcher\n"
         "_original = _launcher.train_in_this_process\n\n\n"
         "def _injected(argv):\n"
         f"{indented}\n"

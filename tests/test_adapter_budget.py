@@ -18,10 +18,10 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from sweep import data as data_mod
-from sweep.locks import adapter_in_use
+from sweep.callbacks import AdapterBudget
+from sweep.registry.locks import adapter_in_use
+from sweep.registry.tracking import RegistryError
 from sweep.spec import DataSpec, SpecError
-from sweep.study import _AdapterBudget
-from sweep.tracking import RegistryError
 
 RECORD = {"config.py", "sweep_metrics.jsonl", "train.log", "data.json"}  # what a thinned-out trial keeps
 
@@ -45,7 +45,7 @@ def test_only_the_best_adapters_stay(tmp_path):
     study, dirs = _study(tmp_path, [(3.0, TrialState.COMPLETE), (1.0, TrialState.COMPLETE),
                                     (2.0, TrialState.COMPLETE), (0.5, TrialState.PRUNED),
                                     (4.0, TrialState.COMPLETE)])  # fmt: skip
-    _AdapterBudget(keep=2, champion_run=lambda: "run4")(study, study.trials[-1])
+    AdapterBudget(keep=2, champion_run=lambda: "run4")(study, study.trials[-1])
     # completed trials rank before pruned ones; 1.0 and 2.0 are the best two; run4 is the registered champion
     assert _kept(dirs) == {1, 2, 4}
 
@@ -55,7 +55,7 @@ def test_the_champion_is_read_again_each_time(tmp_path):
     study, dirs = _study(tmp_path, [(3.0, TrialState.COMPLETE), (1.0, TrialState.COMPLETE),
                                     (4.0, TrialState.COMPLETE), (5.0, TrialState.COMPLETE)])  # fmt: skip
     champion = ["run2"]
-    budget = _AdapterBudget(keep=1, champion_run=lambda: champion[0])
+    budget = AdapterBudget(keep=1, champion_run=lambda: champion[0])
     with adapter_in_use(dirs[0]):  # a gate is registering trial 0 right now
         budget(study, study.trials[-1])
     assert _kept(dirs) == {0, 1, 2}, "trial 0 in use, trial 2 the champion"
@@ -70,7 +70,7 @@ def test_a_registry_error_removes_nothing(tmp_path):
     def unreadable() -> str:
         raise RegistryError("registry sqlite:///m.db: cannot read alias 'champion' of model 'm': busy")
 
-    _AdapterBudget(keep=1, champion_run=unreadable)(study, study.trials[-1])
+    AdapterBudget(keep=1, champion_run=unreadable)(study, study.trials[-1])
     assert _kept(dirs) == {0, 1}, "the champion could be trial 1's: nothing goes while it cannot be read"
 
 
@@ -155,7 +155,7 @@ def test_a_trial_not_kept_leaves_its_record_only(tmp_path: Path):
     running.set_user_attr("adapter_path", str(works[5] / "best_adapter"))
     before = {n: _files(w) for n, w in works.items()}
 
-    _AdapterBudget(keep=1, champion_run=lambda: "run3")(study, study.trials[-1])
+    AdapterBudget(keep=1, champion_run=lambda: "run3")(study, study.trials[-1])
 
     for n in (1, 3, 4, 5):  # the best, the champion, a failed and a running trial: untouched
         assert _files(works[n]) == before[n], f"trial {n}"
@@ -179,14 +179,14 @@ def test_copies_stay_unless_a_digest_proves_them_remakeable(tmp_path: Path):
         _add(study, _trial_dir(root, number, data), number, TrialState.COMPLETE, value)
     edited = root / "trial_0001" / "rows.jsonl"
     edited.write_text(edited.read_text() + json.dumps(_row("added by hand")) + "\n")
-    _AdapterBudget(keep=1)(study, study.trials[-1])
+    AdapterBudget(keep=1)(study, study.trials[-1])
     assert edited.is_file() and not (root / "trial_0002" / "rows.jsonl").exists(), "only the copy its hash proves"
     assert not (root / "trial_0001" / "train.jsonl").exists() and not list(root.glob("trial_0001/*.pth"))
 
     shutil.rmtree(data.folder)  # the split made again from other data: nothing proves the old copies any more
     _split(tmp_path, root, tag="other")
     _add(study, _trial_dir(root, 3, data), 3, TrialState.COMPLETE, 4.0)  # data.json names the old digest
-    _AdapterBudget(keep=1)(study, study.trials[-1])
+    AdapterBudget(keep=1)(study, study.trials[-1])
     assert {"rows.jsonl", "train.jsonl"} <= set(_files(root / "trial_0003")), "kept: its split is gone"
     assert not list(root.glob("trial_0003/*.pth")), "its checkpoints go anyway"
     with pytest.raises(SpecError, match="is not the split with digest"):
@@ -215,7 +215,7 @@ def test_files_of_a_running_trial_stay_until_its_result_is_recorded(tmp_path: Pa
         if t.number == 1:
             second_recorded.set()
 
-    study.optimize(objective, n_trials=2, n_jobs=2, callbacks=[_AdapterBudget(keep=1), after_trial_1])
+    study.optimize(objective, n_trials=2, n_jobs=2, callbacks=[AdapterBudget(keep=1), after_trial_1])
     assert seen["waited"], "trial 1 did not finish while trial 0 ran"
     assert {"iter_8.pth", "rows.jsonl", "best_adapter/adapter_model.safetensors"} <= seen["files while running"]
     assert set(_files(root / "trial_0000")) == RECORD, "thinned out once its own result was recorded"

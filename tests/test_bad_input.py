@@ -195,7 +195,7 @@ def test_validate_renders_one_config(tmp_path, capsys, tiny_model):
     out = tmp_path / "trial.py"
     assert main(["validate", str(ROOT / "configs" / "demo.yaml"), "--output", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
-    assert "sweep.hooks.SweepHook" in out.read_text()
+    assert "sweep.training.hook.SweepHook" in out.read_text()
     assert main(["validate", str(ROOT / "configs" / "internlm2_chat_1_8b_qlora.yaml")]) == 2
     assert "internlm2_chat_1_8b_qlora.yaml: model.path" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from sweep.study import make_storage
+from sweep.storage import make_storage
 
 
 def test_enqueued_trials_run_once_each_under_n_jobs(tmp_path):

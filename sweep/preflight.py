@@ -1,0 +1,85 @@
+"""Every check that can fail before training, run before anything is created.
+
+The spec, the data rows, the model folder, the base config and one rendered config: a typo costs a
+second here instead of a half-made study, MLflow run or work dir (and an hour of GPU time) later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweep import data as data_mod
+from sweep.knobs import base_values, trial_values
+from sweep.search import first_point
+from sweep.spec import Spec, SpecError
+from sweep.trial.protocol import TrialFiles
+from sweep.xtuner.config import load_base_config, prompt_template
+from sweep.xtuner.render import Device, render
+
+
+@dataclass
+class Checked:
+    """What `check` proved usable, so `run` needs no second look."""
+
+    spec: Spec
+    base_cfg: dict[str, Any]
+    base_knobs: dict[str, Any]
+    splits: dict[str, list]
+    config_text: str
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise SpecError(f"model.path: {path} is not a directory; name the local folder of the base model")
+    if not (path / "config.json").is_file():
+        raise SpecError(f"model.path: {path} has no config.json; expected a Hugging Face model folder")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((path / f).is_file() for f in tokenizer_files):
+        raise SpecError(f"model.path: {path} has no tokenizer (none of {list(tokenizer_files)})")
+
+
+def needs_remote_code(model_dir: Path) -> bool:
+    """Whether a model folder's config asks Transformers to import Python code the folder ships (``auto_map``)."""
+    try:
+        return "auto_map" in json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def check(spec: Spec, device: Device | None = None) -> Checked:
+    """Every check that can fail before training, with nothing written anywhere."""
+    check_model_dir(spec.model.path)
+    if needs_remote_code(spec.model.path) and not spec.model.trust_remote_code:
+        raise SpecError(
+            f"model.path: {spec.model.path} ships its own modeling code (config.json auto_map, as InternLM2 does); "
+            "set model.trust_remote_code: true if you trust that folder"
+        )
+    prompt_template(spec.model.template)
+    splits = data_mod.split_rows(spec.data)
+    if not splits["val"]:
+        raise SpecError(f"{spec.data.task}: the validation split is empty")
+    base_cfg = load_base_config(spec.base_config)
+    knobs = base_values(base_cfg)
+    values = trial_values(spec, first_point(spec), knobs)
+    if float(values.get("mix_ratio") or 0) > 0 and not splits["general_train"]:
+        raise SpecError("mix_ratio: general data is mixed in but data.general is not set")
+    if "val/general_loss" in spec.objective.components and not splits["general_val"]:
+        raise SpecError(
+            "objective: val/general_loss needs held-out general rows; set data.general and data.general_val > 0"
+        )
+    probe = Path("/nonexistent/xtuner-sweep-check")
+    general_val = probe / "general_val.jsonl" if splits["general_val"] else None
+    files = TrialFiles(probe / "train.jsonl", probe / "val.jsonl", probe, max(1, len(splits["train"])), general_val)
+    text = render(base_cfg, spec, values, files, device or Device(cuda=False))
+    return Checked(spec, base_cfg, knobs, splits, text)
+
+
+def detect_device() -> Device:
+    import torch
+
+    if torch.cuda.is_available():
+        return Device(cuda=True, n_gpus=torch.cuda.device_count())
+    return Device(cuda=False)

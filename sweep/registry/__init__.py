@@ -1,0 +1,1 @@
+"""MLflow: runs and metrics, the test-set gate, scoring, the champion as a pyfunc model, export."""

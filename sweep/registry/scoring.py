@@ -1,0 +1,123 @@
+"""An adapter scored outside training, on held-out rows: the numbers the test gate compares.
+
+``test/loss`` is ``val/loss``'s definition on other rows: the rows are tokenized by the trial's own
+XTuner config (its validation loader with the file swapped), so template, truncation and label
+masking are exactly what validation used. ``test/rouge_l`` uses the same greedy generation as
+validation and the champion's pyfunc model.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from objectives.loss import mean_loss, token_loss_sum
+from objectives.rouge import rouge_l
+from sweep.xtuner.config import load_config
+from sweep.xtuner.environ import same_os_environ
+
+log = logging.getLogger("sweep")
+MAX_GENERATED_ROWS = 256  # generation is the slow part; a larger test split is scored for loss only beyond this
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inference_dtype(cpu_amp: bool = False) -> torch.dtype:
+    """The dtype a trained adapter's base model is loaded in: bf16 on a GPU; on the CPU, what it trained in."""
+    return torch.bfloat16 if _device() == "cuda" or cpu_amp else torch.float32
+
+
+def load_adapter_model(
+    base_model: Path, adapter: Path, quantize: bool = False, cpu_amp: bool = False, trust_remote_code: bool = False
+):
+    """The base model with the adapter applied, for inference (``inference_dtype``, nf4 when trained so).
+
+    The whole base model is in one dtype, so activations match its weights without autocast; PEFT keeps
+    the adapter in fp32 and casts what flows into it.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = _device()
+    kwargs: dict[str, Any] = {"torch_dtype": inference_dtype(cpu_amp)}
+    if quantize and device == "cuda":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": 0}
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base_model, trust_remote_code=trust_remote_code, **kwargs)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def tokenized_loader(config_file: Path, rows_file: Path):
+    """The trial config's validation loader over ``rows_file``: the same tokens validation would see."""
+    import datasets
+    from mmengine.runner import Runner
+
+    datasets.disable_progress_bars()  # one tokenizing pass per score: its bars would only clutter the sweep's log
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = load_config(config_file)
+    loader = copy.deepcopy(cfg.val_dataloader)  # a ConfigDict: XTuner reads the template by attribute
+    loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
+    with same_os_environ():
+        return Runner.build_dataloader(loader)
+
+
+@torch.no_grad()
+def score_adapter(
+    adapter: Path,
+    base_model: Path,
+    config_file: Path,
+    rows_file: Path,
+    *,
+    template: dict[str, Any],
+    system: str = "",
+    rouge: bool = False,
+    max_new_tokens: int = 48,
+    quantize: bool = False,
+    cpu_amp: bool = False,
+    trust_remote_code: bool = False,
+    prefix: str = "test",
+) -> dict[str, float]:
+    """``{prefix}/loss`` (and ``{prefix}/rouge_l``) of an adapter on the rows of a JSON-lines file."""
+    from sweep.xtuner.generation import first_turn, generate_answers
+
+    model, tokenizer = load_adapter_model(base_model, adapter, quantize, cpu_amp, trust_remote_code)
+    device = next(model.parameters()).device
+    try:
+        parts: list[tuple[float, int]] = []
+        for batch in tokenized_loader(config_file, rows_file):
+            data = batch["data"]
+            logits = model(
+                input_ids=data["input_ids"].to(device), attention_mask=data["attention_mask"].to(device)
+            ).logits
+            parts += [token_loss_sum(logits[i], data["labels"][i]) for i in range(logits.shape[0])]
+        scores = {f"{prefix}/loss": mean_loss(parts)}
+        if rouge:
+            lines = rows_file.read_text(encoding="utf-8").splitlines()
+            pairs = [first_turn(json.loads(line)["messages"]) for line in lines if line.strip()][:MAX_GENERATED_ROWS]
+            tokenizer.padding_side = "left"
+            answers = generate_answers(model, tokenizer, template, [q for q, _ in pairs], system, max_new_tokens)
+            scores[f"{prefix}/rouge_l"] = rouge_l(answers, [a for _, a in pairs])
+        return scores
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,225 @@
+"""The sweep's mmengine hook inside XTuner's training: when to validate, what to stream, when to stop.
+
+Validation is placed at fixed counts of training rows seen (``eval_every``), so trials with different
+batch sizes, epochs and packing report on the same x-axis, which is what Optuna's pruners compare and
+what MLflow plots. Each point's exact values go to the trial as ``protocol`` events; the adapter is saved
+whenever the objective improves; after each point the hook waits for the trial's verdict (go on, or stop
+because the trial was pruned). The metrics themselves live beside it: ``metrics`` (losses), ``answers``
+(greedy answers), ``baseline`` (the shared step-0 point).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.dist import broadcast_object_list, get_world_size, is_main_process
+from mmengine.hooks import Hook
+
+from objectives import WEIGHTED, weighted
+from sweep import atomic
+from sweep.training import baseline
+from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
+from sweep.training.metrics import general_loss
+from sweep.trial import protocol
+
+
+def _unwrap(model: Any) -> Any:
+    while not hasattr(model, "llm"):
+        inner = getattr(model, "module", None) or getattr(model, "model", None)
+        if inner is None:
+            raise AttributeError(f"no XTuner model with an .llm inside {type(model).__name__}")
+        model = inner
+    return model
+
+
+class SweepHook(Hook):
+    """Validation schedule by samples seen, metric stream, best adapter, and the prune handshake."""
+
+    priority = "LOW"
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = s = protocol.HookSettings(**settings)
+        self.better = (lambda a, b: a < b) if s.rule == "less" else (lambda a, b: a > b)
+        self.stream_path = Path(s.stream)
+        self.control_path = Path(s.control)
+        self.adapter_dir = Path(s.adapter_dir)
+        self.baseline = Path(s.baseline) if s.baseline else None
+        self.wait_for_verdict = os.environ.get(protocol.CONTROL_ENV) == "1"
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.step = 0
+        self.stopped = False
+        self.val_seconds = 0.0
+        self.shares_baseline = False  # decided at step 0: LoRA B all zero, so the model is its base
+        self.answers = None
+
+    # -- the x-axis ---------------------------------------------------------------------------
+    def samples_seen(self, iters_done: int) -> int:
+        """Training rows seen after ``iters_done`` iterations, counted in rows of the trial's data."""
+        return round(iters_done * self.settings.n_train_rows / self.iters_per_epoch)
+
+    def _emit(self, event: protocol.Event) -> None:
+        if is_main_process():
+            protocol.emit(self.stream_path, event)
+
+    def before_train(self, runner) -> None:
+        self.iters_per_epoch = len(runner.train_dataloader)
+        self.max_iters = runner.max_iters
+        self.next_point = self.settings.eval_every
+        self.final_step = self.samples_seen(self.max_iters)
+        amp = trains_under_autocast(runner.optim_wrapper)
+        # ValLoop wraps each step in autocast(enabled=fp16), which with False switches _validate's autocast
+        # off; enabled, it keeps the dtype of the autocast it runs inside (training's).
+        runner.val_loop.fp16 = amp
+        in_16bit = keep_frozen_weights_16bit(_unwrap(runner.model).llm) if self.settings.frozen_16bit and amp else 0
+        if in_16bit and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the fp32 copies just dropped
+        self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit))
+        if self.settings.general_val:
+            self.general_loader = runner.build_dataloader(self.settings.general_val)
+        if self.settings.generation:
+            from sweep.training.answers import Answers
+
+            self.answers = Answers(self.settings.generation)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        if runner.iter == 0:  # after every hook's before_train (CheckpointHook's too)
+            self._validate(runner, 0)  # the untrained starting point: a baseline, and "before training" samples
+        self._t0 = time.perf_counter()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        seconds = time.perf_counter() - self._t0
+        done = runner.iter + 1
+        self.step = self.samples_seen(done)
+        data = (data_batch or {}).get("data", {})
+        mask = data.get("attention_mask")
+        ids = data.get("input_ids")
+        tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+        tokens *= get_world_size()
+        if torch.cuda.is_available():
+            memory_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        loss = (outputs or {}).get("loss")
+        metrics = {
+            "train/loss": float(loss) if loss is not None else None,
+            "train/lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
+            "perf/tokens_per_sec": tokens / seconds if seconds > 0 else 0.0,
+            "perf/memory_mb": memory_mb,
+            "perf/iter_seconds": seconds,
+        }
+        self._emit(protocol.Train(done, self.step, metrics))
+        if done >= self.max_iters:
+            self._validate(runner, self.final_step)
+        elif self.step >= self.next_point:
+            every = self.settings.eval_every
+            point = self.step - self.step % every
+            self.next_point = point + every
+            self._validate(runner, point)
+
+    # -- validation and the verdict -----------------------------------------------------------
+    def _validate(self, runner, step: int) -> None:
+        self._pending_step = step
+        started = time.perf_counter()
+        # Validation draws no random numbers from training's streams (a data loader's iterator takes
+        # one): a trial trains the same whether a point was measured, read from the study, or skipped.
+        # Every forward pass of validation (loss, general loss, generation, probes) runs under training's
+        # autocast: with frozen weights in 16 bits and fp32 activations, a bare forward pass cannot multiply.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), training_autocast(runner.optim_wrapper):
+            if step == 0:
+                self.shares_baseline = (
+                    self.baseline is not None and get_world_size() == 1 and baseline.applies(_unwrap(runner.model).llm)
+                )
+            cached = baseline.read(self.baseline) if step == 0 and self.shares_baseline else None
+            if cached is not None:  # the untrained point, as another trial of this study measured it
+                self._record_point(runner, step, cached["metrics"], cached.get("samples"), cached=True)
+            else:
+                runner.val_loop.run()
+        runner.model.train()  # ValLoop leaves the model in eval mode: dropout would stay off until the next epoch
+        self.val_seconds += time.perf_counter() - started
+        stop = [self._await_verdict(step) if is_main_process() and step > 0 else False]
+        if get_world_size() > 1:
+            broadcast_object_list(stop)
+        if stop[0] and runner.iter + 1 < self.max_iters:
+            runner.train_loop.stop_training = True
+            self.stopped = True
+
+    def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
+        metrics = metrics if metrics is not None else {}
+        step = getattr(self, "_pending_step", self.step)
+        # Added before CheckpointHook (lower priority) reads the metrics for save_best.
+        if self.settings.general_val:
+            metrics["val/general_loss"] = general_loss(runner.model, self.general_loader)
+        samples = self._answer(runner, step, metrics) if self.answers is not None else None
+        if step == 0 and self.shares_baseline and is_main_process():
+            baseline.store(self.baseline, metrics, samples)
+        self._record_point(runner, step, metrics, samples)
+
+    def _answer(self, runner, step: int, metrics: dict[str, float]) -> list[dict] | None:
+        """Greedy answers on the main process; every rank gets ``val/rouge_l`` (CheckpointHook reads it)."""
+        score, rows = [None], None
+        if is_main_process():
+            score[0], rows = self.answers.at_point(_unwrap(runner.model).llm, step)
+        if get_world_size() > 1:
+            broadcast_object_list(score)
+        if score[0] is not None:
+            metrics["val/rouge_l"] = float(score[0])
+        return rows
+
+    def _record_point(self, runner, step: int, metrics: dict[str, float], samples, cached: bool = False) -> None:
+        """Stream one validation point (and its sample answers); keep the adapter if it is the best yet."""
+        if samples:
+            self._emit(protocol.Samples(step, samples))
+        if self.settings.weights:
+            metrics[WEIGHTED] = weighted(metrics, self.settings.weights)
+        value = metrics.get(self.settings.metric)
+        if value is not None and value == value and (self.best_value is None or self.better(value, self.best_value)):
+            self.best_value, self.best_step = float(value), step
+            if is_main_process():
+                self._save_adapter(runner)
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._emit(protocol.Val(step, runner.iter + 1, values, self.best_step, cached))
+
+    def _save_adapter(self, runner) -> None:
+        """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""
+        tmp = atomic.temp_dir_beside(self.adapter_dir)
+        try:
+            _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
+            atomic.replace_dir(tmp, self.adapter_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _await_verdict(self, step: int) -> bool:
+        if not self.wait_for_verdict:
+            return False
+        deadline = time.monotonic() + protocol.VERDICT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            verdict = protocol.Verdict.read(self.control_path)
+            if verdict is not None and verdict.step >= step:
+                return verdict.stop
+            time.sleep(0.05)
+        message = f"no verdict from the sweep for step {step} in {protocol.VERDICT_TIMEOUT_S:.0f}s; training on"
+        self._emit(protocol.TrainingWarning(message))
+        return False
+
+    def after_train(self, runner) -> None:
+        self._emit(
+            protocol.End(
+                iter=runner.iter,
+                step=self.step,
+                best_step=self.best_step,
+                best_value=self.best_value,
+                stopped_early=self.stopped,
+                val_seconds=round(self.val_seconds, 3),
+                peak_memory_mb=torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
+                adapter=str(self.adapter_dir) if self.adapter_dir.exists() else None,
+            )
+        )

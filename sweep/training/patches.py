@@ -1,0 +1,128 @@
+"""XTuner 0.2.0's and mmengine's quirks, fixed once per training process before the first job.
+
+Each fix leaves a trial's math as stock XTuner computes it:
+- XTuner calls ``torch.cpu.is_bf16_supported()``, which current torch lacks: defined (False).
+- Warm-up ranges that round to 0 or 1 iterations are widened to 2 (``_widen_short_schedules``).
+- Config text skips yapf, and the 2 s pause at epoch boundaries is skipped for in-process loaders:
+  both cost time and change no value.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from sweep.training import base_model
+
+_PREPARED = False
+
+
+def prepare_process() -> None:
+    """Once per training process, before the first job: the quirk fixes and the base-model cache."""
+    global _PREPARED
+    if _PREPARED:
+        return
+    import torch
+
+    if not hasattr(torch.cpu, "is_bf16_supported"):
+        torch.cpu.is_bf16_supported = lambda *a, **k: False  # XTuner 0.2.0 calls it on every device
+    _widen_short_schedules()
+    _plain_config_text()
+    _no_pause_between_epochs()
+    base_model.CACHE.install()
+    from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker
+
+    _PREPARED = True
+
+
+def _plain_config_text() -> None:
+    """Configs made in this process skip yapf when they are turned back into text.
+
+    mmengine runs the whole config through yapf every time it writes it out (the runner's config
+    dump, the visualizer's copy, the environment log, every checkpoint's metadata): most of a short
+    trial's setup on a CPU (``benchmarks/config_text.py`` measures it). The unformatted text is the
+    same config (``format_python_code=False``, an mmengine option): it loads back to equal values.
+    """
+    import functools
+
+    from mmengine.config import Config
+
+    original = Config.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        if len(args) >= 5:  # cfg_dict, cfg_text, filename, env_variables, format_python_code
+            args = (*args[:4], False, *args[5:])
+        else:
+            kwargs["format_python_code"] = False
+        original(self, *args, **kwargs)
+
+    Config.__init__ = init
+
+
+def _no_pause_between_epochs() -> None:
+    """No 2 s sleep at an epoch boundary of a data loader that has no worker processes.
+
+    mmengine's iteration-based loop (XTuner's ``TrainLoop`` is one) sleeps 2 s whenever its data
+    loader starts a new epoch, "to prevent a possible deadlock" of the loader's worker processes. A
+    sweep's loaders load in the training process (``num_workers`` 0), so there is nothing to wait
+    for, and a trial of N epochs waited N - 1 times. The sleep is skipped only for such loaders; the
+    sampler's epoch and the data order are untouched.
+    """
+    import functools
+    import types
+
+    from mmengine.runner import loops
+
+    iterator = loops._InfiniteDataloaderIterator
+    original = iterator.__next__
+    state = threading.local()
+
+    class _Time(types.ModuleType):  # what mmengine's loops module calls ``time``
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def sleep(self, seconds: float) -> None:
+            if not getattr(state, "loader_in_process", False):
+                time.sleep(seconds)
+
+    @functools.wraps(original)
+    def __next__(self):
+        state.loader_in_process = getattr(self._dataloader, "num_workers", 1) == 0
+        try:
+            return original(self)
+        finally:
+            state.loader_in_process = False
+
+    loops.time = _Time("time")
+    iterator.__next__ = __next__
+
+
+def _widen_short_schedules() -> None:
+    """Give every parameter scheduler at least 2 iterations.
+
+    XTuner's configs warm up for ``warmup_ratio * max_epochs`` epochs; on small data that rounds to 0
+    iterations (mmengine refuses: "end should be larger than begin") or to 1, where LinearLR never ramps
+    and the learning rate stays at ``start_factor * lr`` for the whole run. 2 is the shortest warm-up
+    that reaches the full rate.
+    """
+    import functools
+    import inspect
+
+    from mmengine.optim.scheduler import param_scheduler as ps
+
+    for cls in (ps._ParamScheduler, ps.LinearParamScheduler):
+        original = cls.__init__
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def init(self, *args, __original=original, __signature=signature, **kwargs):
+            bound = __signature.bind(self, *args, **kwargs)
+            begin = bound.arguments.get("begin", 0)
+            end = bound.arguments.get("end", ps.INF)
+            if end - begin < 2:
+                bound.arguments["end"] = begin + 2
+            __original(*bound.args, **bound.kwargs)
+
+        cls.__init__ = init

@@ -1,0 +1,168 @@
+"""GPU slots: several trials share a GPU while their memory fits; a multi-GPU trial takes whole GPUs.
+
+One small LoRA trial leaves most of an H100 idle (about 3 % model FLOPs at batch 1), so a sweep packs
+trials onto GPUs by memory. A trial's memory is estimated from its batch size and sequence length
+(weights, the fp32 logits and their gradient, the activations kept per layer) and the estimate is
+calibrated by the peak each finished trial really reached, so the packing gets tighter or looser
+as evidence comes in. ``CUDA_VISIBLE_DEVICES`` then points each trial's process at its GPU(s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("sweep")
+CONTEXT_MB = 600.0  # a CUDA context and the allocator's slack, per process
+HEADROOM = 0.92  # of each GPU's memory that trials may plan to use
+MAX_PER_GPU = 8
+
+
+@dataclass
+class ModelShape:
+    """What the memory of a LoRA trial grows with; read from the model's config.json and weight files."""
+
+    weights_mb: float
+    hidden: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def from_dir(cls, path: Path, quantize: bool = False) -> ModelShape:
+        cfg = json.loads((path / "config.json").read_text())
+        files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        size_mb = sum(f.stat().st_size for f in files) / 2**20
+        if str(cfg.get("torch_dtype", "bfloat16")) == "float32":
+            size_mb /= 2  # trained in bf16 on a GPU
+        if quantize:
+            size_mb *= 0.3  # nf4 weights plus the layers bitsandbytes keeps in 16 bits
+        return cls(size_mb, int(cfg.get("hidden_size", 0)), int(cfg.get("num_hidden_layers", 0)),
+                   int(cfg.get("vocab_size", 0)))  # fmt: skip
+
+
+@dataclass
+class MemoryModel:
+    """A trial's peak GPU memory in MB: a formula, scaled by what finished trials measured."""
+
+    shape: ModelShape
+    # fitted to the allocator's peaks (torch.cuda.max_memory_reserved) of XTuner LoRA trials measured on
+    # H100/H200 GPUs (docs/benchmarks.md)
+    calibration: float = 2.7
+    measured: list[tuple[float, float]] = field(default_factory=list)  # (formula, measured) pairs
+    floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
+
+    def formula(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
+        tokens = batch_size * max_length
+        logits = tokens * self.shape.vocab * 5  # bf16 logits, their fp32 loss upcast and gradient, averaged
+        per_layer = tokens * self.shape.hidden * 2 * (3 if checkpointing else 21)  # bf16 activations kept
+        return self.shape.weights_mb + (logits + per_layer * self.shape.layers) / 2**20
+
+    def estimate(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
+        return CONTEXT_MB + self.formula(batch_size, max_length, checkpointing) * self.calibration
+
+    def observe(self, batch_size: int, max_length: int, checkpointing: bool, peak_mb: float) -> None:
+        """A finished trial's measured peak: the calibration becomes the largest ratio seen, plus 5 %.
+
+        Evidence replaces the default (a smaller model than the fit's packs tighter), but the plan
+        never drops below a ratio that once ran out of memory.
+        """
+        formula = self.formula(batch_size, max_length, checkpointing)
+        if formula <= 0 or peak_mb <= 0:
+            return
+        self.measured.append((formula, peak_mb))
+        self.calibration = max(self.floor, max(p / f for f, p in self.measured) * 1.05)
+
+    def out_of_memory(self) -> None:
+        """A trial ran out of memory beside others: plan every later trial larger."""
+        self.calibration *= 1.25
+        self.floor = self.calibration
+
+
+class GpuSlots:
+    """Hands out GPUs to trials by memory (and at most ``per_gpu`` trials on one GPU).
+
+    ``acquire`` blocks until the trial fits; ``release`` gives its memory back. Thread-safe: the
+    trials of ``--n-jobs`` call it from their own threads.
+    """
+
+    def __init__(self, gpus: dict[int, float], per_gpu: int | None = None) -> None:
+        if not gpus:
+            raise ValueError("no GPUs to hand out")
+        self.total = dict(gpus)  # GPU index -> memory in MB
+        self.per_gpu = per_gpu or MAX_PER_GPU
+        self.used = dict.fromkeys(gpus, 0.0)
+        self.count = dict.fromkeys(gpus, 0)
+        self._cond = threading.Condition()
+
+    def _fits(self, gpu: int, need_mb: float) -> bool:
+        return self.count[gpu] < self.per_gpu and self.used[gpu] + need_mb <= self.total[gpu] * HEADROOM
+
+    def _choose(self, n: int, need_mb: float) -> list[int] | None:
+        if n == 1:
+            fitting = [g for g in self.total if self._fits(g, need_mb)]
+            # the emptiest GPU first: trials spread before they stack
+            return [min(fitting, key=lambda g: (self.count[g], self.used[g], g))] if fitting else None
+        idle = [g for g in sorted(self.total) if self.count[g] == 0 and need_mb <= self.total[g] * HEADROOM]
+        return idle[:n] if len(idle) >= n else None  # a multi-GPU trial takes whole GPUs
+
+    def acquire(self, need_mb: float, n: int = 1, timeout: float | None = None) -> list[int]:
+        if n > len(self.total):
+            raise ValueError(f"gpus_per_trial {n}: only {len(self.total)} GPU(s) given ({sorted(self.total)})")
+        if all(need_mb > t * HEADROOM for t in self.total.values()):
+            log.warning("a trial's memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM", need_mb)
+            need_mb = min(self.total.values()) * HEADROOM
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._choose(n, need_mb) is not None, timeout=timeout):
+                raise TimeoutError(f"no GPU slot for {need_mb:.0f} MB within {timeout}s")
+            chosen = self._choose(n, need_mb)
+            for g in chosen:
+                self.used[g] += need_mb
+                self.count[g] += 1
+            return chosen
+
+    def shared(self, gpus: list[int]) -> bool:
+        """Whether another trial runs on any of these GPUs now."""
+        with self._cond:
+            return any(self.count[g] > 1 for g in gpus)
+
+    def room(self, gpu: int) -> float:
+        """MB of this GPU that trials may still plan to use."""
+        with self._cond:
+            return self.total[gpu] * HEADROOM - self.used[gpu]
+
+    def release(self, gpus: list[int], need_mb: float) -> None:
+        with self._cond:
+            for g in gpus:
+                self.used[g] = max(0.0, self.used[g] - need_mb)
+                self.count[g] -= 1
+            self._cond.notify_all()
+
+    def capacity(self, need_mb: float) -> int:
+        """How many trials of this size could run at once: the thread count worth starting."""
+        per = [min(self.per_gpu, math.floor(t * HEADROOM / max(need_mb, 1.0))) for t in self.total.values()]
+        return max(1, sum(per))
+
+
+def visible_gpus(selected: list[int] | None = None) -> dict[int, float]:
+    """GPU index -> memory in MB, from nvidia-smi (so the sweep process itself never holds a CUDA context)."""
+    found: dict[int, float] = {}
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        for line in out.stdout.strip().splitlines():
+            index, total = (part.strip() for part in line.split(","))
+            found[int(index)] = float(total)
+    if selected is not None:
+        missing = [g for g in selected if g not in found]
+        if missing:
+            raise ValueError(f"--gpus {','.join(map(str, selected))}: no GPU {missing} (found {sorted(found)})")
+        found = {g: found[g] for g in selected}
+    return found

@@ -1,0 +1,181 @@
+"""Resident trial workers: one training process per GPU slot (or CPU lane) that trains trial after trial.
+
+Started on first need, a worker keeps the base model loaded between trials (``sweep.training.worker``),
+so a trial after the first pays only for its own LoRA layers and steps. A worker serves one
+``CUDA_VISIBLE_DEVICES`` set and thread count; a trial that spans GPUs (torchrun, DeepSpeed) still
+starts a fresh process. An idle worker holds its base model on its GPU;
+when a GPU's trials need that memory, idle workers there are ended first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sweep.trial import launcher, protocol
+from sweep.trial.placement import GpuSlots
+
+log = logging.getLogger("sweep")
+_SPAWNED = itertools.count(1)
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    gpus: tuple[int, ...]
+    threads: int | None
+    log: Path | None = None  # its own output, outside jobs: startup, and a death between or before jobs
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, grace: float = 10.0) -> None:
+        launcher.stop_group(self.proc, grace)
+        if self.proc.stdin:
+            self.proc.stdin.close()
+
+
+class WorkerPool:
+    """Hands trials to idle workers with the same devices, starting workers as needed. Thread-safe."""
+
+    def __init__(self, folder: Path, slots: GpuSlots | None = None, idle_mb: float = 0.0) -> None:
+        self.folder = folder
+        self.slots = slots
+        self.idle_mb = idle_mb  # GPU memory an idle worker holds: its base model and CUDA context
+        self._idle: list[Worker] = []
+        self._busy: list[Worker] = []
+        self._lock = threading.Lock()
+
+    def start(self, launch: launcher.Launch) -> launcher.Started:
+        """Begin training ``launch``: in an idle worker, a new one, or (multi-GPU, DeepSpeed) a fresh process."""
+        if launch.n_gpus > 1:
+            return launcher.Running(launch)
+        gpus = tuple(launch.gpu_ids)
+        with self._lock:
+            worker = next((w for w in self._idle if w.gpus == gpus and w.threads == launch.threads), None)
+            if worker is not None:
+                self._idle.remove(worker)
+            leaving = self._make_room(gpus)
+        for idle in leaving:  # outside the lock: ending one may take its grace period
+            log.info("ending idle worker %d on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
+            idle.kill()
+        if worker is None or not worker.alive():
+            worker = self._spawn(launch)
+        with self._lock:
+            self._busy.append(worker)
+        return Job(self, worker, launch)
+
+    def _make_room(self, gpus: tuple[int, ...]) -> list[Worker]:
+        """The idle workers on this trial's GPU to end (taken off the idle list): as many as needed for
+        them and the running trials to fit. Called with the lock held."""
+        if self.slots is None or len(gpus) != 1:
+            return []
+        others = [w for w in self._idle if w.gpus == gpus]
+        leaving = []
+        while others and self.slots.room(gpus[0]) < len(others) * self.idle_mb:
+            worker = others.pop()
+            self._idle.remove(worker)
+            leaving.append(worker)
+        return leaving
+
+    def _spawn(self, launch: launcher.Launch) -> Worker:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # this process's n-th; made exclusively, as sweeps in other containers may share the PID and the folder
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"worker-{os.getpid()}-{next(_SPAWNED)}-", suffix=".log")
+        path, out = Path(name), os.fdopen(fd, "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", protocol.WORKER_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=launcher.environment(launch),
+            start_new_session=True,
+            # no PR_SET_PDEATHSIG here: it fires when the spawning *thread* ends, and an Optuna n_jobs
+            # thread ends while other threads' trials still use its worker (seen on the H200: exit -15).
+            # The worker watches its parent process itself (sweep.training.worker).
+        )
+        out.close()  # the child holds its own copy
+        return Worker(proc, tuple(launch.gpu_ids), launch.threads, path)
+
+    def _returned(self, worker: Worker, reusable: bool) -> None:
+        with self._lock:
+            if worker in self._busy:
+                self._busy.remove(worker)
+            if reusable and worker.alive() and not launcher.STOP.is_set():
+                self._idle.append(worker)
+                return
+        worker.kill()
+
+    def close(self) -> None:
+        """End every worker (idle or not): the sweep is done or stopping."""
+        with self._lock:
+            workers, self._idle, self._busy = self._idle + self._busy, [], []
+        for worker in workers:
+            worker.kill()
+
+
+class Job:
+    """One trial's training in a resident worker; the same interface as ``launcher.Running``."""
+
+    def __init__(self, pool: WorkerPool, worker: Worker, launch: launcher.Launch) -> None:
+        self.pool, self.worker = pool, worker
+        self.log = launch.log
+        launch.log.parent.mkdir(parents=True, exist_ok=True)
+        self.done = launch.work_dir / protocol.DONE_FILE
+        self.done.unlink(missing_ok=True)
+        self.rc: int | None = None
+        job = protocol.Job(launcher.train_args(launch), str(launch.log), str(self.done))
+        try:
+            worker.proc.stdin.write(job.to_line())
+            worker.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker is gone; poll() reports its exit code
+
+    def _result(self) -> int | None:
+        done = protocol.Done.read(self.done)
+        return int(done.rc) if done is not None else None
+
+    def poll(self) -> int | None:
+        if self.rc is None:
+            self.rc = self._result()
+        if self.rc is None and not self.worker.alive():
+            # it died in the job (killed, out of host memory): its own exit code, unless it wrote one first
+            self.rc = self._result()
+            if self.rc is None:
+                self.rc = self.worker.proc.returncode or 1
+                self._note_death()
+        return self.rc
+
+    def _note_death(self) -> None:
+        """A worker that died before or during the job may have said why only in its own log:
+        put its end in the job's log, which is what the trial shows as its error."""
+        tail = launcher.log_tail(self.worker.log) if self.worker.log else ""
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(
+                f"\nresident worker {self.worker.proc.pid} exited with code {self.worker.proc.returncode}"
+                f" before finishing this job; the end of its log ({self.worker.log}):\n{tail}\n"
+            )
+
+    def stop(self, grace: float = 10.0) -> int:
+        """Stopping a trial mid-job ends its worker: the next trial gets a fresh one."""
+        self.pool._returned(self.worker, reusable=False)
+        self.worker.kill(grace)
+        if self.rc is None:
+            self.rc = self._result()
+        if self.rc is None:
+            self.rc = self.worker.proc.returncode or 1
+        return self.rc
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.1)
+        self.pool._returned(self.worker, reusable=self.rc == 0)
+        return self.rc

@@ -1,0 +1,306 @@
+"""The contract between a trial (the sweep's process) and its training process: the one schema both import.
+
+They share no memory, only a trial's work dir and a few environment variables:
+
+- the rendered config names the training side's classes by dotted path (``HOOK_TYPE``, ...) and hands the
+  hook its ``HookSettings``;
+- the hook appends one JSON line per event to ``TrialFiles.stream`` (``Start``, ``Train``, ``Val``,
+  ``Samples``, ``TrainingWarning``, ``End``); the trial reads them with ``EventReader`` while training runs;
+- after each validation point the hook waits for the trial's ``Verdict`` in ``TrialFiles.control``;
+- a resident worker takes a ``Job`` as one line on its stdin and writes a ``Done`` file when it ends.
+
+Every file one side reads while the other writes it is written whole (``sweep.atomic``) or appended line by
+line, so a reader never acts on half of it. Field names are the stream's wire format: benchmarks and users'
+scripts read ``sweep_metrics.jsonl`` directly, so a rename here is a format change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sweep import atomic
+
+#: Set to "1" in a training process the sweep watches: the hook then waits for a verdict after each point.
+CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
+#: How long the hook waits for a verdict before it trains on (and says so in the stream).
+VERDICT_TIMEOUT_S = 900.0
+
+#: The training side, as the rendered config and the launcher name it.
+WORKER_MODULE = "sweep.training.worker"
+HOOK_TYPE = "sweep.training.hook.SweepHook"
+VAL_METRIC_TYPE = "sweep.training.metrics.ValLossMetric"
+CPU_AMP_WRAPPER_TYPE = "sweep.training.amp.CpuAmpOptimWrapper"
+
+STREAM_FILE = "sweep_metrics.jsonl"
+CONTROL_FILE = "sweep_control.json"
+ADAPTER_DIR = "best_adapter"
+DONE_FILE = "worker.json"
+BASELINE_DIR = "baseline"  # beside the trial folders: the study's shared step-0 points
+
+
+@dataclass(frozen=True)
+class TrialFiles:
+    """Where one trial's inputs are and where both processes put what they exchange; all absolute."""
+
+    train: Path
+    val: Path
+    work_dir: Path
+    n_train_rows: int
+    general_val: Path | None = None  # held-out general chat rows, for val/general_loss
+    tokenized: bool = False  # ``train`` holds input_ids/labels already (sweep.xtuner.tokenized)
+    data_digest: str = ""  # the study's data split (sweep.data): what the validation files hold
+
+    @property
+    def stream(self) -> Path:
+        return self.work_dir / STREAM_FILE
+
+    @property
+    def control(self) -> Path:
+        return self.work_dir / CONTROL_FILE
+
+    @property
+    def adapter(self) -> Path:
+        return self.work_dir / ADAPTER_DIR
+
+    @property
+    def done(self) -> Path:
+        return self.work_dir / DONE_FILE
+
+    def baseline(self, key: str) -> Path:
+        return self.work_dir.parent / BASELINE_DIR / f"{key}.json"
+
+
+@dataclass
+class HookSettings:
+    """The hook's arguments, as ``sweep.xtuner.render`` writes them into the config (literal values only)."""
+
+    metric: str
+    rule: str  # "less" or "greater": which way the metric improves
+    eval_every: int  # validate each time this many training rows were seen
+    n_train_rows: int
+    stream: str
+    control: str
+    adapter_dir: str
+    generation: dict[str, Any] | None = None  # greedy answers: val/rouge_l and probe answers
+    general_val: dict[str, Any] | None = None  # a second validation loader, for val/general_loss
+    weights: dict[str, float] | None = None  # the weighted objective's components
+    frozen_16bit: bool = False
+    baseline: str | None = None  # the study's cached step-0 point for this key, or None
+
+    def as_config(self) -> dict[str, Any]:
+        return {"type": HOOK_TYPE, **asdict(self)}
+
+
+# -- events: one JSON object per line, ``kind`` first ------------------------------------------------
+
+
+@dataclass
+class Event:
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Event:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass
+class Start(Event):
+    """Training began: the schedule the trial's progress and pruning are planned with."""
+
+    kind: ClassVar[str] = "start"
+    max_iters: int
+    iters_per_epoch: int
+    final_step: int  # the x-axis value (training rows seen) of the last iteration
+    world_size: int = 1
+    frozen_weights_16bit: int = 0  # elements of frozen weights put back in 16 bits
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
+class Train(Event):
+    """One training iteration; ``metrics`` are the ``train/`` and ``perf/`` curves."""
+
+    kind: ClassVar[str] = "train"
+    iter: int
+    step: int
+    metrics: dict[str, float | None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "iter": self.iter, "step": self.step, **self.metrics}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Train:
+        return cls(raw["iter"], raw["step"], {k: v for k, v in raw.items() if "/" in k})
+
+
+@dataclass
+class Val(Event):
+    """One validation point: every ``val/`` metric at ``step``, and where the best so far was."""
+
+    kind: ClassVar[str] = "val"
+    step: int
+    iter: int
+    metrics: dict[str, float]
+    best_step: int | None
+    cached: bool = False  # the study's shared step-0 point, read instead of measured
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        cached = {"baseline": "cached"} if self.cached else {}
+        return {"kind": self.kind, "step": self.step, "iter": self.iter, **self.metrics,
+                "best_step": self.best_step, **cached, "time": self.time}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Val:
+        metrics = {k: v for k, v in raw.items() if "/" in k and isinstance(v, (int, float))}
+        return cls(raw["step"], raw.get("iter", 0), metrics, raw.get("best_step"), raw.get("baseline") == "cached",
+                   raw.get("time", 0.0))  # fmt: skip
+
+
+@dataclass
+class Samples(Event):
+    """The probes' greedy answers at a validation point (rows of step, question, answer)."""
+
+    kind: ClassVar[str] = "samples"
+    step: int
+    rows: list[dict[str, Any]]
+
+
+@dataclass
+class TrainingWarning(Event):
+    kind: ClassVar[str] = "warning"
+    message: str
+
+
+@dataclass
+class End(Event):
+    """Training ended (by its schedule or a prune verdict)."""
+
+    kind: ClassVar[str] = "end"
+    iter: int
+    step: int
+    best_step: int | None
+    best_value: float | None
+    stopped_early: bool
+    val_seconds: float
+    peak_memory_mb: float | None  # the allocator's reserve: what the GPU slots plan with
+    adapter: str | None
+    time: float = field(default_factory=time.time)
+
+
+EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (Start, Train, Val, Samples, TrainingWarning, End)}
+
+
+def emit(path: Path, event: Event) -> None:
+    """Append one event as one line (a reader never sees part of a line as a whole one)."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+
+
+class EventReader:
+    """Reads the events the training process appends, from where it last stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = ""
+
+    def rewind(self) -> None:
+        self.offset, self.partial = 0, ""
+
+    def read(self) -> list[Event]:
+        try:
+            with self.path.open("r", encoding="utf-8") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return []
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()  # an incomplete last line waits for the next read
+        raws = [json.loads(line) for line in lines if line.strip()]
+        return [EVENTS[raw["kind"]].from_json(raw) for raw in raws if raw.get("kind") in EVENTS]
+
+
+def read_events(path: Path) -> list[Event]:
+    """Every event of a finished trial's stream."""
+    return EventReader(path).read()
+
+
+# -- the verdict after a validation point -------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    step: int
+    stop: bool
+
+    def write(self, path: Path) -> None:
+        atomic.write_text(path, json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, path: Path) -> Verdict | None:
+        try:
+            raw = json.loads(path.read_text())
+            return cls(int(raw["step"]), bool(raw["stop"]))
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None  # not written yet
+
+
+# -- a resident worker's job and its result --------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One ``xtuner train`` run for a resident worker, sent as one line on its stdin."""
+
+    argv: list[str]
+    log: str
+    done: str
+
+    def to_line(self) -> bytes:
+        return (json.dumps(asdict(self)) + "\n").encode()
+
+    @classmethod
+    def from_line(cls, line: str) -> Job:
+        return cls(**json.loads(line))
+
+
+@dataclass
+class Done:
+    """What a resident worker writes when a job ends: its exit code, and which worker ran it with what left."""
+
+    rc: int
+    pid: int = field(default_factory=os.getpid)
+    job: int = 0  # the worker's how-many-th job
+    model_reused: bool = False
+    seconds: float = 0.0
+    held: dict[str, float] = field(default_factory=dict)  # memory the worker still holds after the job
+
+    def write(self, path: Path) -> None:
+        """The trial reads this file as soon as it exists: it is written whole."""
+        raw = {k: v for k, v in asdict(self).items() if k != "held"}
+        atomic.write_text(path, json.dumps({**raw, **self.held}))
+
+    @classmethod
+    def read(cls, path: Path) -> Done | None:
+        try:
+            raw = json.loads(path.read_text())
+            own = {f.name for f in fields(cls)} - {"held"}
+            return cls(**{k: raw[k] for k in own if k in raw},
+                       held={k: v for k, v in raw.items() if k not in own})  # fmt: skip
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def worker_info(self) -> dict[str, Any]:
+        """Which worker trained the trial, its how-many-th job, whether the model was loaded, memory held."""
+        return {"pid": self.pid, "job": self.job, "model_reused": self.model_reused, **self.held}

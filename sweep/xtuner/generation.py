@@ -1,0 +1,80 @@
+"""Greedy answers from a chat model in an XTuner prompt template: used during validation and by the champion.
+
+Prompts are laid out as XTuner's template_map_fn lays out the first turn in training (BOS where XTuner's
+encode_fn adds one), padded on the left so that a batch decodes with the KV cache, and cut at the
+template's stop words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def first_turn(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """The question (user text before the first answer) and that answer, as openai_map_fn pairs them."""
+    question = []
+    for m in messages:
+        if m["role"] == "assistant":
+            return "".join(question), m["content"]
+        if m["role"] == "user":
+            question.append(m["content"])
+    return "".join(question), ""
+
+
+def format_prompt(template: dict[str, Any], question: str, system: str = "") -> str:
+    prompt = template["SYSTEM"].format(system=system) if system and "SYSTEM" in template else ""
+    return prompt + template["INSTRUCTION"].format(input=question, round=1)
+
+
+def needs_bos(tokenizer: Any) -> bool:
+    """XTuner's encode_fn prepends BOS except for the tokenizer families it special-cases."""
+    name = type(tokenizer).__name__
+    return tokenizer.bos_token_id is not None and not name.startswith(("Qwen", "QWen", "ChatGLM"))
+
+
+def stop_token_ids(tokenizer: Any, template: dict[str, Any]) -> list[int]:
+    stop = [tokenizer.eos_token_id]
+    for word in template.get("STOP_WORDS", []):
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) == 1:
+            stop.append(ids[0])
+    return sorted({i for i in stop if i is not None})
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    template: dict[str, Any],
+    questions: list[str],
+    system: str = "",
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers, one per question, in order."""
+    stops = stop_token_ids(tokenizer, template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    bos = [tokenizer.bos_token_id] if needs_bos(tokenizer) else []
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        ids = [bos + tokenizer.encode(format_prompt(template, q, system), add_special_tokens=False) for q in chunk]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=stops,
+            pad_token_id=pad,
+        )
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return answers

@@ -1,0 +1,232 @@
+"""Resident workers: a trial trained in a worker that already holds the model equals a fresh process's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sweep.training import job
+from sweep.training.base_model import CACHE
+from sweep.trial import launcher
+from sweep.trial.placement import GpuSlots
+from sweep.trial.pool import Worker, WorkerPool
+
+
+def _events(path: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.mark.e2e
+def test_workers_are_reused_and_a_failed_job_ends_its_worker(e2e):
+    trials = {t.number: t for t in e2e["study"].trials}
+    w = {n: t.user_attrs["worker"] for n, t in trials.items()}
+    assert w[0]["job"] == 1 and w[0]["model_reused"] is False, "the first trial loads the model"
+    assert w[1]["pid"] == w[0]["pid"] and w[1]["job"] == 2, "the second trial, in the same worker"
+    # trial 1 crashed: its worker ended, and trial 2 got a fresh one
+    assert w[2]["pid"] != w[1]["pid"] and w[2]["job"] == 1
+    assert w[3]["pid"] == w[2]["pid"] and w[3]["job"] == 2 and w[3]["model_reused"] is True, "after a pruned trial"
+    assert w[3]["gc_frozen"] > 100_000, "what the first job left (imports, the model) is frozen"
+    assert w[4]["job"] == 1, "a new `sweep run` starts its own workers"
+    logs = sorted((e2e["ws"] / "runs" / "e2e" / "workers").glob("worker-*.log"))
+    assert len(logs) == 3, logs  # two in the first `sweep run`, one in the second
+    assert sum("exit code 1" in log.read_text() for log in logs) == 1
+
+
+@pytest.mark.e2e
+def test_a_trial_in_a_warm_worker_trains_exactly_like_a_fresh_process(e2e, tmp_path):
+    """Trial 3 ran in a worker that had trained trial 2 on the same model: a fresh process must agree."""
+    trial = next(t for t in e2e["study"].trials if t.number == 3)
+    assert trial.user_attrs["worker"]["model_reused"] is True
+    work = Path(trial.user_attrs["work_dir"])
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("train.jsonl", "rows.jsonl"):
+        if (work / name).exists():
+            shutil.copyfile(work / name, fresh / name)
+    text = (work / "config.py").read_text().replace(str(work), str(fresh))
+    assert str(work.parent / "baseline") in text
+    # its own step-0 file: the fresh process measures the untrained point instead of reading the study's
+    (fresh / "config.py").write_text(text.replace(str(work.parent / "baseline"), str(fresh / "baseline")))
+    (fresh / "sweep_control.json").write_text(json.dumps({"step": 10**9, "stop": False}))  # never prune it
+    launch = launcher.Launch(fresh / "config.py", fresh, fresh / "train.log", threads=2)
+    rc = launcher.run(launch, on_poll=lambda: None)
+    assert rc == 0, launcher.log_tail(fresh / "train.log")
+
+    warm_val = {e["step"]: e["val/loss"] for e in _events(work / "sweep_metrics.jsonl", "val")}
+    fresh_val = {e["step"]: e["val/loss"] for e in _events(fresh / "sweep_metrics.jsonl", "val")}
+    common = sorted(set(warm_val) & set(fresh_val))
+    assert len(common) >= 2, (warm_val, fresh_val)
+    for step in common:
+        assert warm_val[step] == pytest.approx(fresh_val[step], rel=1e-5), step
+    warm_train = [e["train/loss"] for e in _events(work / "sweep_metrics.jsonl", "train")]
+    fresh_train = [e["train/loss"] for e in _events(fresh / "sweep_metrics.jsonl", "train")]
+    assert warm_train == pytest.approx(fresh_train[: len(warm_train)], rel=1e-5)
+    assert warm_val[0] == pytest.approx(fresh_val[0], rel=1e-6), "the untrained model is the same model"
+    assert _events(work / "sweep_metrics.jsonl", "val")[0].get("baseline") == "cached"
+    assert "baseline" not in _events(fresh / "sweep_metrics.jsonl", "val")[0], "measured, not read"
+
+
+@pytest.mark.e2e
+def test_the_untrained_point_is_measured_once_per_study(e2e):
+    """Trial 0 measures step 0 (loss, general loss, ROUGE-L, probe answers); later trials read it."""
+    trials = {t.number: t for t in e2e["study"].trials}
+    first = {}
+    for number in (0, 2, 3, 4):
+        stream = Path(trials[number].user_attrs["work_dir"]) / "sweep_metrics.jsonl"
+        point = _events(stream, "val")[0]
+        samples = [e for e in _events(stream, "samples") if e["step"] == 0]
+        assert point["step"] == 0 and samples, number
+        values = {k: v for k, v in point.items() if k.startswith("val/")}
+        assert {"val/loss", "val/general_loss", "val/rouge_l"} <= values.keys()
+        if number == 0:
+            assert "baseline" not in point, "the first trial measures it"
+            first = {"values": values, "rows": samples[0]["rows"]}
+        else:
+            assert point["baseline"] == "cached", number
+            assert values == first["values"] and samples[0]["rows"] == first["rows"], number
+    (stored,) = (e2e["ws"] / "runs" / "e2e" / "baseline").glob("*.json")
+    assert json.loads(stored.read_text())["metrics"]["val/loss"] == first["values"]["val/loss"]
+
+
+def _sleeper(gpu: int) -> Worker:
+    return Worker(subprocess.Popen(["sleep", "600"], start_new_session=True), (gpu,), None)
+
+
+def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
+    slots = GpuSlots({0: 10_000.0, 1: 10_000.0})  # trials may plan 9,200 MB of each
+    pool = WorkerPool(tmp_path, slots, idle_mb=3_000.0)
+    idle = [_sleeper(0), _sleeper(0), _sleeper(0), _sleeper(1)]
+    pool._idle = list(idle)
+    try:
+        slots.acquire(5_000.0)  # GPU 0 (the emptiest, lowest index): 4,200 MB left, room for one idle worker
+        with pool._lock:
+            leaving = pool._make_room((0,))
+        for worker in leaving:
+            worker.kill()
+        assert len(leaving) == 2
+        on_gpu0 = [w for w in pool._idle if w.gpus == (0,)]
+        assert len(on_gpu0) == 1 and on_gpu0[0].alive()
+        ended = [w for w in idle[:3] if w not in on_gpu0]
+        assert all(w.proc.returncode is not None for w in ended), "ended workers' processes are gone"
+        assert idle[3] in pool._idle and idle[3].alive(), "another GPU's idle worker stays"
+    finally:
+        pool.close()
+    assert all(not w.alive() for w in idle)
+
+
+def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch):
+    """No done file and the process gone: the job's exit code is the process's, never a hang, and
+    what the worker printed outside the job (here, all of it) ends the job's log."""
+    pool = WorkerPool(tmp_path)
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("wb") as out:
+        script = "read line; echo 'worker could not start: no such module' >&2; exit 7"
+        worker = Worker(subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True), (), None, worker_log)  # fmt: skip
+    monkeypatch.setattr(pool, "_spawn", lambda launch: worker)
+    launch = launcher.Launch(tmp_path / "config.py", tmp_path / "work", tmp_path / "work" / "train.log")
+    launch.work_dir.mkdir()
+    started = time.monotonic()
+    rc = launcher.run(launch, on_poll=lambda: None, start=pool.start)
+    assert rc == 7 and time.monotonic() - started < 30
+    assert not pool._idle and not pool._busy, "a dead worker is not handed out again"
+    tail = launcher.log_tail(launch.log)
+    assert f"resident worker {worker.proc.pid} exited with code 7" in tail
+    assert "worker could not start: no such module" in tail
+
+
+def test_stripping_a_trial_gives_back_the_model_as_loaded(tiny_model):
+    """LoRA off, checkpointing off, grad hooks off: the state a fresh process loads; PiSSA-like inits are not reused."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sweep.training.base_model import strip_training_state
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {n: type(m) for n, m in model.named_modules()} != modules
+    assert strip_training_state(model) is True
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert not model.is_gradient_checkpointing and not model.get_input_embeddings()._forward_hooks
+    assert not any(p.requires_grad for p in model.parameters()) and "peft_config" not in vars(model)
+
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
+    assert strip_training_state(model) is False, "OLoRA rewrote the base weights: never reuse them"
+
+
+class _Runner:
+    me: _Runner
+
+
+def test_what_a_job_leaves_is_frozen_and_a_dropped_base_model_still_collected(tiny_model):
+    """After a job the survivors are frozen (the next job's collection walks only its own objects), yet a
+    base model the worker lets go (another model came) is collected, cycles and all, not kept frozen."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def a_trained_base_model():
+        llm = AutoModelForCausalLM.from_pretrained(tiny_model)
+        get_peft_model(llm, LoraConfig(r=4, target_modules=["q_proj"]))
+        llm._cycle = [llm]  # a reference cycle, as real models and their hooks have
+        return llm
+
+    CACHE.models.clear()
+    try:
+        CACHE.models["first"] = a_trained_base_model()
+        old = weakref.ref(CACHE.models["first"])
+        CACHE.reused = False  # the job that loaded it
+        job.forget_runner_state(job.manager_instances())
+        assert gc.get_freeze_count() > 0 and old() is not None, "kept for the next job, frozen"
+
+        CACHE.reused = True  # a warm job: LoRA injected into the kept model again, as XTuner does
+        get_peft_model(CACHE.models["first"], LoraConfig(r=4, target_modules=["q_proj"]))
+        runner = _Runner()
+        runner.me = runner  # what a job leaves: cyclic garbage made after the freeze
+        made = weakref.ref(runner)
+        del runner
+        job.forget_runner_state(job.manager_instances())
+        assert made() is None and old() is not None, "a warm job: its garbage goes, the model stays"
+
+        CACHE.models.clear()  # another model came: the first one goes (what build_llm_from_cfg does)
+        CACHE.models["second"] = a_trained_base_model()
+        CACHE.reused = False
+        job.forget_runner_state(job.manager_instances())
+        assert old() is None, "the dropped model was frozen with the rest; unfrozen, it was collected"
+    finally:
+        CACHE.models.clear()
+        CACHE.reused = False
+        gc.unfreeze()
+
+
+def test_a_worker_outlives_the_thread_that_started_it(tmp_path):
+    """Optuna's n_jobs threads end while other threads' trials still use the workers they started."""
+    import threading
+
+    pool = WorkerPool(tmp_path)
+    launch = launcher.Launch(tmp_path / "config.py", tmp_path / "work", tmp_path / "train.log", threads=1)
+    started: list[Worker] = []
+    thread = threading.Thread(target=lambda: started.append(pool._spawn(launch)))
+    thread.start()
+    thread.join()
+    try:
+        time.sleep(2.0)  # a parent-death signal tied to the thread would have ended it by now
+        assert started[0].alive(), f"worker ended with {started[0].proc.returncode} when its thread ended"
+    finally:
+        started[0].kill()
+    assert not started[0].alive()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -108,8 +108,9 @@ class Event:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Event:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        """Unknown keys are ignored and missing ones read as None: a stream from another version still reads."""
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        return cls(**{**dict.fromkeys(required), **{k: raw[k] for k in raw if k in {f.name for f in fields(cls)}}})
 
 
 @dataclass
@@ -139,7 +140,7 @@ class Train(Event):
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Train:
-        return cls(raw["iter"], raw["step"], {k: v for k, v in raw.items() if "/" in k})
+        return cls(raw.get("iter"), raw.get("step"), {k: v for k, v in raw.items() if "/" in k})
 
 
 @dataclass

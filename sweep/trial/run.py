@@ -337,7 +337,7 @@ class Trial:
             trial.set_user_attr("peak_memory_mb", round(peak))
             if ctx.memory is not None and len(gpu_ids) == 1:
                 ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, peak)
-        if end is not None and seconds > 0:
+        if end is not None and end.val_seconds is not None and seconds > 0:
             trial.set_user_attr("val_share", round(end.val_seconds / seconds, 3))
         ctx.tracker.set_tags(
             run_id,

@@ -76,3 +76,14 @@ def test_the_training_side_names_resolve_to_its_classes():
     import importlib
 
     assert importlib.util.find_spec(protocol.WORKER_MODULE) is not None
+
+
+def test_a_stream_with_missing_or_extra_keys_still_reads(tmp_path):
+    """A training process of another version (or a test's stand-in) may write fewer or more fields."""
+    stream = tmp_path / protocol.STREAM_FILE
+    stream.write_text(
+        '{"kind": "start", "final_step": 64, "new_field": 1}\n{"kind": "end", "step": 64}\n{"kind": "x"}\n'
+    )
+    start, end = protocol.read_events(stream)
+    assert start.final_step == 64 and start.max_iters is None
+    assert end.step == 64 and end.val_seconds is None

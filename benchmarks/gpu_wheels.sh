@@ -6,6 +6,9 @@ set -euo pipefail
 dest=${1:-.whl}
 here=$(cd "$(dirname "$0")" && pwd)
 [ -n "$(ls "$dest"/xtuner-*.whl 2>/dev/null)" ] || bash "$here/../../shared/gpu/fetch-wheels.sh" "$dest" --qlora
+# the fused losses of speed.fused_loss (pure Python over triton, which the GPU image has)
+[ -n "$(ls "$dest"/liger_kernel-*.whl 2>/dev/null)" ] || python3 -m pip download -q --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp -d "$dest" cut-cross-entropy==25.1.1 liger-kernel==0.8.5 2>&1 | grep -v WARNING || true
 python3 - "$dest" <<'PY'
 import re, sys, zipfile
 from pathlib import Path

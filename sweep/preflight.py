@@ -6,6 +6,7 @@ second here instead of a half-made study, MLflow run or work dir (and an hour of
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,21 @@ def needs_remote_code(model_dir: Path) -> bool:
         return False
 
 
+#: The package each GPU-only fused loss imports, and how to get it.
+FUSED_LOSS_PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
+
+
+def check_speed(spec: Spec, device: Device | None) -> None:
+    """A speed setting this machine cannot run fails here, not in the first trial's first step."""
+    impl = spec.speed.fused_loss
+    if impl in FUSED_LOSS_PACKAGES:
+        module, package = FUSED_LOSS_PACKAGES[impl]
+        if device is not None and not device.cuda:
+            raise SpecError(f"speed.fused_loss: {impl} runs on CUDA GPUs only; on this machine use chunked or off")
+        if importlib.util.find_spec(module) is None:
+            raise SpecError(f"speed.fused_loss: {impl} needs the package {package} (pip install {package})")
+
+
 def check(spec: Spec, device: Device | None = None) -> Checked:
     """Every check that can fail before training, with nothing written anywhere."""
     check_model_dir(spec.model.path)
@@ -58,6 +74,7 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
             "set model.trust_remote_code: true if you trust that folder"
         )
     prompt_template(spec.model.template)
+    check_speed(spec, device)
     splits = data_mod.split_rows(spec.data)
     if not splits["val"]:
         raise SpecError(f"{spec.data.task}: the validation split is empty")

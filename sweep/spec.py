@@ -211,6 +211,15 @@ class SpeedSpec(_Strict):
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
     frozen_weights_16bit: bool = True  # frozen weights under LoRA stay in their 16-bit load dtype, not fp32
     baseline_once: bool = True  # the untrained step-0 validation point, measured once per study and shared
+    # the last projection and the loss computed together, never the whole logits tensor (sweep.training.fused_loss)
+    fused_loss: Literal["off", "chunked", "cce", "liger"] = "off"
+    compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
+
+    @field_validator("activation_checkpointing", "fused_loss", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads a bare ``on``/``off`` as a boolean: take it as the word the user wrote."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class RegistrySpec(_Strict):

@@ -65,6 +65,9 @@ def strip_training_state(llm: Any) -> bool:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from sweep.training import fused_loss
+
+    fused_loss.uninstall(llm)  # a trial that crashed before after_train
     adapters = [(n, m) for n, m in llm.named_modules() if n and isinstance(m, BaseTunerLayer)]
     configs = getattr(llm, "peft_config", {}) or {}
     if any(getattr(c, "init_lora_weights", True) not in (True, False, "gaussian") for c in configs.values()):

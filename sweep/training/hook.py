@@ -23,8 +23,9 @@ from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
 from sweep import atomic
-from sweep.training import baseline
+from sweep.training import baseline, compiled, fused_loss
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
+from sweep.training.memory import PEAK_KEY
 from sweep.training.metrics import general_loss
 from sweep.trial import protocol
 
@@ -77,10 +78,16 @@ class SweepHook(Hook):
         # ValLoop wraps each step in autocast(enabled=fp16), which with False switches _validate's autocast
         # off; enabled, it keeps the dtype of the autocast it runs inside (training's).
         runner.val_loop.fp16 = amp
-        in_16bit = keep_frozen_weights_16bit(_unwrap(runner.model).llm) if self.settings.frozen_16bit and amp else 0
+        llm = _unwrap(runner.model).llm
+        in_16bit = keep_frozen_weights_16bit(llm) if self.settings.frozen_16bit and amp else 0
         if in_16bit and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the fp32 copies just dropped
-        self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit))
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # the Transformers model PEFT wraps
+        if self.settings.fused_loss != "off":
+            fused_loss.install(base, self.settings.fused_loss)
+        compiled.use_compiled_layers(base, self.settings.compile)
+        self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
+                                  self.settings.fused_loss, self.settings.compile))  # fmt: skip
         if self.settings.general_val:
             self.general_loader = runner.build_dataloader(self.settings.general_val)
         if self.settings.generation:
@@ -102,8 +109,8 @@ class SweepHook(Hook):
         ids = data.get("input_ids")
         tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
         tokens *= get_world_size()
-        if torch.cuda.is_available():
-            memory_mb = torch.cuda.max_memory_allocated() / 2**20
+        if torch.cuda.is_available():  # the peak StepMemoryHook read before LoggerHook reset it
+            memory_mb = runner.message_hub.get_info(PEAK_KEY, torch.cuda.max_memory_allocated() / 2**20)
         else:
             memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         loss = (outputs or {}).get("loss")
@@ -211,6 +218,8 @@ class SweepHook(Hook):
         return False
 
     def after_train(self, runner) -> None:
+        llm = _unwrap(runner.model).llm
+        fused_loss.uninstall(llm.get_base_model() if hasattr(llm, "get_base_model") else llm)
         self._emit(
             protocol.End(
                 iter=runner.iter,

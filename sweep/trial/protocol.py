@@ -35,6 +35,7 @@ WORKER_MODULE = "sweep.training.worker"
 HOOK_TYPE = "sweep.training.hook.SweepHook"
 VAL_METRIC_TYPE = "sweep.training.metrics.ValLossMetric"
 CPU_AMP_WRAPPER_TYPE = "sweep.training.amp.CpuAmpOptimWrapper"
+MEMORY_HOOK_TYPE = "sweep.training.memory.StepMemoryHook"
 
 STREAM_FILE = "sweep_metrics.jsonl"
 CONTROL_FILE = "sweep_control.json"
@@ -91,6 +92,8 @@ class HookSettings:
     weights: dict[str, float] | None = None  # the weighted objective's components
     frozen_16bit: bool = False
     baseline: str | None = None  # the study's cached step-0 point for this key, or None
+    fused_loss: str = "off"  # speed.fused_loss
+    compile: bool = False  # speed.compile
 
     def as_config(self) -> dict[str, Any]:
         return {"type": HOOK_TYPE, **asdict(self)}
@@ -123,6 +126,8 @@ class Start(Event):
     final_step: int  # the x-axis value (training rows seen) of the last iteration
     world_size: int = 1
     frozen_weights_16bit: int = 0  # elements of frozen weights put back in 16 bits
+    fused_loss: str = "off"  # the loss implementation training uses
+    compiled: bool = False  # decoder layers run compiled in training steps (compiling is in the first steps' time)
     time: float = field(default_factory=time.time)
 
 

@@ -153,8 +153,10 @@ def render(
         weights=dict(objective.weights) if objective.weights else None,
         frozen_16bit=spec.speed.frozen_weights_16bit,
         baseline=str(baseline) if spec.speed.baseline_once else None,
+        fused_loss=spec.speed.fused_loss,
+        compile=spec.speed.compile,
     )
-    hooks.append(settings.as_config())
+    hooks += [settings.as_config(), {"type": protocol.MEMORY_HOOK_TYPE}]
     cfg["custom_hooks"] = hooks
     default_hooks = cfg.setdefault("default_hooks", {})
     old_ckpt = default_hooks.get("checkpoint") or {}

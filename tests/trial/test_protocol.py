@@ -71,7 +71,12 @@ def test_the_training_side_names_resolve_to_its_classes():
     """The rendered config names them as strings: a move of a class must move its name here too."""
     from mmengine.utils import get_object_from_string
 
-    for name in (protocol.HOOK_TYPE, protocol.VAL_METRIC_TYPE, protocol.CPU_AMP_WRAPPER_TYPE):
+    for name in (
+        protocol.HOOK_TYPE,
+        protocol.VAL_METRIC_TYPE,
+        protocol.CPU_AMP_WRAPPER_TYPE,
+        protocol.MEMORY_HOOK_TYPE,
+    ):
         assert get_object_from_string(name) is not None, name
     import importlib
 

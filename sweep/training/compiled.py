@@ -1,0 +1,65 @@
+"""Decoder layers under ``torch.compile``: ``speed.compile``.
+
+Regional compilation: each decoder layer is compiled, not the whole model, so the graph is one layer's
+(fast to compile, reused by every layer) and PEFT, XTuner and mmengine keep calling plain modules. Packing
+fixes every batch's shape to ``max_length``, so a trial compiles once per shape. Two settings keep the
+math what eager PyTorch computes:
+- ``fallback_random``: inductor draws dropout masks (LoRA's dropout) from its own generator otherwise,
+  so a compiled trial's losses would leave the eager ones from the first step whose LoRA B is non-zero;
+  with it, the masks come from the same generator in the same order as in eager mode.
+- ``allow_unspec_int_on_nn_module``: a layer's ``layer_idx`` (an int attribute) is not specialised on, so
+  one graph serves every layer instead of one recompile per layer (which hits dynamo's cache limit).
+A resident worker keeps its base model, and so its compiled layers, between trials: a later trial pays
+only for recompiling what its LoRA layers changed (docs/benchmarks.md measures what it costs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_MARK = "_sweep_compiled"  # on a layer: whether its training forward runs compiled now
+
+
+def decoder_layers(llm: Any) -> list[Any]:
+    """The model's repeated blocks (``model.layers`` for Qwen2, Llama and InternLM2's remote code)."""
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"speed.compile: {type(llm).__name__} has no decoder layers (model.layers) to compile")
+    return list(layers)
+
+
+def use_compiled_layers(llm: Any, on: bool) -> None:
+    """Training steps of this model run its decoder layers compiled (``on``) or eager.
+
+    Only training forward passes (grad enabled, ``layer.training``) take the compiled path: validation and
+    greedy generation (a new sequence length every token) stay eager, so they never trigger a recompile.
+    A layer is wrapped once and keeps its compiled code for the worker's later trials.
+    """
+    import torch
+
+    if on:
+        import torch._dynamo
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in decoder_layers(llm) if on or _wrapped(llm) else []:
+        if _MARK not in vars(layer):
+            eager = layer.forward
+            fast = torch.compile(eager, dynamic=False)
+
+            def forward(*args: Any, __layer=layer, __eager=eager, __fast=fast, **kwargs: Any):
+                use = getattr(__layer, _MARK) and __layer.training and torch.is_grad_enabled()
+                return (__fast if use else __eager)(*args, **kwargs)
+
+            layer.forward = forward
+        setattr(layer, _MARK, on)
+
+
+def _wrapped(llm: Any) -> bool:
+    try:
+        return any(_MARK in vars(layer) for layer in decoder_layers(llm))
+    except ValueError:
+        return False

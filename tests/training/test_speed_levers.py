@@ -1,0 +1,152 @@
+"""The step-speed levers (``speed.fused_loss``, ``speed.compile``) change how fast a step runs, never its math.
+
+Each is checked on the tiny model against the plain Transformers/PEFT step, in bf16 autocast (the dtypes a GPU
+trains LoRA in) and in fp32, and once through a real sweep trial with ``cpu_amp: true``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from sweep.spec import SpecError, load_spec
+from sweep.training import compiled, fused_loss
+from tests.conftest import write_spec
+
+
+def _lora_model(tiny_model: Path, dtype: torch.dtype, dropout: float = 0.0):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=dropout))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # PEFT's upcast of trainable weights, as XTuner's LoRA models have
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # a trained adapter: B no longer zero, so LoRA takes part in the loss
+    return base, model
+
+
+def _loss_and_grads(model, ids, labels, amp: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("amp", [True, False], ids=["bf16-autocast", "fp32"])
+def test_chunked_loss_is_the_transformers_loss(tiny_model, monkeypatch, amp):
+    base, model = _lora_model(tiny_model, torch.bfloat16 if amp else torch.float32)
+    ids = torch.randint(0, base.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :10] = -100  # the prompt: not trained on
+    labels[1, 50:60] = -100
+    model.train()
+    want, want_grads = _loss_and_grads(model, ids, labels, amp)
+    monkeypatch.setattr(fused_loss, "CHUNK_TOKENS", 50)  # several chunks, one of them partial
+    fused_loss.install(base, "chunked")
+    got, got_grads = _loss_and_grads(model, ids, labels, amp)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert want_grads.keys() == got_grads.keys() and len(got_grads) == 16  # A and B of q and v in 4 layers
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-3, atol=1e-6), name
+
+    model.eval()  # validation: the class's forward, logits and all
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=labels).logits.shape == (*ids.shape, base.config.vocab_size)
+    fused_loss.uninstall(base)
+    assert "forward" not in vars(base) and not hasattr(base, "_sweep_fused_loss")
+
+
+def test_a_fused_loss_that_cannot_run_says_why(tiny_model):
+    base, _ = _lora_model(tiny_model, torch.float32)
+    with pytest.raises(ValueError, match="cce runs on CUDA GPUs only"):
+        fused_loss.install(base, "cce")
+    base.config.logit_scale = 0.5  # Cohere-style scaled logits: the fused loss would compute something else
+    assert "scales or caps its logits" in fused_loss.why_not(base, "chunked")
+
+
+def test_compiled_layers_train_to_the_same_losses_with_lora_dropout(tiny_model):
+    """Inductor draws dropout masks from its own generator unless told not to: with LoRA dropout on, compiled
+    steps would then leave the eager ones after the first update."""
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+
+    def train(compile_: bool) -> list[float]:
+        base, model = _lora_model(tiny_model, torch.float32, dropout=0.1)
+        compiled.use_compiled_layers(base, compile_)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(123)
+        losses = []
+        model.train()
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        model.eval()
+        frames = torch._dynamo.utils.counters["frames"]["ok"]
+        with torch.no_grad():
+            model(input_ids=ids[:, :17])  # another length: eager, no recompile
+        assert torch._dynamo.utils.counters["frames"]["ok"] == frames, "validation must not run compiled"
+        return losses
+
+    eager, fast = train(False), train(True)
+    assert fast == pytest.approx(eager, rel=1e-5), (eager, fast)
+    assert eager[2] < eager[0], "the steps trained"
+
+
+def test_gpu_only_fused_losses_are_refused_before_anything_runs(tmp_path, tiny_model):
+    from sweep.preflight import check
+    from sweep.xtuner.render import Device
+
+    spec = load_spec(write_spec(tmp_path, tiny_model, speed="speed: {fused_loss: off, activation_checkpointing: on}"))
+    assert (spec.speed.fused_loss, spec.speed.activation_checkpointing) == ("off", "on"), "YAML's on/off booleans"
+    spec = load_spec(write_spec(tmp_path, tiny_model, speed="speed: {fused_loss: cce}"))
+    assert spec.speed.fused_loss == "cce"
+    with pytest.raises(SpecError, match="speed.fused_loss: cce runs on CUDA GPUs only"):
+        check(spec, Device(cuda=False))
+
+
+def _train_losses(tmp_path: Path, tiny_model: Path, fused: str) -> dict[int, float]:
+    from sweep import study as study_mod
+
+    ws = tmp_path / fused
+    ws.mkdir()
+    spec = load_spec(
+        write_spec(
+            ws,
+            tiny_model,
+            study=f"study: lever-{fused}",
+            n_trials="n_trials: 1",
+            pruner="pruner: {type: none}",
+            search_space="search_space: {lr: {type: categorical, choices: [0.003]}}",
+            fixed="fixed: {max_length: 64, max_iters: 8, batch_size: 2, lora_r: 8, lora_dropout: 0.0}",
+            eval_every="eval_every: 8",
+            speed=f"speed: {{fused_loss: {fused}}}",
+            extra="cpu_amp: true",
+        )  # fmt: skip
+    )
+    opts = study_mod.RunOptions(storage=f"sqlite:///{ws / 'sweep.db'}", tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
+                                work_dir=ws / "runs")  # fmt: skip
+    study_mod.run(spec, opts)
+    stream = ws / "runs" / f"lever-{fused}" / "trial_0000" / "sweep_metrics.jsonl"
+    events = [json.loads(line) for line in stream.read_text().splitlines()]
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["fused_loss"] == fused
+    return {e["iter"]: e["train/loss"] for e in events if e["kind"] == "train"}
+
+
+@pytest.mark.e2e
+def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, tiny_model):
+    plain = _train_losses(tmp_path, tiny_model, "off")
+    fused = _train_losses(tmp_path, tiny_model, "chunked")
+    assert len(plain) == 8 and plain.keys() == fused.keys()
+    for it, loss in plain.items():
+        assert fused[it] == pytest.approx(loss, abs=2e-2), f"iteration {it}: {plain} vs {fused}"

@@ -1,7 +1,7 @@
 """Every check that can fail before training, run before anything is created.
 
-The spec, the data rows, the model folder, the base config and one rendered config: a typo costs a
-second here instead of a half-made study, MLflow run or work dir (and an hour of GPU time) later.
+The spec, the data rows (and rows that contradict one another: ``conflicts``), the model folder, the base
+config and one rendered config: a typo costs a second here instead of a half-made study, MLflow run or work dir (and an hour of GPU time) later.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
             "set model.trust_remote_code: true if you trust that folder"
         )
     prompt_template(spec.model.template)
-    files = data_mod.read_files(spec.data)
-    splits = data_mod.split_rows(spec.data, files)
+    data_files = data_mod.read_files(spec.data)
+    splits = data_mod.split_rows(spec.data, data_files)
     if not splits["val"]:
         raise SpecError(f"{spec.data.task}: the validation split is empty")
-    findings = check_conflicts(spec, files, splits)
+    findings = check_conflicts(spec, data_files, splits)
     base_cfg = load_base_config(spec.base_config)
     knobs = base_values(base_cfg)
     values = trial_values(spec, first_point(spec), knobs)

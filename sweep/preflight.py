@@ -1,7 +1,8 @@
 """Every check that can fail before training, run before anything is created.
 
 The spec, the data rows (and rows that contradict one another: ``conflicts``), the model folder, the base
-config and one rendered config: a typo costs a second here instead of a half-made study, MLflow run or work dir (and an hour of GPU time) later.
+config and one rendered config: a typo costs a second here instead of a half-made study, MLflow run or work
+dir (and an hour of GPU time) later.
 """
 
 from __future__ import annotations

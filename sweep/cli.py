@@ -249,6 +249,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.spec}: OK")
     print(f"  study {spec.study}; base config {spec.base_config}; model {spec.model.path} ({spec.model.template})")
     print(f"  data rows: {counts}")
+    print(f"  data checks: {checked.findings.summary()}")
+    for line in checked.findings.lines():
+        print(f"    {line}")
     print(f"  search space: {', '.join(spec.search_space) or '(none)'}; objective {spec.objective.describe()}")
     if args.output:
         args.output.write_text(checked.config_text, encoding="utf-8")

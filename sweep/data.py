@@ -27,8 +27,27 @@ ROLES = ("system", "user", "assistant")
 MANIFEST = "manifest.json"
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """The checked rows of one data file, and where each came from (for messages that point at a row)."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    lines: list[int]  # JSONL: the 1-based line of each row; a JSON list: its 0-based index
+    jsonl: bool
+
+    def where(self, i: int) -> str:
+        """``FILE:LINE`` for a JSONL row, ``FILE[INDEX]`` for an item of a JSON list."""
+        return f"{self.path}:{self.lines[i]}" if self.jsonl else f"{self.path}[{self.lines[i]}]"
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
     """Read a JSON list or JSONL file of OpenAI-style ``{"messages": [...]}`` rows and check each row."""
+    return read_file(path).rows
+
+
+def read_file(path: Path) -> DataFile:
+    """``load_rows``, keeping each row's line (JSONL) or index (JSON list)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -44,14 +63,16 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         raise SpecError(f"{path}: line {line}: not UTF-8 text (byte {err.start})") from None
     stripped = text.lstrip()
     rows: list[Any]
-    if stripped.startswith("["):
+    jsonl = not stripped.startswith("[")
+    if not jsonl:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise SpecError(f"{path}: line {err.lineno}: malformed JSON: {err.msg}") from None
-        where = [f"row {i}" for i in range(len(rows))]
+        lines = list(range(len(rows)))
+        where = [f"row {i}" for i in lines]
     else:
-        rows, where = [], []
+        rows, lines = [], []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -59,12 +80,19 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise SpecError(f"{path}: line {lineno}: malformed JSON: {err.msg}") from None
-            where.append(f"line {lineno}")
+            lines.append(lineno)
+        where = [f"line {n}" for n in lines]
     if not rows:
         raise SpecError(f"{path}: no rows")
     for row, at in zip(rows, where, strict=False):
         _check_row(row, f"{path}: {at}")
-    return [{"messages": row["messages"]} for row in rows]
+    return DataFile(path, [{"messages": row["messages"]} for row in rows], lines, jsonl)
+
+
+def read_files(spec: DataSpec) -> dict[Path, DataFile]:
+    """Every data file the spec names (task, general, and val/test when they are files), read and checked once."""
+    paths = [spec.task, spec.general, *(p for p in (spec.val, spec.test) if isinstance(p, Path))]
+    return {p: read_file(p) for p in dict.fromkeys(paths) if p is not None}
 
 
 def _check_row(row: Any, at: str) -> None:
@@ -127,18 +155,26 @@ class PreparedData:
         return self.folder / f"{split}.jsonl"
 
 
-def split_rows(spec: DataSpec) -> dict[str, list[dict[str, Any]]]:
-    """Check every data file and return the splits, in memory; nothing is written."""
+def split_rows(spec: DataSpec, files: dict[Path, DataFile] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Check every data file and return the splits, in memory; nothing is written.
+
+    ``files`` are the spec's files already read (``read_files``); the splits then hold those same row
+    objects, so a row of a split can be traced back to its file and line.
+    """
+
+    def rows_of(path: Path) -> list[dict[str, Any]]:
+        return files[path].rows if files is not None and path in files else read_file(path).rows
+
     rng = random.Random(spec.seed)
-    task = _dedupe(load_rows(spec.task))
+    task = _dedupe(rows_of(spec.task))
     if isinstance(spec.val, Path):
-        val = _dedupe(load_rows(spec.val))
+        val = _dedupe(rows_of(spec.val))
     else:
         val, task = _take_fraction(task, spec.val, rng, "val", spec.task)
     if spec.test is None:
         test: list[dict[str, Any]] = []
     elif isinstance(spec.test, Path):
-        test = _dedupe(load_rows(spec.test))
+        test = _dedupe(rows_of(spec.test))
     else:
         test, task = _take_fraction(task, spec.test, rng, "test", spec.task)
     held_keys = {row_key(r) for r in val + test}
@@ -153,7 +189,7 @@ def split_rows(spec: DataSpec) -> dict[str, list[dict[str, Any]]]:
     general_train: list[dict[str, Any]] = []
     general_val: list[dict[str, Any]] = []
     if spec.general is not None:
-        general = [r for r in _dedupe(load_rows(spec.general)) if row_key(r) not in held_keys]
+        general = [r for r in _dedupe(rows_of(spec.general)) if row_key(r) not in held_keys]
         if spec.general_val > 0 and len(general) > 1:
             general_val, general_train = _take_fraction(general, spec.general_val, rng, "general_val", spec.general)
         else:

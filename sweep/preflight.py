@@ -1,17 +1,20 @@
 """Every check that can fail before training, run before anything is created.
 
-The spec, the data rows, the model folder, the base config and one rendered config: a typo costs a
-second here instead of a half-made study, MLflow run or work dir (and an hour of GPU time) later.
+The spec, the data rows (and rows that contradict one another: ``conflicts``), the model folder, the base
+config and one rendered config: a typo costs a second here instead of a half-made study, MLflow run or work
+dir (and an hour of GPU time) later.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sweep import conflicts
 from sweep import data as data_mod
 from sweep.knobs import base_values, trial_values
 from sweep.search import first_point
@@ -19,6 +22,8 @@ from sweep.spec import Spec, SpecError
 from sweep.trial.protocol import TrialFiles
 from sweep.xtuner.config import load_base_config, prompt_template
 from sweep.xtuner.render import Device, render
+
+log = logging.getLogger("sweep")
 
 
 @dataclass
@@ -30,6 +35,7 @@ class Checked:
     base_knobs: dict[str, Any]
     splits: dict[str, list]
     config_text: str
+    findings: conflicts.Findings  # conflicting rows, duplicates, leakage (counted for the study's MLflow run)
 
 
 def check_model_dir(path: Path) -> None:
@@ -75,9 +81,11 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
         )
     prompt_template(spec.model.template)
     check_speed(spec, device)
-    splits = data_mod.split_rows(spec.data)
+    data_files = data_mod.read_files(spec.data)
+    splits = data_mod.split_rows(spec.data, data_files)
     if not splits["val"]:
         raise SpecError(f"{spec.data.task}: the validation split is empty")
+    findings = check_conflicts(spec, data_files, splits)
     base_cfg = load_base_config(spec.base_config)
     knobs = base_values(base_cfg)
     values = trial_values(spec, first_point(spec), knobs)
@@ -91,7 +99,35 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
     general_val = probe / "general_val.jsonl" if splits["general_val"] else None
     files = TrialFiles(probe / "train.jsonl", probe / "val.jsonl", probe, max(1, len(splits["train"])), general_val)
     text = render(base_cfg, spec, values, files, device or Device(cuda=False))
-    return Checked(spec, base_cfg, knobs, splits, text)
+    return Checked(spec, base_cfg, knobs, splits, text, findings)
+
+
+def check_conflicts(
+    spec: Spec, files: dict[Path, data_mod.DataFile], splits: dict[str, list[dict[str, Any]]]
+) -> conflicts.Findings:
+    """Conflicts and duplicates across the data files, leakage in the study's split: logged, or with
+    ``data.conflicts: error`` a SpecError naming the first ones. Exact duplicates are only ever counted."""
+    found = conflicts.find(files, splits)
+    if found.problems and spec.data.conflicts == "error":
+        raise SpecError(
+            f"data.conflicts is error, and {found.problem_text()}:\n"
+            + "\n".join(found.lines(limit=3, duplicates=False))
+            + f"\n`sweep validate` lists up to {conflicts.LIMIT} of each; data.conflicts: warn trains anyway"
+        )
+    if found.problems:
+        first = found.conflicts[0] if found.conflicts else found.leaks[0]
+        a, b = (first.a, first.b) if isinstance(first, conflicts.Conflict) else (first.held_out, first.trained)
+        log.warning(
+            "data: %s (first: %s and %s); `sweep validate` lists them, data.conflicts: error refuses them",
+            found.problem_text(), a.where, b.where,
+        )  # fmt: skip
+    if found.n_duplicates:
+        log.info(
+            "data: %d row(s) repeat another row word for word (%d distinct rows); the split keeps one copy of "
+            "each row of a file, so repeating a row does not weight it",
+            found.n_duplicates, found.n_duplicate_groups,
+        )  # fmt: skip
+    return found
 
 
 def detect_device() -> Device:

@@ -89,6 +89,9 @@ class DataSpec(_Strict):
     test: float | Path | None = None
     general_val: float = 0.1
     seed: int = 0
+    # Rows whose questions are the same or nearly (after normalising) but whose answers differ, and held-out
+    # questions also trained on (sweep.conflicts): warn and train anyway, or refuse the data before anything runs.
+    conflicts: Literal["warn", "error"] = "warn"
 
     @field_validator("val", "test")
     @classmethod

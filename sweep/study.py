@@ -90,6 +90,8 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         parent, {"optuna_storage": redact(opts.storage), **{f"data_hash.{k}": v for k, v in prepared.hashes.items()}}
     )
     study.set_user_attr("mlflow_parent_run_id", parent)
+    tracker.log_metrics(parent, [(name, value, 0) for name, value in checked.findings.metrics().items()])
+    tracker.log_dict(parent, checked.findings.as_dict(), "data_checks.json")
 
     slots = memory = None
     n_jobs = opts.n_jobs or 1

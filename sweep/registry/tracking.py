@@ -156,6 +156,10 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
+    def log_dict(self, run_id: str, data: dict[str, Any], name: str) -> None:
+        """A JSON (or YAML, by ``name``'s suffix) artifact made from ``data``."""
+        self.client.log_dict(run_id, data, name)
+
     def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), folder)

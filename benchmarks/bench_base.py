@@ -50,6 +50,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     pack_to_max_length=True,
     use_varlen_attn=False,
+    map_num_proc=1,  # packing depends on the shard count: stock and sweep pack the same rows
 )
 train_dataloader = dict(
     batch_size=batch_size,

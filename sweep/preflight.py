@@ -71,6 +71,25 @@ def check_speed(spec: Spec, device: Device | None) -> None:
             raise SpecError(f"speed.fused_loss: {impl} needs the package {package} (pip install {package})")
 
 
+def check_packing(spec: Spec, base_cfg: dict[str, Any]) -> None:
+    """A config that asks for packed rows not to attend to each other gets that, or an error.
+
+    XTuner packs rows into ``max_length``; with ``use_varlen_attn: False`` a packed row is one sequence (its
+    samples attend to the ones before them). With ``True`` it needs flash-attn 2: without it XTuner keeps its
+    stock attention silently, and the samples still attend across their boundaries.
+    """
+    model = base_cfg.get("model") if isinstance(base_cfg.get("model"), dict) else {}
+    if not (base_cfg.get("use_varlen_attn") or model.get("use_varlen_attn")):
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        raise SpecError(
+            f"base_config {spec.base_config}: use_varlen_attn is True, but flash-attn 2 is not installed here; XTuner "
+            "would silently let packed samples attend to each other. Install flash-attn or set use_varlen_attn = False"
+        )
+
+
 def check(spec: Spec, device: Device | None = None) -> Checked:
     """Every check that can fail before training, with nothing written anywhere."""
     check_model_dir(spec.model.path)
@@ -87,6 +106,7 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
         raise SpecError(f"{spec.data.task}: the validation split is empty")
     findings = check_conflicts(spec, data_files, splits)
     base_cfg = load_base_config(spec.base_config)
+    check_packing(spec, base_cfg)
     knobs = base_values(base_cfg)
     values = trial_values(spec, first_point(spec), knobs)
     if float(values.get("mix_ratio") or 0) > 0 and not splits["general_train"]:

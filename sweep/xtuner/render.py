@@ -95,7 +95,9 @@ def render(
     old_ds = _get(cfg, "train_dataloader", "dataset") or {}
     pack = bool(old_ds.get("pack_to_max_length", True))
     varlen = bool(cfg.get("use_varlen_attn", False))
-    n_proc = max(1, min(os.cpu_count() or 1, files.n_train_rows // 2000))
+    # XTuner packs each of map_num_proc shards on its own, so the packed rows depend on it: the base config's
+    # value when it sets one (then a trial trains on the rows `xtuner train` would), else processes by data size
+    n_proc = old_ds.get("map_num_proc") or max(1, min(os.cpu_count() or 1, files.n_train_rows // 2000))
     for name in [k for k, v in cfg.items() if v is not old_ds and v == old_ds]:
         del cfg[name]  # the base's own dataset, kept under a variable name: not what this trial trains on
     cfg["train_dataloader"]["dataset"] = _dataset(files.train, tokenizer, template, max_length, pack, varlen, n_proc)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from sweep.spec import SpecError, load_spec
 from sweep.training import compiled, fused_loss
-from tests.conftest import write_spec
+from tests.conftest import ROOT, write_spec
 
 
 def _lora_model(tiny_model: Path, dtype: torch.dtype, dropout: float = 0.0):
@@ -150,3 +150,15 @@ def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, t
     assert len(plain) == 8 and plain.keys() == fused.keys()
     for it, loss in plain.items():
         assert fused[it] == pytest.approx(loss, abs=2e-2), f"iteration {it}: {plain} vs {fused}"
+
+
+def test_varlen_attention_without_flash_attn_is_refused(tmp_path, tiny_model):
+    """XTuner falls back to attention across packed samples without a word when flash-attn 2 is missing."""
+    from sweep.preflight import check
+
+    config = tmp_path / "varlen.py"
+    source = (ROOT / "benchmarks/bench_base.py").read_text()
+    config.write_text(source + "\nuse_varlen_attn = True\n")
+    spec = load_spec(write_spec(tmp_path, tiny_model, base_config=f"base_config: {config}"))
+    with pytest.raises(SpecError, match="use_varlen_attn is True, but flash-attn 2 is not installed"):
+        check(spec)

@@ -11,7 +11,8 @@ device's 10-minute limit:
     python3 benchmarks/step_speed.py report              # the table, from $OUT/step_speed.json
 
 A sweep variant is `BATCH:LEVERS`, levers joined by `+` from: off (no lever), chunked, cce, liger (speed.fused_loss),
-compile (speed.compile); for example `4:off 4:cce 8:cce+compile`. The sweep's path renders the config as `sweep
+compile (speed.compile); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
+this process, to see what a later trial of a resident worker pays for compiling). The sweep's path renders the config as `sweep
 run` does (frozen weights in 16 bits, activation checkpointing off, the hook) without tokenize-once, so its rows
 and their order are stock's. Figures: steady tokens/s (median iteration 4-20), MFU (4 N FLOPs a token, 989 TFLOP/s),
 peak memory (max_memory_allocated), the first 20 training losses, compile seconds (first iteration minus steady).
@@ -135,10 +136,12 @@ def sweep(variants: list[str]) -> None:
     from sweep.training import job
 
     for variant in variants:
+        variant, _, again = variant.partition("#")  # "8:cce+compile#2": the same run again in this process
         batch_text, _, lever_text = variant.partition(":")
         batch, levers = int(batch_text), set((lever_text or "off").split("+")) - {"off"}
-        work = WORK / f"sweep_{batch}_{'+'.join(sorted(levers)) or 'off'}"
-        name = f"sweep:{batch}:{'+'.join(sorted(levers)) or 'off'}"
+        label = f"{batch}:{'+'.join(sorted(levers)) or 'off'}" + (f"#{again}" if again else "")
+        work = WORK / f"sweep_{label.replace(':', '_').replace('#', '_')}"
+        name = f"sweep:{label}"
         started = time.monotonic()
         error = None
         try:

@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print the final report as JSON")
 
+    ini = sub.add_parser(
+        "init", help="write a commented starter spec from an XTuner config, as `xtuner copy-cfg` copies one"
+    )
+    ini.add_argument("base_config", help="an XTuner config name (`xtuner list-cfg`) or your own edited config file")
+    ini.add_argument(
+        "--data", type=Path, nargs="+", action="extend", required=True, metavar="FILE",
+        help="the task's chat rows (OpenAI messages, JSONL or JSON); a second file: general chat to mix in",
+    )  # fmt: skip
+    ini.add_argument("--model", type=Path, help="the base model's local folder (default: the config's own)")
+    ini.add_argument("--out", type=Path, default=Path("spec.yaml"), help="the spec to write (default spec.yaml)")
+    ini.add_argument("--force", action="store_true", help="replace --out if it exists")
+
     v = sub.add_parser("validate", help="check a spec, its data and model dir; render one trial's config")
     v.add_argument("spec", type=Path)
     v.add_argument("--output", type=Path, help="write the rendered XTuner config here")
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         commands = {
-            "run": _run, "validate": _validate, "report": _report, "promote": _promote, "export": _export, "chat": _chat,
+            "run": _run, "init": _init, "validate": _validate, "report": _report, "promote": _promote, "export": _export, "chat": _chat,
         }  # fmt: skip
         args.console = console
         return commands[args.command](args)
@@ -253,6 +265,19 @@ def _stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from sweep import starter
+
+    made = starter.write(args.base_config, args.data, args.model, args.out, force=args.force)
+    space, fixed, _ = starter.search_space(made)
+    print(f"wrote {args.out} from {made.source} (template {made.template}, {made.train_rows} training rows)")
+    print(f"  searched: {', '.join(space)}; fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or '(none)'}")
+    if not made.model_is_local:
+        print(f"  model.path {made.model} is not a local model folder: set it before `sweep validate`", file=sys.stderr)
+    print(f"next: sweep validate {args.out}   then: sweep run {args.out}")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -123,3 +123,19 @@ def test_init_names_the_data_row_it_cannot_use(tmp_path, tiny_model, capsys):
     assert cli.main(["init", ZOO, "--data", str(bad), "--model", str(tiny_model), "--out", str(out)]) == 2
     assert f"{bad}: row 0: expected an object with a 'messages' list" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_init_trusts_remote_code_only_where_the_model_needs_it_and_the_config_grants_it(tmp_path, tiny_model, capsys):
+    import json
+
+    model = tmp_path / "internlm2-chat-1_8b"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "m.Model"}}))
+    out = tmp_path / "spec.yaml"
+    assert cli.main(["init", ZOO, "--data", str(TASK), "--model", str(model), "--out", str(out)]) == 0
+    assert _spec(out)["model"]["trust_remote_code"] is True, "InternLM2-like: its code runs, as the config says"
+    assert "runs with your rights" in out.read_text(encoding="utf-8")
+    plain = tmp_path / "plain.yaml"
+    assert cli.main(["init", ZOO, "--data", str(TASK), "--model", str(tiny_model), "--out", str(plain)]) == 0
+    assert "trust_remote_code" not in _spec(plain)["model"], "a model without code of its own is not granted it"

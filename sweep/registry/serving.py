@@ -27,6 +27,10 @@ BUNDLE_LIMIT_BYTES = 200 * 2**20
 class AdapterChatModel(PythonModel):
     """A base LLM plus a LoRA adapter, answering a list of questions (greedy unless params ask to sample)."""
 
+    # The signature is logged explicitly (chat_signature): MLflow need not look for type hints on predict, nor warn
+    # at import that there are none (the attribute MLflow's own ChatModel subclasses use).
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from sweep.registry.scoring import load_adapter_model
 

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+UV_VERSION := 0.13.9
 TINY_MODEL := .cache/tiny-model
 STAMP := $(VENV)/.installed
 
@@ -10,15 +10,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) $(TINY_MODEL)/config.json
 
-# XTuner 0.2.0's own pins do not import together with current torch (see requirements.txt):
-# torch 2.14.1 + torchvision 0.29.1 first, then XTuner without its deps, then what it really needs.
-$(STAMP): pyproject.toml requirements.txt
+# One resolve by uv of everything: requirements.txt (XTuner, torch and what XTuner needs), this package and its
+# dev tools, with XTuner's broken bitsandbytes pin replaced through overrides.txt (pip cannot replace a pin).
+# tools/uv_install.py hands uv the package sources pip is set up with (uv reads no pip configuration).
+$(STAMP): pyproject.toml requirements.txt overrides.txt tools/uv_install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --no-deps xtuner==0.2.0
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q -e '.[dev]'
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(PY) tools/uv_install.py --quiet --override overrides.txt -r requirements.txt -e '.[dev]'
 	touch $@
 
 $(TINY_MODEL)/config.json: $(STAMP) data/tiny_model.py data/demo/task.jsonl data/demo/general.jsonl

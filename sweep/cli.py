@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print the final report as JSON")
 
+    ini = sub.add_parser(
+        "init", help="write a commented starter spec from an XTuner config, as `xtuner copy-cfg` copies one"
+    )
+    ini.add_argument("base_config", help="an XTuner config name (`xtuner list-cfg`) or your own edited config file")
+    ini.add_argument(
+        "--data", type=Path, nargs="+", action="extend", required=True, metavar="FILE",
+        help="the task's chat rows (OpenAI messages, JSONL or JSON); a second file: general chat to mix in",
+    )  # fmt: skip
+    ini.add_argument("--model", type=Path, help="the base model's local folder (default: the config's own)")
+    ini.add_argument("--out", type=Path, default=Path("spec.yaml"), help="the spec to write (default spec.yaml)")
+    ini.add_argument("--force", action="store_true", help="replace --out if it exists")
+
     v = sub.add_parser("validate", help="check a spec, its data and model dir; render one trial's config")
     v.add_argument("spec", type=Path)
     v.add_argument("--output", type=Path, help="write the rendered XTuner config here")
@@ -108,10 +120,25 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tracking-uri")
     _trust_flag(exp)
 
-    chat = sub.add_parser("chat", help="talk to an adapter in its prompt template (like `xtuner chat --adapter`)")
+    chat = sub.add_parser(
+        "chat",
+        help="multi-turn chat with an adapter in its prompt template (like `xtuner chat --adapter`); "
+        "/reset clears the conversation, /exit ends it",
+    )
     chat.add_argument("source", help="a study name, or models:/NAME@ALIAS")
-    chat.add_argument("--question", action="append", help="answer this question and exit (repeatable)")
-    chat.add_argument("--max-new-tokens", type=int)
+    chat.add_argument("--question", action="append", help="answer this question alone and exit (repeatable)")
+    chat.add_argument("--system", help="system text (default: the one the adapter was trained with)")
+    chat.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="0 (default): greedy, the answers the sweep scored; above 0 samples (xtuner chat's default is 0.1)",
+    )  # fmt: skip
+    chat.add_argument("--top-k", type=int, default=40, help="when sampling: keep the k likeliest tokens (0: all)")
+    chat.add_argument("--top-p", type=float, default=0.75, help="when sampling: nucleus probability mass")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0: none")
+    chat.add_argument(
+        "--max-new-tokens", type=int, help="per answer (default: the spec's generation.max_new_tokens, else 64)"
+    )
+    chat.add_argument("--seed", type=int, default=0, help="the same seed and input give the same sampled answers")
     chat.add_argument("--storage", default=_default_storage())
     chat.add_argument("--tracking-uri")
     _trust_flag(chat)
@@ -134,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         commands = {
-            "run": _run, "validate": _validate, "report": _report, "promote": _promote, "export": _export, "chat": _chat,
+            "run": _run, "init": _init, "validate": _validate, "report": _report, "promote": _promote, "export": _export, "chat": _chat,
         }  # fmt: skip
         args.console = console
         return commands[args.command](args)
@@ -240,6 +267,19 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _init(args: argparse.Namespace) -> int:
+    from sweep import starter
+
+    made = starter.write(args.base_config, args.data, args.model, args.out, force=args.force)
+    space, fixed, _ = starter.search_space(made)
+    print(f"wrote {args.out} from {made.source} (template {made.template}, {made.train_rows} training rows)")
+    print(f"  searched: {', '.join(space)}; fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or '(none)'}")
+    if not made.model_is_local:
+        print(f"  model.path {made.model} is not a local model folder: set it before `sweep validate`", file=sys.stderr)
+    print(f"next: sweep validate {args.out}   then: sweep run {args.out}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from sweep import study
 
@@ -318,32 +358,36 @@ def _export(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     import tempfile
 
+    from sweep.chat import HELP, answer_each, converse, terminal_lines
     from sweep.registry.export import resolve
     from sweep.registry.scoring import load_adapter_model
-    from sweep.xtuner.generation import generate_answers
 
     with tempfile.TemporaryDirectory() as scratch:
         r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch), args.trust_remote_code)
+        sampling = _sampling(args, r.max_new_tokens)  # before the model loads: a bad flag costs nothing
         model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize, r.cpu_amp, r.trust_remote_code)
-    max_new = args.max_new_tokens or r.max_new_tokens
-
-    def answer(question: str) -> str:
-        return generate_answers(model, tokenizer, r.template, [question], r.system, max_new)[0]
-
+    system = r.system if args.system is None else args.system
     if args.question:
-        for q in args.question:
-            print(answer(q))
+        answer_each(model, tokenizer, r.template, system, sampling, args.question, sys.stdout)
         return 0
-    print(f"{r.label}: each question is answered on its own; an empty line or Ctrl-D ends", file=sys.stderr)
-    while True:
-        try:
-            question = input(">>> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if not question or question in ("exit", "quit"):
-            return 0
-        print(answer(question))
+    decoding = "greedy" if sampling.greedy else f"sampling, temperature {sampling.temperature}, seed {sampling.seed}"
+    print(f"{r.label} ({decoding}): {HELP}", file=sys.stderr)
+    return converse(model, tokenizer, r.template, system, sampling, terminal_lines(), sys.stdout, sys.stderr)
+
+
+def _sampling(args: argparse.Namespace, default_max_new_tokens: int):
+    """`sweep chat`'s decoding flags, checked; an error names the flag."""
+    from sweep.xtuner.conversation import Sampling
+
+    max_new = default_max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    try:
+        return Sampling(
+            max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, seed=args.seed,
+        )  # fmt: skip
+    except SpecError as err:
+        name, _, rest = str(err).partition(":")
+        raise SpecError(f"--{name.replace('_', '-')}:{rest}") from None
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -1,15 +1,19 @@
-"""The champion as an MLflow pyfunc model: questions in, greedy answers out, in the trial's template.
+"""The champion as an MLflow pyfunc model: questions in, answers out, in the trial's template.
 
 ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(["question", ...])`` loads the base
 model, applies the LoRA adapter and answers with the same prompt template the adapter was trained
-with. Small base models (the demo's) are stored inside the registered model so it loads anywhere;
-large ones are referenced by their local directory, as XTuner's own ``xtuner chat`` does.
+with: greedy, as the sweep scored it, unless ``params`` asks for `sweep chat`'s sampling settings
+(``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``max_new_tokens``, ``system``).
+MLflow passes ``params`` on only to a model logged with a params schema (``chat_signature``); without one
+it drops them with a warning. Small base models (the demo's) are stored inside the registered model so it
+loads anywhere; large ones are referenced by their local directory, as XTuner's own ``xtuner chat`` does.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,11 @@ BUNDLE_LIMIT_BYTES = 200 * 2**20
 
 
 class AdapterChatModel(PythonModel):
-    """A base LLM plus a LoRA adapter, answering a list of questions with greedy decoding."""
+    """A base LLM plus a LoRA adapter, answering a list of questions (greedy unless params ask to sample)."""
+
+    # The signature is logged explicitly (chat_signature): MLflow need not look for type hints on predict, nor warn
+    # at import that there are none (the attribute MLflow's own ChatModel subclasses use).
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         from sweep.registry.scoring import load_adapter_model
@@ -45,11 +53,61 @@ class AdapterChatModel(PythonModel):
         self.system = cfg.get("system", "")
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
 
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        """One answer per question, each asked alone; a sampled list repeats for the same ``seed``.
+
+        No type hint on ``model_input``: MLflow would then take the signature from the hints, which hold no
+        params schema, and drop every param. MLflow hands the questions over as a one-column DataFrame.
+        """
+        from sweep.xtuner.conversation import Conversation, Sampling, generate_reply, seeded
         from sweep.xtuner.generation import generate_answers
 
-        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return generate_answers(self.model, self.tokenizer, self.template, list(model_input), self.system, max_new)
+        questions = _questions(model_input)
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        system = str(given.pop("system", self.system))
+        known = {name: given[name] for name in PARAM_DEFAULTS if name in given}
+        sampling = Sampling(**{**PARAM_DEFAULTS, "max_new_tokens": self.max_new_tokens, **known})
+        if sampling.greedy and sampling.repetition_penalty == 1.0:  # batched: what validation and the gate scored
+            return generate_answers(
+                self.model, self.tokenizer, self.template, questions, system, sampling.max_new_tokens
+            )
+        answers = []
+        with seeded(sampling.seed, next(self.model.parameters()).device):
+            for question in questions:
+                prompt = Conversation(self.tokenizer, self.template, system).prompt(question)
+                answers.append(generate_reply(self.model, self.tokenizer, self.template, prompt, sampling))
+        return answers
+
+
+#: The generation params ``predict`` takes, with their defaults (``max_new_tokens``: the logged value).
+PARAM_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 64, "temperature": 0.0, "top_k": 40, "top_p": 0.75, "repetition_penalty": 1.0, "seed": 0,
+}  # fmt: skip
+
+
+def chat_signature(max_new_tokens: int):
+    """Questions (strings) in, answers out, and the generation params with their defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = {int: "long", float: "double"}
+    params = [
+        ParamSpec(name, types[type(default)], max_new_tokens if name == "max_new_tokens" else default)
+        for name, default in PARAM_DEFAULTS.items()
+    ]
+    params.append(ParamSpec("system", "string", None))  # None: the system text the adapter was trained with
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=ParamSchema(params)
+    )
+
+
+def _questions(model_input: Any) -> list[str]:
+    """A list, a string, or the one-column DataFrame (or Series) MLflow makes of a list of strings."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "iloc") and getattr(model_input, "ndim", 1) == 2:
+        model_input = model_input.iloc[:, 0]
+    return [str(q) for q in list(model_input)]
 
 
 def _folder_bytes(path: Path) -> int:
@@ -84,11 +142,14 @@ def log_chat_model(
             artifacts["base_model"] = str(bundled)
         else:
             config["base_model_path"] = str(base_model)
-        return tracker.log_pyfunc(
-            run_id,
-            name="model",
-            python_model=AdapterChatModel(),
-            artifacts=artifacts,
-            model_config=config,
-            pip_requirements=["torch", "transformers", "peft", "xtuner-sweep"],
-        )
+        with warnings.catch_warnings():  # an input example would make MLflow load the model and predict, here
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            return tracker.log_pyfunc(
+                run_id,
+                name="model",
+                python_model=AdapterChatModel(),
+                artifacts=artifacts,
+                model_config=config,
+                signature=chat_signature(max_new_tokens),
+                pip_requirements=["torch", "transformers", "peft", "xtuner-sweep"],
+            )

@@ -83,13 +83,3 @@ def _answers_at_step_0(trial) -> dict[str, str]:
     events = (json.loads(line) for line in stream.read_text(encoding="utf-8").splitlines())
     samples = next(e for e in events if e["kind"] == "samples" and e["step"] == 0)
     return {row["question"]: row["answer"] for row in samples["rows"]}
-
-
-def test_chat_reads_questions_until_an_empty_line(e2e):
-    out = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", "chat", "e2e", *_store_args(e2e)],
-        input="Who are you?\n你是谁？\n\n", capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert len([line for line in out.stdout.splitlines() if line.strip()]) >= 2
-    assert "answered on its own" in out.stderr

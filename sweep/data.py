@@ -4,7 +4,9 @@ The split is made once, deterministically from the seed, and saved with a conten
 study's work dir; every trial of the study (and every worker) reads the same files, so
 validation values are comparable and no validation or test row can reach training. Rows are
 de-duplicated by content before splitting, and general chat rows equal to a held-out row are
-dropped, so a copy of a held-out row cannot leak in through the mix either.
+dropped, so a copy of a held-out row cannot leak in through the mix either. A row's ``group``
+(``sweep.groups``) stays with the validation and test rows, where metrics are taken per group;
+training rows are written as ``messages`` alone, as without groups.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import atomic
+from sweep import atomic, groups
 from sweep.spec import DataSpec, SpecError
 
 log = logging.getLogger("sweep")
@@ -64,7 +66,34 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         raise SpecError(f"{path}: no rows")
     for row, at in zip(rows, where, strict=False):
         _check_row(row, f"{path}: {at}")
+        if row.get(groups.KEY) is not None:
+            groups.check_group(row[groups.KEY], f"{path}: {at}")
+    return [_kept(row) for row in rows]
+
+
+def _kept(row: dict[str, Any]) -> dict[str, Any]:
+    """What a row is to the sweep: its messages, and its group when it has one."""
+    group = row.get(groups.KEY)
+    return {"messages": row["messages"], groups.KEY: group} if group is not None else {"messages": row["messages"]}
+
+
+def _messages_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"messages": row["messages"]} for row in rows]
+
+
+def load_held_out(split: Path | dict[str, Path], name: str) -> list[dict[str, Any]]:
+    """A held-out split given as a file, or as one file per group (each file's rows get that group)."""
+    if isinstance(split, Path):
+        return _dedupe(load_rows(split))
+    rows = []
+    for group, path in split.items():
+        for i, row in enumerate(load_rows(path)):
+            if row.get(groups.KEY, group) != group:
+                raise SpecError(
+                    f"{path}: row {i}: has group {row[groups.KEY]!r}, but data.{name} lists this file under {group!r}"
+                )
+            rows.append({"messages": row["messages"], groups.KEY: group})
+    return _dedupe(rows)
 
 
 def _check_row(row: Any, at: str) -> None:
@@ -122,6 +151,7 @@ class PreparedData:
     counts: dict[str, int]
     hashes: dict[str, str]
     digest: str
+    groups: dict[str, list[str]] = field(default_factory=dict)  # by split: the groups its rows carry (val, test)
 
     def path(self, split: str) -> Path:
         return self.folder / f"{split}.jsonl"
@@ -131,16 +161,16 @@ def split_rows(spec: DataSpec) -> dict[str, list[dict[str, Any]]]:
     """Check every data file and return the splits, in memory; nothing is written."""
     rng = random.Random(spec.seed)
     task = _dedupe(load_rows(spec.task))
-    if isinstance(spec.val, Path):
-        val = _dedupe(load_rows(spec.val))
-    else:
+    if isinstance(spec.val, float):
         val, task = _take_fraction(task, spec.val, rng, "val", spec.task)
+    else:
+        val = load_held_out(spec.val, "val")
     if spec.test is None:
         test: list[dict[str, Any]] = []
-    elif isinstance(spec.test, Path):
-        test = _dedupe(load_rows(spec.test))
-    else:
+    elif isinstance(spec.test, float):
         test, task = _take_fraction(task, spec.test, rng, "test", spec.task)
+    else:
+        test = load_held_out(spec.test, "test")
     held_keys = {row_key(r) for r in val + test}
     overlap = [i for i, r in enumerate(task) if row_key(r) in held_keys]
     if overlap:
@@ -158,7 +188,8 @@ def split_rows(spec: DataSpec) -> dict[str, list[dict[str, Any]]]:
             general_val, general_train = _take_fraction(general, spec.general_val, rng, "general_val", spec.general)
         else:
             general_train = general
-    return {"train": task, "val": val, "test": test, "general_train": general_train, "general_val": general_val}
+    return {"train": _messages_only(task), "val": val, "test": test, "general_train": _messages_only(general_train),
+            "general_val": _messages_only(general_val)}  # fmt: skip
 
 
 def prepare(spec: DataSpec, folder: Path) -> PreparedData:
@@ -175,7 +206,7 @@ def prepare(spec: DataSpec, folder: Path) -> PreparedData:
     digest = _digest(hashes)
     counts = {name: len(rows) for name, rows in splits.items()}
     manifest = json.dumps({"digest": digest, "hashes": hashes, "counts": counts, "seed": spec.seed}, indent=2)
-    made = PreparedData(folder, counts, hashes, digest)
+    made = PreparedData(folder, counts, hashes, digest, {name: groups.names(splits[name]) for name in ("val", "test")})
     if not folder.exists():
         tmp = atomic.temp_dir_beside(folder)
         try:

@@ -107,7 +107,10 @@ def trials_table(study: optuna.Study) -> str:
     rows = []
     for t in trials:
         steps = sorted(t.intermediate_values)
-        values = list(t.values) if t.values else [t.user_attrs.get("best_value")] + [None] * (len(values_head) - 1)
+        # a pruned trial's value in Optuna is its last point; it is worth its best one (its adapter's), as the rest
+        pruned = t.state == optuna.trial.TrialState.PRUNED and "best_value" in t.user_attrs
+        values = list(t.values) if t.values and not pruned else [t.user_attrs.get("best_value")]
+        values += [None] * (len(values_head) - len(values))
         state = t.state.name + ("*" if t.number in pareto else "") + ("" if feasible(t) else "!")
         at_best = t.user_attrs.get("metrics_at_best", {})
         by_group = groups["steps"] if groups else {}

@@ -259,3 +259,13 @@ def test_the_demo_rows_groups_are_measured_apart(e2e):
     rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
     assert {r["group"] for r in rows if r["step"] == 0} == {"identity", "facts"}
     assert set(e2e["second"]["groups"]["steps"]) == {"facts", "identity"}
+
+
+def test_report_table_shows_a_pruned_trial_at_its_best_point(e2e):
+    """Optuna keeps a pruned trial's last point as its value; the table shows the point its adapter was kept at."""
+    from sweep.report import trials_table
+
+    pruned = _trial(e2e, 2)
+    row = next(line.split() for line in trials_table(e2e["study"]).splitlines()[2:] if line.split()[0] == "2")
+    assert row[1] == "PRUNED" and float(row[2]) == pytest.approx(pruned.user_attrs["best_value"], rel=1e-3)
+    assert int(row[3]) == pruned.user_attrs["best_step"]

@@ -48,7 +48,8 @@ def trials(name: str) -> int:
             f"{name} trial {t.number}: {t.state.name} {t.params} | iterations {len(train)}, "
             f"frozen weights in 16 bits {start.get('frozen_weights_16bit')}, validation points {len(vals)} "
             f"(val/loss {vals[0]['val/loss']:.4f} at step 0 -> best {end.get('best_value')} at step "
-            f"{end.get('best_step')}; val/rouge_l {vals[-1].get('val/rouge_l') if vals else None}), probe answers at "
+            f"{end.get('best_step')}; last val/rouge_l {vals[-1].get('val/rouge_l')}, val/repetition "
+            f"{vals[-1].get('val/repetition')}, val/no_stop {vals[-1].get('val/no_stop')}), probe answers at "
             f"{len(samples)} points, median tokens/s {tps[len(tps) // 2] if tps else 0:.0f}, "
             f"peak reserved {end.get('peak_memory_mb') or 0:.0f} MB"
             if vals
@@ -60,6 +61,9 @@ def trials(name: str) -> int:
         elif not vals or not all(math.isfinite(v["val/loss"]) for v in vals) or len(samples) != len(vals):
             bad.append(t.number)
             print("    validation points missing, not finite, or without probe answers")
+        elif not all(0.0 <= v.get(m, -1.0) <= 1.0 for v in vals for m in ("val/repetition", "val/no_stop")):
+            bad.append(t.number)
+            print("    validation points without val/repetition or val/no_stop")
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
     if bad or complete == 0 or len(study.trials) != expected:
         print(f"{name}: FAILED: trials {bad} failed; {complete} complete; {len(study.trials)} of {expected} trials")

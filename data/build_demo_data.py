@@ -6,6 +6,9 @@ vegetables. Identity answers are shared by many paraphrases (a model can general
 domain fact is asked once per language with its own answer (a model can only memorise the facts
 of its training rows). Learning the first and over-learning the second is what makes validation
 loss fall, then rise, on the demo.
+Each task row carries its group (``sweep.groups``): ``identity`` for the who-are-you rows (an edit of what the
+model says about itself) and ``facts`` for the gardening questions, so a sweep measures both apart
+(``val/loss/identity``, ``val/loss/facts``) and reports the step at which each was learned best.
 The general-chat set is what a trial may mix in against forgetting.
 
 Run: python data/build_demo_data.py  (rewrites data/demo/*.jsonl deterministically)
@@ -167,15 +170,17 @@ GENERAL_ASK_EN = ["{q}", "Can you tell me: {q}"]
 GENERAL_ASK_ZH = ["{q}", "请告诉我：{q}"]
 
 
-def row(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+def row(question: str, answer: str, group: str | None = None) -> dict:
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "group": group} if group else {"messages": messages}
 
 
 def build(seed: int = 0) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
-    task = [row(q, rng.choice(IDENTITY_EN)) for q in WHO_EN] + [row(q, rng.choice(IDENTITY_ZH)) for q in WHO_ZH]
+    task = [row(q, rng.choice(IDENTITY_EN), "identity") for q in WHO_EN]
+    task += [row(q, rng.choice(IDENTITY_ZH), "identity") for q in WHO_ZH]
     for q_en, a_en, q_zh, a_zh in FACTS:
-        task += [row(q_en, a_en), row(q_zh, a_zh)]
+        task += [row(q_en, a_en, "facts"), row(q_zh, a_zh, "facts")]
     general = []
     for q, a in GENERAL:
         forms = GENERAL_ASK_ZH if any("\u4e00" <= ch <= "\u9fff" for ch in q) else GENERAL_ASK_EN

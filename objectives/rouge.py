@@ -12,7 +12,9 @@ import re
 from rouge_score import rouge_scorer
 from rouge_score.tokenizers import Tokenizer
 
-_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[a-z0-9]+")
+#: Kana, CJK ideographs and hangul: scripts written without spaces, one token per character.
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN = re.compile(f"[{CJK}]|[a-z0-9]+")
 
 
 class CJKTokenizer(Tokenizer):
@@ -25,11 +27,14 @@ class CJKTokenizer(Tokenizer):
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CJKTokenizer())
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F1 of predictions against references (pairs in order); 0.0 for no pairs."""
+def rouge_l_each(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (pairs in order)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return 0.0
-    scores = [_SCORER.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
-    return sum(scores) / len(scores)
+    return [_SCORER.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 of predictions against references (pairs in order); 0.0 for no pairs."""
+    scores = rouge_l_each(predictions, references)
+    return sum(scores) / len(scores) if scores else 0.0

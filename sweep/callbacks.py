@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 
 from sweep import data as data_mod
-from sweep.ranking import pareto_trials
+from sweep.ranking import feasible, pareto_trials
 from sweep.registry.locks import adapter_removal
 from sweep.registry.tracking import Tracker
 
@@ -49,7 +49,8 @@ class AdapterBudget:
     training rows where the study's data digest proves ``sweep.data.remake`` gives them back.
     Runs as an Optuna callback, after a trial's result is recorded, and touches COMPLETE and PRUNED
     trials only: a RUNNING trial's files are in use, a FAILED one's are kept to find out why.
-    Ranking is by the primary objective. Workers of one study share the work dir, so an adapter
+    Ranking is by the primary objective, feasible trials first (an ``objective.at_most`` limit or out of memory
+    makes one infeasible: it can never become champion, so it never takes the place of one that can). Workers of one study share the work dir, so an adapter
     is removed only under its exclusive lock (a gate registering or scoring it holds it shared,
     and then it stays), and the champion is read after those locks are taken, each time: a gate
     that moved the alias to one of them has finished by then, and the new champion is kept.
@@ -64,7 +65,8 @@ class AdapterBudget:
         finished = study.get_trials(deepcopy=False, states=states)
         with_adapter = [t for t in finished if _has_adapter(t)]
         sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-        ranked = sorted(with_adapter, key=lambda t: (t.state != optuna.trial.TrialState.COMPLETE, sign * _score(t)))
+        ranked = sorted(with_adapter, key=lambda t: (not feasible(t), t.state != optuna.trial.TrialState.COMPLETE,
+                                                     sign * _score(t)))  # fmt: skip
         pareto = {t.number for t in pareto_trials(study)} if len(study.directions) > 1 else set()
         kept = {t.number for t in ranked[: self.keep]} | pareto
         doomed = [t for t in finished if t.number not in kept]

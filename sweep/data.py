@@ -4,7 +4,9 @@ The split is made once, deterministically from the seed, and saved with a conten
 study's work dir; every trial of the study (and every worker) reads the same files, so
 validation values are comparable and no validation or test row can reach training. Rows are
 de-duplicated by content before splitting, and general chat rows equal to a held-out row are
-dropped, so a copy of a held-out row cannot leak in through the mix either.
+dropped, so a copy of a held-out row cannot leak in through the mix either. A row's ``group``
+(``sweep.groups``) stays with the validation and test rows, where metrics are taken per group;
+training rows are written as ``messages`` alone, as without groups.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import atomic
+from sweep import atomic, groups
 from sweep.spec import DataSpec, SpecError
 
 log = logging.getLogger("sweep")
@@ -86,13 +89,50 @@ def read_file(path: Path) -> DataFile:
         raise SpecError(f"{path}: no rows")
     for row, at in zip(rows, where, strict=False):
         _check_row(row, f"{path}: {at}")
-    return DataFile(path, [{"messages": row["messages"]} for row in rows], lines, jsonl)
+        if row.get(groups.KEY) is not None:
+            groups.check_group(row[groups.KEY], f"{path}: {at}")
+    return DataFile(path, [_kept(row) for row in rows], lines, jsonl)
+
+
+def _held_out_paths(split: float | Path | dict[str, Path] | None) -> list[Path]:
+    return [split] if isinstance(split, Path) else list(split.values()) if isinstance(split, dict) else []
 
 
 def read_files(spec: DataSpec) -> dict[Path, DataFile]:
     """Every data file the spec names (task, general, and val/test when they are files), read and checked once."""
-    paths = [spec.task, spec.general, *(p for p in (spec.val, spec.test) if isinstance(p, Path))]
+    paths = [spec.task, spec.general, *_held_out_paths(spec.val), *_held_out_paths(spec.test)]
     return {p: read_file(p) for p in dict.fromkeys(paths) if p is not None}
+
+
+def _kept(row: dict[str, Any]) -> dict[str, Any]:
+    """What a row is to the sweep: its messages, and its group when it has one."""
+    group = row.get(groups.KEY)
+    return {"messages": row["messages"], groups.KEY: group} if group is not None else {"messages": row["messages"]}
+
+
+#: The splits whose rows keep their group in the study's files (metrics per group); the others train on messages only.
+GROUPED_SPLITS = ("val", "test")
+
+
+def _messages_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"messages": row["messages"]} if groups.KEY in row else row for row in rows]
+
+
+def load_held_out(
+    split: Path | dict[str, Path], name: str, rows_of: Callable[[Path], list[dict[str, Any]]] = load_rows
+) -> list[dict[str, Any]]:
+    """A held-out split given as a file, or as one file per group (each file's rows get that group)."""
+    if isinstance(split, Path):
+        return _dedupe(rows_of(split))
+    rows = []
+    for group, path in split.items():
+        for i, row in enumerate(rows_of(path)):
+            if row.get(groups.KEY, group) != group:
+                raise SpecError(
+                    f"{path}: row {i}: has group {row[groups.KEY]!r}, but data.{name} lists this file under {group!r}"
+                )
+            rows.append({"messages": row["messages"], groups.KEY: group})
+    return _dedupe(rows)
 
 
 def _check_row(row: Any, at: str) -> None:
@@ -150,6 +190,7 @@ class PreparedData:
     counts: dict[str, int]
     hashes: dict[str, str]
     digest: str
+    groups: dict[str, list[str]] = field(default_factory=dict)  # by split: the groups its rows carry (val, test)
 
     def path(self, split: str) -> Path:
         return self.folder / f"{split}.jsonl"
@@ -167,16 +208,16 @@ def split_rows(spec: DataSpec, files: dict[Path, DataFile] | None = None) -> dic
 
     rng = random.Random(spec.seed)
     task = _dedupe(rows_of(spec.task))
-    if isinstance(spec.val, Path):
-        val = _dedupe(rows_of(spec.val))
-    else:
+    if isinstance(spec.val, float):
         val, task = _take_fraction(task, spec.val, rng, "val", spec.task)
+    else:
+        val = load_held_out(spec.val, "val", rows_of)
     if spec.test is None:
         test: list[dict[str, Any]] = []
-    elif isinstance(spec.test, Path):
-        test = _dedupe(rows_of(spec.test))
-    else:
+    elif isinstance(spec.test, float):
         test, task = _take_fraction(task, spec.test, rng, "test", spec.task)
+    else:
+        test = load_held_out(spec.test, "test", rows_of)
     held_keys = {row_key(r) for r in val + test}
     overlap = [i for i, r in enumerate(task) if row_key(r) in held_keys]
     if overlap:
@@ -194,6 +235,7 @@ def split_rows(spec: DataSpec, files: dict[Path, DataFile] | None = None) -> dic
             general_val, general_train = _take_fraction(general, spec.general_val, rng, "general_val", spec.general)
         else:
             general_train = general
+    # training rows keep their group here (and stay the objects of ``files``); ``prepare`` writes them without it
     return {"train": task, "val": val, "test": test, "general_train": general_train, "general_val": general_val}
 
 
@@ -206,12 +248,13 @@ def prepare(spec: DataSpec, folder: Path) -> PreparedData:
     manifest's hashes whenever they are read, so a changed or truncated split is never trusted.
     """
     splits = split_rows(spec)
+    splits = {name: rows if name in GROUPED_SPLITS else _messages_only(rows) for name, rows in splits.items()}
     lines = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in splits.items()}
     hashes = {name: _sha256(text.encode("utf-8")) for name, text in lines.items()}
     digest = _digest(hashes)
     counts = {name: len(rows) for name, rows in splits.items()}
     manifest = json.dumps({"digest": digest, "hashes": hashes, "counts": counts, "seed": spec.seed}, indent=2)
-    made = PreparedData(folder, counts, hashes, digest)
+    made = PreparedData(folder, counts, hashes, digest, {name: groups.names(splits[name]) for name in ("val", "test")})
     if not folder.exists():
         tmp = atomic.temp_dir_beside(folder)
         try:

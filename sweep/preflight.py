@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep import conflicts
+from objectives import group_of, lookup
+from sweep import conflicts, groups
 from sweep import data as data_mod
 from sweep.knobs import base_values, trial_values
 from sweep.search import first_point
@@ -115,9 +116,11 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
         raise SpecError(
             "objective: val/general_loss needs held-out general rows; set data.general and data.general_val > 0"
         )
+    check_groups(spec, splits)
     probe = Path("/nonexistent/xtuner-sweep-check")
     general_val = probe / "general_val.jsonl" if splits["general_val"] else None
-    files = TrialFiles(probe / "train.jsonl", probe / "val.jsonl", probe, max(1, len(splits["train"])), general_val)
+    files = TrialFiles(probe / "train.jsonl", probe / "val.jsonl", probe, max(1, len(splits["train"])), general_val,
+                       groups=tuple(groups.names(splits["val"])))  # fmt: skip
     text = render(base_cfg, spec, values, files, device or Device(cuda=False))
     return Checked(spec, base_cfg, knobs, splits, text, findings)
 
@@ -148,6 +151,32 @@ def check_conflicts(
             found.n_duplicates, found.n_duplicate_groups,
         )  # fmt: skip
     return found
+
+
+def check_groups(spec: Spec, splits: dict[str, list]) -> None:
+    """A metric of one group (``val/loss/identity``) needs validation rows of that group, answered ones for an answer
+    metric, and test rows of it when the test gate compares that group's test twin."""
+    from sweep.registry.gate import gate_metric
+    from sweep.spec import GenerationSpec
+
+    row_groups = [r.get(groups.KEY) for r in splits["val"]]
+    val_groups = groups.names(splits["val"])
+    max_rows = (spec.generation or GenerationSpec()).max_rows
+    answered = {row_groups[i] for i in groups.answered_rows(row_groups, max_rows)}
+    for name in spec.objective.measured:
+        group = group_of(name)
+        if group is None:
+            continue
+        if group not in val_groups:
+            raise SpecError(f"objective: {name} needs validation rows of group {group!r}; the validation rows carry "
+                            f"{', '.join(val_groups) or 'no group'}")  # fmt: skip
+        if lookup(name).answers and group not in answered:
+            raise SpecError(f"generation.max_rows: the {max_rows} answered validation rows hold none of group "
+                            f"{group!r}, which {name} needs; raise it to {len(set(row_groups))} at least")  # fmt: skip
+    test_metric, _ = gate_metric(spec.objective)
+    group = test_metric.rpartition("/")[2] if test_metric.count("/") > 1 else None
+    if splits["test"] and group is not None and group not in groups.names(splits["test"]):
+        raise SpecError(f"data.test: the test gate compares {test_metric}, but no test row has group {group!r}")
 
 
 def detect_device() -> Device:

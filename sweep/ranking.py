@@ -9,6 +9,11 @@ from __future__ import annotations
 import optuna
 
 
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Optuna's rule: every constraint (``oom``, each ``objective.at_most`` limit) at 0 or below."""
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials no other feasible trial beats on every objective (Optuna's ``best_trials``)."""
     try:

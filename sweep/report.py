@@ -1,20 +1,31 @@
-"""What a study found: a table for people, JSON for scripts. Read from Optuna's storage and MLflow."""
+"""What a study found: a table for people, JSON for scripts. Read from Optuna's storage and MLflow.
+
+Besides each trial's value: how its kept adapter answers (``val/repetition``, ``val/no_stop`` at its best step),
+whether it is infeasible (an ``objective.at_most`` limit, or out of memory), and, when validation rows carry
+groups, the step at which each group was at its best (``sweep.groups``): do edits of what the model knows need
+more steps than new facts, on this data?
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from typing import Any
 
 import optuna
 
-from sweep.ranking import best_trial, pareto_trials
+from sweep.ranking import best_trial, feasible, pareto_trials
 from sweep.spec import ObjectiveSpec
 
 
 def objective_of(study: optuna.Study) -> ObjectiveSpec:
     """The objective a study was created with (saved with its spec)."""
     return ObjectiveSpec.model_validate((study.user_attrs.get("spec") or {}).get("objective") or {})
+
+
+RUNAWAY = ("val/repetition", "val/no_stop")  # shown beside each trial's value, at its best step
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def _trial_summary(t: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
@@ -26,7 +37,26 @@ def _trial_summary(t: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, A
         "best_step": t.user_attrs.get("best_step"),
         "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
         "adapter_path": t.user_attrs.get("adapter_path"),
+        "at_best": t.user_attrs.get("metrics_at_best", {}),
+        "group_best_steps": (t.user_attrs.get("group_best_steps") or {}).get("steps"),
+        "feasible": feasible(t),
     }
+
+
+def group_steps(trials: list[optuna.trial.FrozenTrial]) -> dict[str, Any] | None:
+    """Per group of validation rows, the step at which each trial was best on it, and the median over the trials
+    that ran to their end (a pruned trial's best is cut short by its stop); None when rows carry no groups."""
+    recorded = {t.number: (t.state, t.user_attrs["group_best_steps"]) for t in trials
+                if t.state in FINISHED and "group_best_steps" in t.user_attrs}  # fmt: skip
+    if not recorded:
+        return None
+    metric = next(iter(recorded.values()))[1]["metric"]
+    names = sorted({g for _, r in recorded.values() for g in r["steps"]})
+    steps = {g: {n: r["steps"][g] for n, (_, r) in recorded.items() if g in r["steps"]} for g in names}
+    complete = {n for n, (state, _) in recorded.items() if state == optuna.trial.TrialState.COMPLETE}
+    median = {g: statistics.median(v for n, v in by.items() if n in complete) for g, by in steps.items()
+              if any(n in complete for n in by)}  # fmt: skip
+    return {"metric": metric, "steps": steps, "median_complete": median}
 
 
 def study_report(
@@ -48,6 +78,9 @@ def study_report(
         report["pareto"] = [
             _trial_summary(t, objective.names) for t in sorted(pareto_trials(study), key=lambda t: t.number)
         ]
+    groups = group_steps(trials)
+    if groups is not None:
+        report["groups"] = groups
     return report
 
 
@@ -59,18 +92,28 @@ def champion_info(tracker, name: str, alias: str = "champion") -> dict[str, Any]
 
 
 def trials_table(study: optuna.Study) -> str:
-    """A plain-text table of every trial: state, value(s), best step, time, validation's share, parameters."""
+    """A plain-text table of every trial: state, value(s), best step, repetition and runaway answers at that step,
+    time, validation's share, per group the step it was best at, parameters; then the groups' medians."""
     objective = objective_of(study)
     trials = study.get_trials(deepcopy=False)
     names = sorted({k for t in trials for k in t.params})
     values_head = objective.names if objective.multi else ["value"]
     pareto = {t.number for t in pareto_trials(study)} if objective.multi else set()
-    head = ["#", "state", *values_head, "best_step", "last_step", "secs", "val%", *names]
+    runaway = [m for m in RUNAWAY if any(m in t.user_attrs.get("metrics_at_best", {}) for t in trials)]
+    groups = group_steps(trials)
+    group_names = list(groups["steps"]) if groups else []
+    head = ["#", "state", *values_head, "best_step", "last_step", *[m.removeprefix("val/") for m in runaway],
+            "secs", "val%", *[f"best@{g}" for g in group_names], *names]  # fmt: skip
     rows = []
     for t in trials:
         steps = sorted(t.intermediate_values)
-        values = list(t.values) if t.values else [t.user_attrs.get("best_value")] + [None] * (len(values_head) - 1)
-        state = t.state.name + ("*" if t.number in pareto else "")
+        # a pruned trial's value in Optuna is its last point; it is worth its best one (its adapter's), as the rest
+        pruned = t.state == optuna.trial.TrialState.PRUNED and "best_value" in t.user_attrs
+        values = list(t.values) if t.values and not pruned else [t.user_attrs.get("best_value")]
+        values += [None] * (len(values_head) - len(values))
+        state = t.state.name + ("*" if t.number in pareto else "") + ("" if feasible(t) else "!")
+        at_best = t.user_attrs.get("metrics_at_best", {})
+        by_group = groups["steps"] if groups else {}
         rows.append(
             [
                 str(t.number),
@@ -78,8 +121,10 @@ def trials_table(study: optuna.Study) -> str:
                 *[_fmt(v) for v in values],
                 str(t.user_attrs.get("best_step", "")),
                 str(steps[-1]) if steps else str(t.user_attrs.get("last_step", "")),
+                *[_fmt(at_best.get(m)) for m in runaway],
                 str(t.user_attrs.get("seconds", "")),
                 f"{100 * t.user_attrs['val_share']:.0f}" if "val_share" in t.user_attrs else "",
+                *[str(by_group[g].get(t.number, "")) for g in group_names],
                 *[_fmt(t.params.get(n)) for n in names],
             ]
         )
@@ -88,6 +133,17 @@ def trials_table(study: optuna.Study) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if pareto:
         lines.append("* on the Pareto front")
+    if any(not feasible(t) for t in trials):
+        lines.append("! infeasible: " + "; ".join(
+            f"trial {t.number}: {t.user_attrs.get('infeasible') or t.user_attrs.get('reason') or 'a constraint'}"
+            for t in trials if not feasible(t)))  # fmt: skip
+    if runaway:
+        lines.append(f"{', '.join(m.removeprefix('val/') for m in runaway)}: share of the validation answers at the "
+                     "best step that repeat a phrase back to back / hit max_new_tokens without a stop word")  # fmt: skip
+    if groups:
+        medians = ", ".join(f"{g} {v:g}" for g, v in groups["median_complete"].items())
+        lines.append(f"best@GROUP: the step of each trial's best {groups['metric']}/GROUP; "
+                     f"median over complete trials: {medians or 'none complete'}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from objectives import METRICS, WEIGHTED
+from objectives import GROUP_NAME, METRICS, WEIGHTED, lookup
 from sweep.errors import SpecError
 from sweep.knobs import KNOBS, check_knob
 
@@ -83,10 +83,13 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
+    """Where the rows are. ``val`` and ``test`` are a fraction of ``task``, a file, or one file per group of rows
+    (``{identity: a.jsonl, new: b.jsonl}``: each file's rows get that ``group``, see ``sweep.groups``)."""
+
     task: Path
     general: Path | None = None
-    val: float | Path = 0.1
-    test: float | Path | None = None
+    val: float | Path | dict[str, Path] = 0.1
+    test: float | Path | dict[str, Path] | None = None
     general_val: float = 0.1
     seed: int = 0
     # Rows whose questions are the same or nearly (after normalising) but whose answers differ, and held-out
@@ -98,6 +101,12 @@ class DataSpec(_Strict):
     def _fraction(cls, v: Any) -> Any:
         if isinstance(v, float) and not 0.0 < v < 1.0:
             raise ValueError(f"a fraction must be between 0 and 1 (exclusive), got {v}")
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("name at least one group and its file")
+            for group in v:
+                if not re.fullmatch(GROUP_NAME, group):
+                    raise ValueError(f"{group!r} is not a group name: letters, digits, '_', '.' or '-'")
         return v
 
     @field_validator("general_val")
@@ -122,13 +131,30 @@ class ObjectiveSpec(_Strict):
     metrics: list[str] | None = None
     weights: dict[str, float] | None = None
     direction: Literal["minimize", "maximize"] | None = None
+    # Constraints: a trial whose value at its best point is above a limit is infeasible (an Optuna constraint: the
+    # sampler steers away, and it never becomes champion), e.g. {val/repetition: 0.2, val/no_stop: 0.5}.
+    at_most: dict[str, float] | None = None
 
-    @field_validator("metric", "metrics", "weights")
+    @field_validator("metric", "metrics", "weights", "at_most")
     @classmethod
     def _known(cls, v: Any) -> Any:
         for name in [v] if isinstance(v, str) else list(v or []):
-            if name not in METRICS:
-                raise ValueError(f"{name!r} is produced by nothing; known: {sorted(METRICS)}")
+            if lookup(name) is None:
+                grouped = sorted(n for n, m in METRICS.items() if m.per_group)
+                raise ValueError(
+                    f"{name!r} is produced by nothing; known: {sorted(METRICS)}, and per group of rows "
+                    f"METRIC/GROUP for {grouped}"
+                )
+        return v
+
+    @field_validator("at_most")
+    @classmethod
+    def _limits(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for name, limit in (v or {}).items():
+            if lookup(name).direction != "minimize":
+                raise ValueError(f"{name}: is to maximize; at_most limits a metric to minimize from above")
+            if not math.isfinite(limit):
+                raise ValueError(f"{name}: the limit must be a finite number, got {limit}")
         return v
 
     @model_validator(mode="after")
@@ -143,8 +169,8 @@ class ObjectiveSpec(_Strict):
                 raise ValueError("direction: with `metrics`, each metric keeps its own direction")
         if self.weights is not None and not self.weights:
             raise ValueError("weights: name at least one metric")
-        if self.metric is not None and self.direction and self.direction != METRICS[self.metric].direction:
-            raise ValueError(f"direction: {self.metric} is to {METRICS[self.metric].direction}, not {self.direction}")
+        if self.metric is not None and self.direction and self.direction != lookup(self.metric).direction:
+            raise ValueError(f"direction: {self.metric} is to {lookup(self.metric).direction}, not {self.direction}")
         return self
 
     @property
@@ -157,6 +183,11 @@ class ObjectiveSpec(_Strict):
         return [self.metric or "val/loss"]
 
     @property
+    def measured(self) -> list[str]:
+        """Every metric the objective reads: its components and its constraints."""
+        return self.components + [n for n in self.at_most or {} if n not in self.components]
+
+    @property
     def names(self) -> list[str]:
         """What Optuna optimizes, in order."""
         return [WEIGHTED] if self.weights is not None else self.components
@@ -165,7 +196,7 @@ class ObjectiveSpec(_Strict):
     def directions(self) -> list[str]:
         if self.weights is not None:
             return [self.direction or "minimize"]
-        return [METRICS[n].direction for n in self.names]
+        return [lookup(n).direction for n in self.names]
 
     @property
     def primary(self) -> str:
@@ -182,8 +213,11 @@ class ObjectiveSpec(_Strict):
     def describe(self) -> str:
         if self.weights is not None:
             terms = " + ".join(f"{w:g}*{n}" for n, w in self.weights.items())
-            return f"{self.primary_direction} {WEIGHTED} = {terms}"
-        return ", ".join(f"{d} {n}" for n, d in zip(self.names, self.directions, strict=True))
+            text = f"{self.primary_direction} {WEIGHTED} = {terms}"
+        else:
+            text = ", ".join(f"{d} {n}" for n, d in zip(self.names, self.directions, strict=True))
+        limits = ", ".join(f"{n} <= {v:g}" for n, v in (self.at_most or {}).items())
+        return f"{text}; feasible if {limits}" if limits else text
 
 
 class SamplerSpec(_Strict):
@@ -267,11 +301,12 @@ class Spec(_Strict):
 
     @property
     def generates(self) -> bool:
-        return self.generation is not None or bool(self.probes) or self.scores_rouge
+        return self.generation is not None or bool(self.probes) or self.scores_answers
 
     @property
-    def scores_rouge(self) -> bool:
-        return self.generation is not None or "val/rouge_l" in self.objective.components
+    def scores_answers(self) -> bool:
+        """Whether validation rows are answered: val/rouge_l, val/repetition and val/no_stop (and their test twins)."""
+        return self.generation is not None or any(lookup(n).answers for n in self.objective.measured)
 
     @field_validator("study")
     @classmethod
@@ -417,8 +452,8 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
         update={
             "task": absolute(spec.data.task),
             "general": absolute(spec.data.general),
-            "val": absolute(spec.data.val) if isinstance(spec.data.val, Path) else spec.data.val,
-            "test": absolute(spec.data.test) if isinstance(spec.data.test, Path) else spec.data.test,
+            "val": _absolute_split(spec.data.val, absolute),
+            "test": _absolute_split(spec.data.test, absolute),
         }
     )
     model = spec.model.model_copy(update={"path": absolute(spec.model.path)})
@@ -426,6 +461,15 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
     if base_config.endswith(".py") and not Path(base_config).is_absolute():
         base_config = str((base / base_config).resolve())
     return spec.model_copy(update={"data": data, "model": model, "base_config": base_config})
+
+
+def _absolute_split(split: Any, absolute: Any) -> Any:
+    """A held-out split's file (or files, by group) made absolute; a fraction as it is."""
+    if isinstance(split, Path):
+        return absolute(split)
+    if isinstance(split, dict):
+        return {group: absolute(path) for group, path in split.items()}
+    return split
 
 
 def spec_summary(spec: Spec) -> dict[str, Any]:

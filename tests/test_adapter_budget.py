@@ -50,6 +50,20 @@ def test_only_the_best_adapters_stay(tmp_path):
     assert _kept(dirs) == {1, 2, 4}
 
 
+def test_an_infeasible_trial_never_takes_the_place_of_a_feasible_one(tmp_path):
+    """The best value above an ``objective.at_most`` limit can never become champion: the best feasible trial stays."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="minimize")
+    dirs = {}
+    for number, (value, constraint) in enumerate([(1.0, 0.3), (2.0, -0.1), (3.0, 0.0)]):
+        work = tmp_path / f"trial_{number}"
+        (work / "best_adapter").mkdir(parents=True)
+        dirs[number] = work / "best_adapter"
+        _add(study, work, number, TrialState.COMPLETE, value, {"val/repetition": constraint})
+    assert study.best_trial.number == 1, "Optuna's own best trial skips the infeasible one"
+    AdapterBudget(keep=1)(study, study.trials[-1])
+    assert _kept(dirs) == {1}
+
+
 def test_the_champion_is_read_again_each_time(tmp_path):
     """Another worker's gate moves the alias during the sweep: the old champion's adapter may go, the new one stays."""
     study, dirs = _study(tmp_path, [(3.0, TrialState.COMPLETE), (1.0, TrialState.COMPLETE),
@@ -115,10 +129,12 @@ def _trial_dir(root: Path, number: int, data: data_mod.PreparedData) -> Path:
     return work
 
 
-def _add(study: optuna.Study, work: Path, number: int, state: TrialState, value: float | None) -> None:
+def _add(study: optuna.Study, work: Path, number: int, state: TrialState, value: float | None,
+         constraints: dict[str, float] | None = None) -> None:  # fmt: skip
     study.add_trial(
         create_trial(
             state=state,
+            constraints=constraints,
             value=value if state == TrialState.COMPLETE else None,
             params={"lr": 0.1},
             distributions={"lr": FloatDistribution(0.01, 1.0)},

@@ -163,8 +163,10 @@ def test_report_json_shape(e2e):
     rep = e2e["second"]
     assert rep["study"] == "e2e" and rep["direction"] == "minimize"
     assert rep["best"]["number"] == e2e["study"].best_trial.number
-    assert set(rep["best"]) == {"number", "value", "values", "params", "best_step", "mlflow_run_id", "adapter_path"}
-    assert rep["best"]["values"] == {"val/loss": rep["best"]["value"]}
+    assert set(rep["best"]) == {"number", "value", "values", "params", "best_step", "mlflow_run_id", "adapter_path",
+                                "at_best", "group_best_steps", "feasible"}  # fmt: skip
+    assert rep["best"]["values"] == {"val/loss": rep["best"]["value"]} and rep["best"]["feasible"]
+    assert rep["best"]["at_best"]["val/loss"] == rep["best"]["value"] and "val/repetition" in rep["best"]["at_best"]
 
 
 def test_trials_really_learn(e2e):
@@ -234,3 +236,36 @@ def test_report_writes_plots_and_importances_and_logs_them(e2e, tmp_path, capsys
         "lora_r",
         "mix_ratio",
     }
+
+
+def test_the_demo_rows_groups_are_measured_apart(e2e):
+    """The demo's task rows are `identity` or `facts`: every metric per group at every point, each trial's best step
+    per group, and the group of each answer in the validation answers' table."""
+    client = _client(e2e)
+    t = _trial(e2e, 0)
+    run_id = t.user_attrs["mlflow_run_id"]
+    for metric in ("loss", "rouge_l", "repetition", "no_stop"):
+        for group in ("identity", "facts"):
+            history = client.get_metric_history(run_id, f"val/{metric}/{group}")
+            assert sorted(m.step for m in history) == sorted(t.intermediate_values), (metric, group)
+    identity = {m.step: m.value for m in client.get_metric_history(run_id, "val/loss/identity")}
+    facts = {m.step: m.value for m in client.get_metric_history(run_id, "val/loss/facts")}
+    assert all(min(identity[s], facts[s]) <= v <= max(identity[s], facts[s]) for s, v in t.intermediate_values.items())
+    recorded = t.user_attrs["group_best_steps"]
+    assert recorded["metric"] == "val/loss" and recorded["steps"] == {
+        "identity": min(identity, key=lambda s: (identity[s], s)), "facts": min(facts, key=lambda s: (facts[s], s))
+    }  # fmt: skip
+    table = json.loads(Path(client.download_artifacts(run_id, "val_answers.json")).read_text())
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert {r["group"] for r in rows if r["step"] == 0} == {"identity", "facts"}
+    assert set(e2e["second"]["groups"]["steps"]) == {"facts", "identity"}
+
+
+def test_report_table_shows_a_pruned_trial_at_its_best_point(e2e):
+    """Optuna keeps a pruned trial's last point as its value; the table shows the point its adapter was kept at."""
+    from sweep.report import trials_table
+
+    pruned = _trial(e2e, 2)
+    row = next(line.split() for line in trials_table(e2e["study"]).splitlines()[2:] if line.split()[0] == "2")
+    assert row[1] == "PRUNED" and float(row[2]) == pytest.approx(pruned.user_attrs["best_value"], rel=1e-3)
+    assert int(row[3]) == pruned.user_attrs["best_step"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from objectives import METRICS, is_better
+from objectives import is_better, lookup
 from sweep.ranking import best_trial
 from sweep.registry.locks import adapter_in_use, champion_lock
 from sweep.registry.tracking import Tracker, redact
@@ -41,7 +41,7 @@ MAX_ROUNDS = 8  # the champion changed this often during one gate: give up and s
 def gate_metric(objective: ObjectiveSpec) -> tuple[str, str]:
     """The test metric the gate compares: the test twin of the first objective metric that has one."""
     for name in objective.components:
-        m = METRICS[name]
+        m = lookup(name)
         if m.test_name:
             return m.test_name, m.direction
     return "test/loss", "minimize"
@@ -271,7 +271,7 @@ def scoring_key(spec: Spec, test_file: Path, config: Path) -> str:
         "template": spec.model.template,
         "system": spec.model.system,
         "quantize": spec.model.quantize,
-        "rouge": spec.scores_rouge,
+        "rouge": spec.scores_answers,  # the key's name kept: scores tagged before repetition stay comparable
         "max_new_tokens": gen.max_new_tokens if gen else 48,
         "cpu_amp": spec.cpu_amp,
     }
@@ -338,7 +338,7 @@ def _score(spec: Spec, adapter: Path, config: Path, test_file: Path) -> dict[str
         test_file,
         template=prompt_template(spec.model.template),
         system=spec.model.system,
-        rouge=spec.scores_rouge,
+        answers=spec.scores_answers,
         max_new_tokens=gen.max_new_tokens if gen else 48,
         quantize=spec.model.quantize,
         cpu_amp=spec.cpu_amp,

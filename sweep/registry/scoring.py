@@ -2,8 +2,9 @@
 
 ``test/loss`` is ``val/loss``'s definition on other rows: the rows are tokenized by the trial's own
 XTuner config (its validation loader with the file swapped), so template, truncation and label
-masking are exactly what validation used. ``test/rouge_l`` uses the same greedy generation as
-validation and the champion's pyfunc model.
+masking are exactly what validation used. ``test/rouge_l``, ``test/repetition`` and ``test/no_stop`` use the
+same greedy generation as validation and the champion's pyfunc model. Test rows that carry a group are also
+scored per group (``test/loss/identity``), as validation rows are.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 
 import torch
 
+from objectives import by_group
+from objectives.answers import answer_metrics, scored
 from objectives.loss import mean_loss, token_loss_sum
-from objectives.rouge import rouge_l
+from sweep import groups
 from sweep.xtuner.config import load_config
 from sweep.xtuner.environ import same_os_environ
 
@@ -66,7 +69,8 @@ def load_adapter_model(
 
 
 def tokenized_loader(config_file: Path, rows_file: Path):
-    """The trial config's validation loader over ``rows_file``: the same tokens validation would see."""
+    """The trial config's validation loader over ``rows_file``: the same tokens validation would see, with the rows'
+    own columns (their ``group``) kept beside them in the dataset."""
     import datasets
     from mmengine.runner import Runner
 
@@ -75,6 +79,7 @@ def tokenized_loader(config_file: Path, rows_file: Path):
     cfg = load_config(config_file)
     loader = copy.deepcopy(cfg.val_dataloader)  # a ConfigDict: XTuner reads the template by attribute
     loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
+    loader["dataset"]["remove_unused_columns"] = False
     with same_os_environ():
         return Runner.build_dataloader(loader)
 
@@ -88,33 +93,43 @@ def score_adapter(
     *,
     template: dict[str, Any],
     system: str = "",
-    rouge: bool = False,
+    answers: bool = False,
     max_new_tokens: int = 48,
     quantize: bool = False,
     cpu_amp: bool = False,
     trust_remote_code: bool = False,
     prefix: str = "test",
 ) -> dict[str, float]:
-    """``{prefix}/loss`` (and ``{prefix}/rouge_l``) of an adapter on the rows of a JSON-lines file."""
-    from sweep.xtuner.generation import first_turn, generate_answers
+    """``{prefix}/loss`` (and, with ``answers``, ``{prefix}/rouge_l``, ``/repetition``, ``/no_stop``) of an adapter on
+    the rows of a JSON-lines file, and each per group of rows (``{prefix}/loss/GROUP``) when rows carry one."""
+    from sweep.xtuner.generation import first_turn, generate_replies
 
     model, tokenizer = load_adapter_model(base_model, adapter, quantize, cpu_amp, trust_remote_code)
     device = next(model.parameters()).device
     try:
         parts: list[tuple[float, int]] = []
-        for batch in tokenized_loader(config_file, rows_file):
+        loader = tokenized_loader(config_file, rows_file)
+        for batch in loader:
             data = batch["data"]
             logits = model(
                 input_ids=data["input_ids"].to(device), attention_mask=data["attention_mask"].to(device)
             ).logits
             parts += [token_loss_sum(logits[i], data["labels"][i]) for i in range(logits.shape[0])]
         scores = {f"{prefix}/loss": mean_loss(parts)}
-        if rouge:
+        if groups.KEY in loader.dataset.column_names:  # row i of the dataset is part i: the loader does not shuffle
+            by = by_group(parts, list(loader.dataset[groups.KEY]))
+            scores.update({f"{prefix}/loss/{g}": mean_loss(p) for g, p in by.items()})
+        if answers:
             lines = rows_file.read_text(encoding="utf-8").splitlines()
-            pairs = [first_turn(json.loads(line)["messages"]) for line in lines if line.strip()][:MAX_GENERATED_ROWS]
+            rows = [json.loads(line) for line in lines if line.strip()]
+            row_groups = [r.get(groups.KEY) for r in rows]
+            picked = groups.answered_rows(row_groups, MAX_GENERATED_ROWS)
+            pairs = [first_turn(rows[i]["messages"]) for i in picked]
             tokenizer.padding_side = "left"
-            answers = generate_answers(model, tokenizer, template, [q for q, _ in pairs], system, max_new_tokens)
-            scores[f"{prefix}/rouge_l"] = rouge_l(answers, [a for _, a in pairs])
+            replies = generate_replies(model, tokenizer, template, [q for q, _ in pairs], system, max_new_tokens)
+            per_row = scored([r.text for r in replies], [r.stopped for r in replies], [a for _, a in pairs])
+            metrics = answer_metrics(per_row, [row_groups[i] for i in picked])
+            scores.update({f"{prefix}/{name}": value for name, value in metrics.items()})
         return scores
     finally:
         del model

@@ -1,14 +1,33 @@
-"""Greedy answers at a validation point: ``val/rouge_l`` against the validation rows' answers, and the probes'
-answers that the trial logs as its MLflow answer table."""
+"""Greedy answers at a validation point: ``val/rouge_l``, ``val/repetition`` and ``val/no_stop`` from the answers to
+the first validation rows (and per group of rows), the validation answers' table and the probes' table.
+
+The three metrics come from the same answers, so a trial that learns to echo its answer (``val/repetition``)
+or to run on past it (``val/no_stop``) shows it at the point where it starts, beside the ROUGE-L it keeps.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objectives.rouge import rouge_l
-from sweep.xtuner.generation import first_turn, generate_answers
+from objectives.answers import answer_metrics, scored
+from objectives.repetition import repeats
+from sweep import groups
+from sweep.trial import protocol
+from sweep.xtuner.generation import first_turn, generate_replies
+
+VAL_TABLE = protocol.ValAnswers.table  # the MLflow table (val_answers.json) of the validation answers
+PROBE_TABLE = protocol.Samples.table  # the MLflow table (samples.json) of the probes' answers
+
+
+@dataclass
+class AnswerPoint:
+    """What one validation point's answers give: metrics, and rows for each answer table."""
+
+    metrics: dict[str, float]
+    tables: dict[str, list[dict[str, Any]]]
 
 
 class Answers:
@@ -21,18 +40,32 @@ class Answers:
         self.tokenizer = BUILDER.build(settings["tokenizer"])
         lines = Path(settings["val_file"]).read_text(encoding="utf-8").splitlines()
         rows = [json.loads(line) for line in lines if line.strip()]
-        pairs = [first_turn(r["messages"]) for r in rows[: settings["max_rows"]]]
+        row_groups = [r.get(groups.KEY) for r in rows]
+        picked = groups.answered_rows(row_groups, settings["max_rows"])
+        pairs = [first_turn(rows[i]["messages"]) for i in picked]
         self.questions = [q for q, _ in pairs]
         self.references = [a for _, a in pairs]
+        self.groups = [row_groups[i] for i in picked]
 
-    def at_point(self, llm: Any, step: int) -> tuple[float | None, list[dict[str, Any]] | None]:
-        """ROUGE-L of the validation answers (None when not scored) and the probe rows (None without probes)."""
+    def at_point(self, llm: Any, step: int) -> AnswerPoint:
+        """The answer metrics under ``val/`` (none when not scored) and the rows of each answer table."""
         gen = self.settings
         args = dict(template=gen["template"], system=gen["system"], max_new_tokens=gen["max_new_tokens"])
-        score = rows = None
-        if gen["rouge"] and self.questions:
-            score = rouge_l(generate_answers(llm, self.tokenizer, questions=self.questions, **args), self.references)
+        point = AnswerPoint({}, {})
+        if gen["score_answers"] and self.questions:
+            replies = generate_replies(llm, self.tokenizer, questions=self.questions, **args)
+            per_row = scored([r.text for r in replies], [r.stopped for r in replies], self.references)
+            point.metrics = {f"val/{k}": v for k, v in answer_metrics(per_row, self.groups).items()}
+            point.tables[VAL_TABLE] = [
+                {"step": step, "group": g or "", "question": q, "reference": ref, "answer": r.text,
+                 "rouge_l": round(score, 4), "repeats": bool(rep), "no_stop": not r.stopped}
+                for q, ref, g, r, score, rep in zip(self.questions, self.references, self.groups, replies,
+                                                    per_row["rouge_l"], per_row["repetition"], strict=True)
+            ]  # fmt: skip
         if gen["probes"]:
-            answers = generate_answers(llm, self.tokenizer, questions=gen["probes"], **args)
-            rows = [{"step": step, "question": q, "answer": a} for q, a in zip(gen["probes"], answers, strict=True)]
-        return score, rows
+            replies = generate_replies(llm, self.tokenizer, questions=gen["probes"], **args)
+            point.tables[PROBE_TABLE] = [
+                {"step": step, "question": q, "answer": r.text, "repeats": repeats(r.text), "no_stop": not r.stopped}
+                for q, r in zip(gen["probes"], replies, strict=True)
+            ]
+        return point

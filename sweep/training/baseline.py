@@ -30,8 +30,11 @@ def read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def store(path: Path, metrics: dict[str, float], samples: list[dict[str, Any]] | None) -> None:
-    """Trials that measured it at the same time write the same values, each through a temp file of its own."""
-    point = {"metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "samples": samples}
+def store(path: Path, metrics: dict[str, float], tables: dict[str, list[dict[str, Any]]]) -> None:
+    """Trials that measured it at the same time write the same values, each through a temp file of its own.
+
+    ``tables`` are the point's answer tables (``sweep.training.answers``), by table name.
+    """
+    point = {"metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "tables": tables}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(point, ensure_ascii=False))

@@ -4,8 +4,9 @@ Validation is placed at fixed counts of training rows seen (``eval_every``), so 
 batch sizes, epochs and packing report on the same x-axis, which is what Optuna's pruners compare and
 what MLflow plots. Each point's exact values go to the trial as ``protocol`` events; the adapter is saved
 whenever the objective improves; after each point the hook waits for the trial's verdict (go on, or stop
-because the trial was pruned). The metrics themselves live beside it: ``metrics`` (losses), ``answers``
-(greedy answers), ``baseline`` (the shared step-0 point).
+because the trial was pruned). The metrics themselves live beside it: ``metrics`` (losses, per group of rows
+too), ``answers`` (greedy answers: ROUGE-L, repetition, runaway answers, the answer tables), ``baseline`` (the
+shared step-0 point).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from mmengine.dist import broadcast_object_list, get_world_size, is_main_process
 from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
-from sweep import atomic
+from sweep import atomic, groups
 from sweep.training import baseline, compiled, fused_loss
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
 from sweep.training.memory import PEAK_KEY
-from sweep.training.metrics import general_loss
+from sweep.training.metrics import ValLossMetric, general_loss
 from sweep.trial import protocol
 
 
@@ -90,10 +91,23 @@ class SweepHook(Hook):
                                   self.settings.fused_loss, self.settings.compile))  # fmt: skip
         if self.settings.general_val:
             self.general_loader = runner.build_dataloader(self.settings.general_val)
+        if self.settings.groups:
+            self._hand_groups_to_metrics(runner)
         if self.settings.generation:
             from sweep.training.answers import Answers
 
             self.answers = Answers(self.settings.generation)
+
+    def _hand_groups_to_metrics(self, runner) -> None:
+        """Each validation row's group, from the validation dataset itself (render keeps its ``group`` column), in
+        the order ``ValLossMetric`` gets its results: rows XTuner's pipeline dropped cannot shift them."""
+        dataset = runner.val_loop.dataloader.dataset
+        if groups.KEY not in getattr(dataset, "column_names", ()):
+            raise RuntimeError(f"the validation dataset has no {groups.KEY!r} column; render keeps it for groups")
+        column = list(dataset[groups.KEY])
+        for metric in runner.val_loop.evaluator.metrics:
+            if isinstance(metric, ValLossMetric):
+                metric.groups = column
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         if runner.iter == 0:  # after every hook's before_train (CheckpointHook's too)
@@ -146,7 +160,7 @@ class SweepHook(Hook):
                 )
             cached = baseline.read(self.baseline) if step == 0 and self.shares_baseline else None
             if cached is not None:  # the untrained point, as another trial of this study measured it
-                self._record_point(runner, step, cached["metrics"], cached.get("samples"), cached=True)
+                self._record_point(runner, step, cached["metrics"], cached.get("tables") or {}, cached=True)
             else:
                 runner.val_loop.run()
         runner.model.train()  # ValLoop leaves the model in eval mode: dropout would stay off until the next epoch
@@ -164,26 +178,29 @@ class SweepHook(Hook):
         # Added before CheckpointHook (lower priority) reads the metrics for save_best.
         if self.settings.general_val:
             metrics["val/general_loss"] = general_loss(runner.model, self.general_loader)
-        samples = self._answer(runner, step, metrics) if self.answers is not None else None
+        tables = self._answer(runner, step, metrics) if self.answers is not None else {}
         if step == 0 and self.shares_baseline and is_main_process():
-            baseline.store(self.baseline, metrics, samples)
-        self._record_point(runner, step, metrics, samples)
+            baseline.store(self.baseline, metrics, tables)
+        self._record_point(runner, step, metrics, tables)
 
-    def _answer(self, runner, step: int, metrics: dict[str, float]) -> list[dict] | None:
-        """Greedy answers on the main process; every rank gets ``val/rouge_l`` (CheckpointHook reads it)."""
-        score, rows = [None], None
+    def _answer(self, runner, step: int, metrics: dict[str, float]) -> dict[str, list[dict]]:
+        """Greedy answers on the main process; every rank gets their metrics (CheckpointHook may read any of them)."""
+        found: list[dict[str, float] | None] = [None]
+        tables: dict[str, list[dict]] = {}
         if is_main_process():
-            score[0], rows = self.answers.at_point(_unwrap(runner.model).llm, step)
+            point = self.answers.at_point(_unwrap(runner.model).llm, step)
+            found[0], tables = point.metrics, point.tables
         if get_world_size() > 1:
-            broadcast_object_list(score)
-        if score[0] is not None:
-            metrics["val/rouge_l"] = float(score[0])
-        return rows
+            broadcast_object_list(found)
+        metrics.update({k: float(v) for k, v in (found[0] or {}).items()})
+        return tables
 
-    def _record_point(self, runner, step: int, metrics: dict[str, float], samples, cached: bool = False) -> None:
-        """Stream one validation point (and its sample answers); keep the adapter if it is the best yet."""
-        if samples:
-            self._emit(protocol.Samples(step, samples))
+    def _record_point(self, runner, step: int, metrics: dict[str, float], tables: dict[str, list[dict]],
+                      cached: bool = False) -> None:  # fmt: skip
+        """Stream one validation point (and its answer tables); keep the adapter if it is the best yet."""
+        for table, rows in tables.items():
+            if rows:
+                self._emit(protocol.ANSWER_TABLES[table](step, rows))
         if self.settings.weights:
             metrics[WEIGHTED] = weighted(metrics, self.settings.weights)
         value = metrics.get(self.settings.metric)

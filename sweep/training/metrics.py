@@ -9,13 +9,24 @@ import torch
 from mmengine.dist import all_gather_object, get_world_size
 from mmengine.evaluator import BaseMetric
 
+from objectives import by_group
 from objectives.loss import mean_loss, token_loss_sum
 
 
 class ValLossMetric(BaseMetric):
-    """``val/loss``: token-mean cross-entropy over assistant tokens of unpacked validation rows."""
+    """``val/loss``: token-mean cross-entropy over assistant tokens of unpacked validation rows; with ``groups``,
+    also ``val/loss/GROUP`` over each group's rows.
+
+    mmengine hands ``compute_metrics`` the results of every rank in the dataset's order (padding dropped), so
+    result i is row i of the validation dataset: ``groups`` is that dataset's own ``group`` column (set by the
+    hook), which stays aligned whatever rows XTuner's pipeline dropped on its way.
+    """
 
     default_prefix = "val"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.groups: list[str | None] | None = None
 
     def process(self, data_batch: Any, data_samples: Any) -> None:
         labels = data_batch["data"]["labels"]
@@ -23,7 +34,12 @@ class ValLossMetric(BaseMetric):
             self.results.append(token_loss_sum(sample["logits"], labels[i]))
 
     def compute_metrics(self, results: list) -> dict[str, float]:
-        return {"loss": mean_loss(results)}
+        metrics = {"loss": mean_loss(results)}
+        if self.groups is not None:
+            if len(self.groups) != len(results):
+                raise RuntimeError(f"{len(results)} validation rows scored, but {len(self.groups)} rows' groups")
+            metrics.update({f"loss/{g}": mean_loss(parts) for g, parts in by_group(results, self.groups).items()})
+        return metrics
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ They share no memory, only a trial's work dir and a few environment variables:
 - the rendered config names the training side's classes by dotted path (``HOOK_TYPE``, ...) and hands the
   hook its ``HookSettings``;
 - the hook appends one JSON line per event to ``TrialFiles.stream`` (``Start``, ``Train``, ``Val``,
-  ``Samples``, ``TrainingWarning``, ``End``); the trial reads them with ``EventReader`` while training runs;
+  ``Samples``, ``ValAnswers``, ``TrainingWarning``, ``End``); the trial reads them with ``EventReader`` while
+  training runs;
 - after each validation point the hook waits for the trial's ``Verdict`` in ``TrialFiles.control``;
 - a resident worker takes a ``Job`` as one line on its stdin and writes a ``Done`` file when it ends.
 
@@ -55,6 +56,7 @@ class TrialFiles:
     general_val: Path | None = None  # held-out general chat rows, for val/general_loss
     tokenized: bool = False  # ``train`` holds input_ids/labels already (sweep.xtuner.tokenized)
     data_digest: str = ""  # the study's data split (sweep.data): what the validation files hold
+    groups: tuple[str, ...] = ()  # the groups the validation rows carry (sweep.groups); () for none
 
     @property
     def stream(self) -> Path:
@@ -94,6 +96,7 @@ class HookSettings:
     baseline: str | None = None  # the study's cached step-0 point for this key, or None
     fused_loss: str = "off"  # speed.fused_loss
     compile: bool = False  # speed.compile
+    groups: list[str] | None = None  # the validation rows' groups: metrics per group too (sweep.groups)
 
     def as_config(self) -> dict[str, Any]:
         return {"type": HOOK_TYPE, **asdict(self)}
@@ -173,12 +176,29 @@ class Val(Event):
 
 
 @dataclass
-class Samples(Event):
-    """The probes' greedy answers at a validation point (rows of step, question, answer)."""
+class AnswerRows(Event):
+    """Greedy answers at a validation point, as rows of one of the trial's MLflow answer tables (``table``.json)."""
 
-    kind: ClassVar[str] = "samples"
+    table: ClassVar[str] = ""
     step: int
     rows: list[dict[str, Any]]
+
+
+@dataclass
+class Samples(AnswerRows):
+    """The probes' answers (rows of step, question, answer, and the runaway flags repeats, no_stop)."""
+
+    kind: ClassVar[str] = "samples"
+    table: ClassVar[str] = "samples"
+
+
+@dataclass
+class ValAnswers(AnswerRows):
+    """The answers to the validation rows that ``val/rouge_l``, ``val/repetition`` and ``val/no_stop`` are taken
+    from (rows of step, group, question, reference, answer, rouge_l, repeats, no_stop)."""
+
+    kind: ClassVar[str] = "val_answers"
+    table: ClassVar[str] = "val_answers"
 
 
 @dataclass
@@ -203,7 +223,11 @@ class End(Event):
     time: float = field(default_factory=time.time)
 
 
-EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (Start, Train, Val, Samples, TrainingWarning, End)}
+EVENTS: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (Start, Train, Val, Samples, ValAnswers, TrainingWarning, End)
+}
+#: The answer tables by name, as ``sweep.training.answers`` makes them.
+ANSWER_TABLES: dict[str, type[AnswerRows]] = {cls.table: cls for cls in (Samples, ValAnswers)}
 
 
 def emit(path: Path, event: Event) -> None:

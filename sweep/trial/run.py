@@ -21,6 +21,7 @@ import optuna
 
 from objectives import best_of
 from sweep import data as data_mod
+from sweep import groups
 from sweep.knobs import trial_values
 from sweep.progress import SweepProgress
 from sweep.registry.tracking import Tracker
@@ -108,6 +109,7 @@ class Watch:
 
     points: list[tuple[int, float]] = field(default_factory=list)  # (step, primary metric)
     at_step: dict[int, list[float]] = field(default_factory=dict)  # every objective's value, by step
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # every val/ metric, by step
     pruned: bool = False
     end: protocol.End | None = None
     final_step: int | None = None
@@ -166,8 +168,9 @@ class Trial:
         copies = {"rows.jsonl": ctx.data.folder}  # what each copy of the rows was mixed from (data.json)
         general_val = ctx.data.path("general_val") if ctx.data.counts.get("general_val") else None
         files = TrialFiles(
-            work / "rows.jsonl", ctx.data.path("val"), work, n_rows, general_val, data_digest=ctx.data.digest
-        )
+            work / "rows.jsonl", ctx.data.path("val"), work, n_rows, general_val, data_digest=ctx.data.digest,
+            groups=tuple(ctx.data.groups.get("val", ())),
+        )  # fmt: skip
         config = work / "config.py"
         batch_size, max_length = int(values["batch_size"]), int(values["max_length"])
         checkpointing = _checkpointing(ctx, batch_size, max_length)
@@ -266,9 +269,9 @@ class Trial:
             elif isinstance(ev, protocol.Val):
                 validated = True
                 self._validation_point(ev)
-            elif isinstance(ev, protocol.Samples):  # MLflow appends to an existing table: log only the new rows
-                columns = {k: [r[k] for r in ev.rows] for k in ("step", "question", "answer")}
-                self.ctx.tracker.client.log_table(self.run_id, columns, "samples.json")
+            elif isinstance(ev, protocol.AnswerRows) and ev.rows:  # MLflow appends to a table: log only the new rows
+                columns = {k: [r.get(k) for r in ev.rows] for k in ev.rows[0]}
+                self.ctx.tracker.client.log_table(self.run_id, columns, f"{ev.table}.json")
             elif isinstance(ev, protocol.End):
                 watch.end = ev
             elif isinstance(ev, protocol.TrainingWarning):
@@ -283,6 +286,7 @@ class Trial:
         watch, objective, trial = self.watch, self.objective, self.trial
         step, value = int(ev.step), ev.metrics.get(objective.primary)
         self.pending += [(k, v, step) for k, v in ev.metrics.items()]
+        watch.metrics[step] = dict(ev.metrics)
         stop = False
         if value is not None:
             watch.points.append((step, float(value)))
@@ -349,6 +353,7 @@ class Trial:
             },
         )
         ctx.tracker.log_metrics(run_id, [(f"best/{metric}", best, best_step)])
+        self._record_at_best(best_step)
         log.info(
             "trial %d: %s best %s=%.4f at step %d (of %s) in %.0fs",
             trial.number, "pruned," if watch.pruned else "done,", metric, best, best_step,
@@ -360,6 +365,29 @@ class Trial:
             trial.set_user_attr("values_at_best", dict(zip(self.objective.names, values_at_best, strict=True)))
             return values_at_best
         return best
+
+    def _record_at_best(self, best_step: int) -> None:
+        """What the kept adapter's point measured (``metrics_at_best``: the report's repetition and no_stop), where
+        each group of rows was at its best (``group_best_steps``), and the objective's ``at_most`` constraints."""
+        trial, at_best = self.trial, self.watch.metrics.get(best_step, {})
+        trial.set_user_attr("metrics_at_best", {k: v for k, v in at_best.items() if k.startswith("val/")})
+        names = self.prepared.files.groups
+        if names:
+            metric = groups.group_metric(self.objective.primary)
+            steps = groups.best_steps(self.watch.metrics, metric, names)
+            trial.set_user_attr("group_best_steps", {"metric": metric, "steps": steps})
+            self.ctx.tracker.set_tags(self.run_id, {f"best_step/{g}": s for g, s in steps.items()})
+        over = []
+        for name, limit in (self.objective.at_most or {}).items():
+            value = at_best.get(name, float("nan"))
+            # above 0 is infeasible (Optuna); a metric the point lacks cannot show the trial is within its limit
+            trial.set_constraint(name, value - limit if value == value else 1.0)
+            if not value <= limit:
+                over.append(f"{name}={value:.4g} > {limit:g}")
+        if over:
+            trial.set_user_attr("infeasible", ", ".join(over))
+            self.ctx.tracker.set_tags(self.run_id, {"infeasible": ", ".join(over)})
+            log.warning("trial %d: infeasible at its best step %d: %s", trial.number, best_step, ", ".join(over))
 
     def _record_worker(self) -> None:
         """Which resident worker trained the trial, its how-many-th job, and whether the model was already loaded."""

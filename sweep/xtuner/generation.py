@@ -7,6 +7,7 @@ template's stop words.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,8 +44,16 @@ def stop_token_ids(tokenizer: Any, template: dict[str, Any]) -> list[int]:
     return sorted({i for i in stop if i is not None})
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One greedy answer, and whether it ended with a stop token (False: cut off at ``max_new_tokens``)."""
+
+    text: str
+    stopped: bool
+
+
 @torch.no_grad()
-def generate_answers(
+def generate_replies(
     model: Any,
     tokenizer: Any,
     template: dict[str, Any],
@@ -52,13 +61,17 @@ def generate_answers(
     system: str = "",
     max_new_tokens: int = 64,
     batch_size: int = 16,
-) -> list[str]:
-    """Greedy answers, one per question, in order."""
+) -> list[Reply]:
+    """Greedy answers, one per question, in order, each with whether it reached a stop token.
+
+    A row of a batch that finished early is padded after its stop token; a row with no stop token at all ran
+    until ``max_new_tokens``: that is how ``val/no_stop`` knows an answer ran away.
+    """
     stops = stop_token_ids(tokenizer, template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bos = [tokenizer.bos_token_id] if needs_bos(tokenizer) else []
     device = next(model.parameters()).device
-    answers: list[str] = []
+    replies: list[Reply] = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         ids = [bos + tokenizer.encode(format_prompt(template, q, system), add_special_tokens=False) for q in chunk]
@@ -75,6 +88,21 @@ def generate_answers(
             pad_token_id=pad,
         )
         for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return answers
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            text = tokenizer.decode(row if cut is None else row[:cut], skip_special_tokens=True).strip()
+            replies.append(Reply(text, stopped=cut is not None))
+    return replies
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    template: dict[str, Any],
+    questions: list[str],
+    system: str = "",
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers, one per question, in order."""
+    replies = generate_replies(model, tokenizer, template, questions, system, max_new_tokens, batch_size)
+    return [r.text for r in replies]

@@ -23,7 +23,7 @@ from sweep.trial.protocol import TrialFiles
 from sweep.xtuner.config import prompt_template
 from sweep.xtuner.literal import to_source
 
-BASELINE_FORMAT = "xtuner-sweep baseline 1"  # change it when what the step-0 point holds changes
+BASELINE_FORMAT = "xtuner-sweep baseline 2"  # change it when what the step-0 point holds changes
 
 VAL_BATCH_SIZE = 4
 NEVER = 10**12  # an iteration no run reaches: the loop's own validation schedule is switched off
@@ -109,7 +109,7 @@ def render(
     cfg["max_length"] = max_length
     cfg["SYSTEM"] = spec.model.system
 
-    cfg["val_dataloader"] = _val_loader(files.val, tokenizer, template, max_length)
+    cfg["val_dataloader"] = _val_loader(files.val, tokenizer, template, max_length, keep_groups=bool(files.groups))
     cfg["val_evaluator"] = {"type": protocol.VAL_METRIC_TYPE}
     cfg["val_cfg"] = {"type": "mmengine.runner.ValLoop"}
 
@@ -157,6 +157,7 @@ def render(
         baseline=str(baseline) if spec.speed.baseline_once else None,
         fused_loss=spec.speed.fused_loss,
         compile=spec.speed.compile,
+        groups=list(files.groups) or None,
     )
     hooks += [settings.as_config(), {"type": protocol.MEMORY_HOOK_TYPE}]
     cfg["custom_hooks"] = hooks
@@ -227,7 +228,7 @@ def _generation(spec: Spec, files: TrialFiles, tokenizer: dict, template: dict) 
     gen = spec.generation or GenerationSpec()
     return {
         "val_file": str(files.val),
-        "rouge": spec.scores_rouge,
+        "score_answers": spec.scores_answers,
         "max_rows": gen.max_rows,
         "max_new_tokens": gen.max_new_tokens,
         "probes": list(spec.probes),
@@ -237,12 +238,19 @@ def _generation(spec: Spec, files: TrialFiles, tokenizer: dict, template: dict) 
     }
 
 
-def _val_loader(path: Path, tokenizer: dict, template: dict, max_length: int) -> dict[str, Any]:
-    """Unpacked rows in a fixed order: every trial is scored on the same tokens."""
+def _val_loader(path: Path, tokenizer: dict, template: dict, max_length: int, keep_groups: bool = False) -> dict:
+    """Unpacked rows in a fixed order: every trial is scored on the same tokens.
+
+    ``keep_groups`` keeps the rows' own columns beside their tokens (the same tokens), so that the hook reads each
+    row's group from the very dataset the loss is taken on (``sweep.groups``).
+    """
+    dataset = _dataset(path, tokenizer, template, max_length, False, False, 1)
+    if keep_groups:
+        dataset["remove_unused_columns"] = False
     return {
         "batch_size": VAL_BATCH_SIZE,
         "num_workers": 0,
-        "dataset": _dataset(path, tokenizer, template, max_length, False, False, 1),
+        "dataset": dataset,
         "sampler": {"type": "mmengine.dataset.DefaultSampler", "shuffle": False},
         "collate_fn": {"type": "xtuner.dataset.collate_fns.default_collate_fn", "use_varlen_attn": False},
     }

@@ -11,7 +11,8 @@ def test_every_event_round_trips_through_the_stream_in_the_wire_format(tmp_path)
         protocol.Start(max_iters=8, iters_per_epoch=4, final_step=64, world_size=1, frozen_weights_16bit=0),
         protocol.Train(1, 8, {"train/loss": 2.5, "train/lr": 1e-4, "perf/tokens_per_sec": 10.0}),
         protocol.Val(8, 1, {"val/loss": 2.25, "val/rouge_l": 0.5}, best_step=8, cached=True),
-        protocol.Samples(8, [{"step": 8, "question": "谁？", "answer": "我"}]),
+        protocol.Samples(8, [{"step": 8, "question": "谁？", "answer": "我", "repeats": False, "no_stop": True}]),
+        protocol.ValAnswers(8, [{"step": 8, "group": "identity", "question": "谁？", "answer": "我我我我"}]),
         protocol.TrainingWarning("no verdict"),
         protocol.End(8, 64, 8, 2.25, False, 0.5, None, str(tmp_path / "best_adapter")),
     ]
@@ -20,7 +21,8 @@ def test_every_event_round_trips_through_the_stream_in_the_wire_format(tmp_path)
     assert protocol.read_events(stream) == sent
     raw = [json.loads(line) for line in stream.read_text(encoding="utf-8").splitlines()]
     # the flat format benchmarks and users' scripts read
-    assert [r["kind"] for r in raw] == ["start", "train", "val", "samples", "warning", "end"]
+    assert [r["kind"] for r in raw] == ["start", "train", "val", "samples", "val_answers", "warning", "end"]
+    assert {cls.table: cls for cls in (protocol.Samples, protocol.ValAnswers)} == protocol.ANSWER_TABLES
     assert raw[1]["train/loss"] == 2.5 and raw[2]["val/loss"] == 2.25 and raw[2]["baseline"] == "cached"
     assert "baseline" not in protocol.Val(0, 0, {}, None).to_json()
 

@@ -183,7 +183,8 @@ def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots
     if spec.gpus_per_trial > len(gpus):
         raise SpecError(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial, but only {len(gpus)} visible")
     slots = GpuSlots(gpus, opts.trials_per_gpu)
-    memory = MemoryModel(ModelShape.from_dir(spec.model.path, spec.model.quantize))
+    memory = MemoryModel(ModelShape.from_dir(spec.model.path, spec.model.quantize),
+                         fused_loss=spec.speed.fused_loss != "off")  # fmt: skip
     values = trial_values(spec, first_point(spec), checked.base_knobs)
     need = memory.estimate(int(values["batch_size"]), int(values["max_length"]))
     n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sweep.trial import protocol
+
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 2048
+CHUNK_TOKENS = protocol.FUSED_LOSS_CHUNK
 IMPLEMENTATIONS = ("off", "chunked", "cce", "liger")
 _MARK = "_sweep_fused_loss"  # the instance attribute that says a model's forward is ours
 

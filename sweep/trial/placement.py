@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sweep.trial.protocol import FUSED_LOSS_CHUNK
+
 log = logging.getLogger("sweep")
 CONTEXT_MB = 600.0  # a CUDA context and the allocator's slack, per process
 HEADROOM = 0.92  # of each GPU's memory that trials may plan to use
@@ -56,10 +58,12 @@ class MemoryModel:
     calibration: float = 2.7
     measured: list[tuple[float, float]] = field(default_factory=list)  # (formula, measured) pairs
     floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
+    fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
 
     def formula(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
         tokens = batch_size * max_length
-        logits = tokens * self.shape.vocab * 5  # bf16 logits, their fp32 loss upcast and gradient, averaged
+        with_logits = min(tokens, FUSED_LOSS_CHUNK) if self.fused_loss else tokens
+        logits = with_logits * self.shape.vocab * 5  # bf16 logits, their fp32 loss upcast and gradient, averaged
         per_layer = tokens * self.shape.hidden * 2 * (3 if checkpointing else 21)  # bf16 activations kept
         return self.shape.weights_mb + (logits + per_layer * self.shape.layers) / 2**20
 

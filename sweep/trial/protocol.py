@@ -38,6 +38,9 @@ VAL_METRIC_TYPE = "sweep.training.metrics.ValLossMetric"
 CPU_AMP_WRAPPER_TYPE = "sweep.training.amp.CpuAmpOptimWrapper"
 MEMORY_HOOK_TYPE = "sweep.training.memory.StepMemoryHook"
 
+#: ``speed.fused_loss``'s logits exist for at most this many positions at once (what the memory plan counts on).
+FUSED_LOSS_CHUNK = 2048
+
 STREAM_FILE = "sweep_metrics.jsonl"
 CONTROL_FILE = "sweep_control.json"
 ADAPTER_DIR = "best_adapter"

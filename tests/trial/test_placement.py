@@ -113,3 +113,20 @@ def test_model_shape_from_a_model_folder(tiny_model):
 def test_asking_for_gpus_that_are_not_there():
     with pytest.raises(ValueError, match="no GPU"):
         visible_gpus([7])
+
+
+def test_a_fused_loss_plans_without_the_logits_and_can_turn_checkpointing_off():
+    """The logits are most of a LoRA step's activations at a 150k vocabulary: without them, activation checkpointing
+    (speed.activation_checkpointing: auto) can go off where it otherwise had to stay on."""
+    from types import SimpleNamespace
+
+    from sweep.trial.run import _checkpointing
+
+    plain, fused = MemoryModel(QWEN2_1_5B), MemoryModel(QWEN2_1_5B, fused_loss=True)
+    assert fused.estimate(1, 2048, checkpointing=False) == plain.estimate(1, 2048, checkpointing=False), "one chunk"
+    assert fused.estimate(8, 2048, checkpointing=False) < 0.8 * plain.estimate(8, 2048, checkpointing=False)
+    gpu = {0: 0.9 * plain.estimate(8, 2048, checkpointing=False) / HEADROOM}  # fits only without the logits
+    speed = SimpleNamespace(activation_checkpointing="auto")
+    for memory, on in ((plain, True), (fused, False)):
+        ctx = SimpleNamespace(spec=SimpleNamespace(speed=speed), slots=GpuSlots(gpu), memory=memory)
+        assert _checkpointing(ctx, 8, 2048) is on

@@ -236,7 +236,7 @@ ANSWER_TABLES: dict[str, type[AnswerRows]] = {cls.table: cls for cls in (Samples
 def emit(path: Path, event: Event) -> None:
     """Append one event as one line (a reader never sees part of a line as a whole one)."""
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+        f.write(json.dumps(event.to_json()) + "\n")  # ASCII: a reader never splits a character
 
 
 class EventReader:

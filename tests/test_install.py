@@ -22,6 +22,7 @@ def test_pip_check_reports_only_xtuners_bitsandbytes_pin():
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     unexpected = [line for line in lines if not KNOWN.match(line)]
+    assert lines and out.returncode == 1, f"pip check ran and reported XTuner's pin (rc {out.returncode}): {out.stderr}"
     assert not unexpected, "pip check reports conflicts besides XTuner's bitsandbytes pin:\n" + "\n".join(unexpected)
 
 

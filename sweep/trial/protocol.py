@@ -174,7 +174,7 @@ class Val(Event):
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Val:
         metrics = {k: v for k, v in raw.items() if "/" in k and isinstance(v, (int, float))}
-        return cls(raw["step"], raw.get("iter", 0), metrics, raw.get("best_step"), raw.get("baseline") == "cached",
+        return cls(raw.get("step"), raw.get("iter", 0), metrics, raw.get("best_step"), raw.get("baseline") == "cached",
                    raw.get("time", 0.0))  # fmt: skip
 
 

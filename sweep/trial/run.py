@@ -266,7 +266,7 @@ class Trial:
             elif isinstance(ev, protocol.Start):
                 watch.final_step = ev.final_step
                 progress.trial_planned(trial.number, int(ev.final_step))
-            elif isinstance(ev, protocol.Val):
+            elif isinstance(ev, protocol.Val) and ev.step is not None:
                 validated = True
                 self._validation_point(ev)
             elif isinstance(ev, protocol.AnswerRows) and ev.rows:  # MLflow appends to a table: log only the new rows

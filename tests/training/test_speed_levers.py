@@ -84,14 +84,16 @@ def test_compiled_layers_train_to_the_same_losses_with_lora_dropout(tiny_model):
         torch.manual_seed(123)
         losses = []
         model.train()
+        before = torch._dynamo.utils.counters["frames"]["ok"]
         for _ in range(3):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
-        model.eval()
         frames = torch._dynamo.utils.counters["frames"]["ok"]
+        assert (frames > before) is compile_, "training steps ran compiled exactly when asked"
+        model.eval()
         with torch.no_grad():
             model(input_ids=ids[:, :17])  # another length: eager, no recompile
         assert torch._dynamo.utils.counters["frames"]["ok"] == frames, "validation must not run compiled"

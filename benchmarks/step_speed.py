@@ -11,7 +11,9 @@ device's 10-minute limit:
     python3 benchmarks/step_speed.py report              # the table, from $OUT/step_speed.json
 
 A sweep variant is `BATCH:LEVERS`, levers joined by `+` from: off (no lever), chunked, cce, liger (speed.fused_loss),
-compile (speed.compile); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
+compile (speed.compile), fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
+comparing compiled and eager curves without dropout masks), profile (torch.profiler over iterations 6-8 of the run,
+printed to the log: kernels by GPU time and how busy the GPU was); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
 this process, to see what a later trial of a resident worker pays for compiling). The sweep's path renders the config as `sweep
 run` does (frozen weights in 16 bits, activation checkpointing off, the hook) without tokenize-once, so its rows
 and their order are stock's. Figures: steady tokens/s (median iteration 4-20), MFU (4 N FLOPs a token, 989 TFLOP/s),
@@ -20,6 +22,7 @@ peak memory (max_memory_allocated), the first 20 training losses, compile second
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -110,11 +113,12 @@ def _sweep_config(batch: int, levers: set[str], work: Path) -> Path:
 base_config: {ROOT / "benchmarks/bench_base.py"}
 model: {{path: {throughput.MODEL}, template: qwen_chat}}
 data: {{task: {throughput.WORK / "train.jsonl"}, val: {throughput.WORK / "val.jsonl"}, seed: 0}}
-fixed: {{max_iters: {ITERS}, max_length: {LENGTH}, lr: 2.0e-4, lora_alpha: 16, lora_dropout: 0.1, lora_r: 64,
-        batch_size: {batch}}}
+fixed: {{max_iters: {ITERS}, max_length: {LENGTH}, lr: 2.0e-4, lora_alpha: 16, lora_r: 64, batch_size: {batch},
+        lora_dropout: {0.0 if "nodrop" in levers else 0.1}}}
 search_space: {{}}
 eval_every: 100000000
-speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activation_checkpointing: "off"}}
+speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activation_checkpointing: "off",
+        fused_optimizer: {str("fusedopt" in levers).lower()}}}
 """
     )
     spec = load_spec(spec_file)
@@ -127,6 +131,28 @@ speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activ
     device = Device(cuda=torch.cuda.is_available())
     config.write_text(render(base, spec, values, files, device, activation_checkpointing=False))
     return config
+
+
+@contextlib.contextmanager
+def _profiled(on: bool):
+    """profile_step's hook in this run's runner (a hook object in the config would break mmengine's dump)."""
+    if not on:
+        yield
+        return
+    import profile_step
+    from mmengine.runner import Runner
+
+    original = Runner.train
+
+    def train_with_profile(self):
+        self.register_hook(profile_step.ProfileHook())
+        return original(self)
+
+    Runner.train = train_with_profile
+    try:
+        yield
+    finally:
+        Runner.train = original
 
 
 def sweep(variants: list[str]) -> None:
@@ -146,7 +172,8 @@ def sweep(variants: list[str]) -> None:
         error = None
         try:
             config = _sweep_config(batch, levers, work)
-            job.train_in_this_process([str(config), "--work-dir", str(work)])
+            with _profiled("profile" in levers):
+                job.train_in_this_process([str(config), "--work-dir", str(work)])
         except BaseException as err:  # noqa: BLE001 - recorded as a failed run; the next variant still runs
             error = f"{type(err).__name__}: {err}"
         events = []

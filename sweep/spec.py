@@ -251,6 +251,9 @@ class SpeedSpec(_Strict):
     # the last projection and the loss computed together, never the whole logits tensor (sweep.training.fused_loss)
     fused_loss: Literal["off", "chunked", "cce", "liger"] = "off"
     compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
+    fused_optimizer: bool = (
+        False  # the optimizer's fused kernel (torch's fused=True): one launch per step, not per tensor
+    )
 
     @field_validator("activation_checkpointing", "fused_loss", mode="before")
     @classmethod

@@ -116,29 +116,29 @@ def test_gpu_only_fused_losses_are_refused_before_anything_runs(tmp_path, tiny_m
         check(spec, Device(cuda=False))
 
 
-def _train_losses(tmp_path: Path, tiny_model: Path, fused: str) -> dict[int, float]:
+def _train_losses(tmp_path: Path, tiny_model: Path, fused: str, speed: str = "") -> dict[int, float]:
     from sweep import study as study_mod
 
-    ws = tmp_path / fused
+    ws = tmp_path / (fused + speed.replace(":", "").replace(" ", "_").replace(",", ""))
     ws.mkdir()
     spec = load_spec(
         write_spec(
             ws,
             tiny_model,
-            study=f"study: lever-{fused}",
+            study=f"study: lever-{ws.name}",
             n_trials="n_trials: 1",
             pruner="pruner: {type: none}",
             search_space="search_space: {lr: {type: categorical, choices: [0.003]}}",
             fixed="fixed: {max_length: 64, max_iters: 8, batch_size: 2, lora_r: 8, lora_dropout: 0.0}",
             eval_every="eval_every: 8",
-            speed=f"speed: {{fused_loss: {fused}}}",
+            speed=f"speed: {{fused_loss: {fused}{', ' + speed if speed else ''}}}",
             extra="cpu_amp: true",
         )  # fmt: skip
     )
     opts = study_mod.RunOptions(storage=f"sqlite:///{ws / 'sweep.db'}", tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
                                 work_dir=ws / "runs")  # fmt: skip
     study_mod.run(spec, opts)
-    stream = ws / "runs" / f"lever-{fused}" / "trial_0000" / "sweep_metrics.jsonl"
+    stream = ws / "runs" / f"lever-{ws.name}" / "trial_0000" / "sweep_metrics.jsonl"
     events = [json.loads(line) for line in stream.read_text().splitlines()]
     start = next(e for e in events if e["kind"] == "start")
     assert start["fused_loss"] == fused
@@ -152,6 +152,30 @@ def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, t
     assert len(plain) == 8 and plain.keys() == fused.keys()
     for it, loss in plain.items():
         assert fused[it] == pytest.approx(loss, abs=2e-2), f"iteration {it}: {plain} vs {fused}"
+
+
+@pytest.mark.e2e
+def test_the_fused_optimizer_trains_the_same_curve_in_bf16(tmp_path, tiny_model):
+    """torch's fused AdamW under the bf16 AMP wrapper (GradScaler, clipping) takes the same steps as its loop."""
+    plain = _train_losses(tmp_path, tiny_model, "off")
+    fused = _train_losses(tmp_path, tiny_model, "off", "fused_optimizer: true")
+    configs = [p.read_text() for p in tmp_path.rglob("config.py")]
+    assert sum("'fused': True" in text for text in configs) == 1, "the fused trial, and only it, renders fused=True"
+    assert len(plain) == 8 and plain.keys() == fused.keys()
+    for it, loss in plain.items():
+        assert fused[it] == pytest.approx(loss, abs=2e-3), f"iteration {it}: {plain} vs {fused}"
+    assert plain[8] < plain[1] - 0.05, f"the curve must move for the comparison to mean anything: {plain}"
+
+
+def test_an_optimizer_without_a_fused_step_is_refused(tmp_path, tiny_model):
+    from sweep.xtuner.render import fused_optimizer
+
+    assert fused_optimizer({"type": "torch.optim.AdamW", "lr": 1e-3, "foreach": True}, "b.py") == {
+        "type": "torch.optim.AdamW", "lr": 1e-3, "fused": True}  # fmt: skip
+    with pytest.raises(SpecError, match=r"optim_wrapper.optimizer.type = 'torch.optim.RMSprop'\) has no fused step"):
+        fused_optimizer({"type": "torch.optim.RMSprop"}, "b.py")
+    with pytest.raises(SpecError, match="has no fused step"):
+        fused_optimizer({"type": "bitsandbytes.optim.PagedAdamW8bit"}, "b.py")
 
 
 def test_varlen_attention_without_flash_attn_is_refused(tmp_path, tiny_model):

@@ -7,7 +7,6 @@ dir (and an hour of GPU time) later.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from objectives import group_of, lookup
-from sweep import conflicts, groups
+from sweep import conflicts, groups, speed
 from sweep import data as data_mod
 from sweep.knobs import base_values, trial_values
 from sweep.search import first_point
@@ -57,19 +56,20 @@ def needs_remote_code(model_dir: Path) -> bool:
         return False
 
 
-#: The package each GPU-only fused loss imports, and how to get it.
-FUSED_LOSS_PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
-
-
 def check_speed(spec: Spec, device: Device | None) -> None:
     """A speed setting this machine cannot run fails here, not in the first trial's first step."""
     impl = spec.speed.fused_loss
-    if impl in FUSED_LOSS_PACKAGES:
-        module, package = FUSED_LOSS_PACKAGES[impl]
+    if impl in speed.FUSED_LOSS_PACKAGES:
+        module, package = speed.FUSED_LOSS_PACKAGES[impl]
         if device is not None and not device.cuda:
             raise SpecError(f"speed.fused_loss: {impl} runs on CUDA GPUs only; on this machine use chunked or off")
-        if importlib.util.find_spec(module) is None:
+        if not speed.installed(module):
             raise SpecError(f"speed.fused_loss: {impl} needs the package {package} (pip install {package})")
+    if impl not in ("off", "auto") and (key := speed.scales_logits(spec.model.path)):
+        raise SpecError(
+            f"speed.fused_loss: {impl} cannot be used with {spec.model.path}: its config.json sets {key}, which "
+            "rescales or caps the logits; use off or auto"
+        )
 
 
 def check_packing(spec: Spec, base_cfg: dict[str, Any]) -> None:

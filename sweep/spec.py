@@ -249,13 +249,13 @@ class SpeedSpec(_Strict):
     frozen_weights_16bit: bool = True  # frozen weights under LoRA stay in their 16-bit load dtype, not fp32
     baseline_once: bool = True  # the untrained step-0 validation point, measured once per study and shared
     # the last projection and the loss computed together, never the whole logits tensor (sweep.training.fused_loss)
-    fused_loss: Literal["off", "chunked", "cce", "liger"] = "off"
+    # auto: cut-cross-entropy (or Liger) on a GPU where installed, else off (sweep.speed)
+    fused_loss: Literal["auto", "off", "chunked", "cce", "liger"] = "auto"
     compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
-    fused_optimizer: bool = (
-        False  # the optimizer's fused kernel (torch's fused=True): one launch per step, not per tensor
-    )
+    # the optimizer's fused kernel (torch's fused=True): one launch per step, not one per tensor; auto: on for CUDA
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
 
-    @field_validator("activation_checkpointing", "fused_loss", mode="before")
+    @field_validator("activation_checkpointing", "fused_loss", "fused_optimizer", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         """YAML 1.1 reads a bare ``on``/``off`` as a boolean: take it as the word the user wrote."""

@@ -19,6 +19,7 @@ import optuna
 import yaml
 
 from sweep import data as data_mod
+from sweep import speed
 from sweep.callbacks import AdapterBudget, champion_run
 from sweep.knobs import trial_values
 from sweep.preflight import Checked, check, detect_device
@@ -32,6 +33,7 @@ from sweep.storage import connect_storage, open_study
 from sweep.trial.placement import CONTEXT_MB, GpuSlots, MemoryModel, ModelShape, visible_gpus
 from sweep.trial.pool import WorkerPool
 from sweep.trial.run import StudyContext, TrialFailed, run_trial
+from sweep.xtuner.render import Device
 
 log = logging.getLogger("sweep")
 
@@ -184,7 +186,7 @@ def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots
         raise SpecError(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial, but only {len(gpus)} visible")
     slots = GpuSlots(gpus, opts.trials_per_gpu)
     memory = MemoryModel(ModelShape.from_dir(spec.model.path, spec.model.quantize),
-                         fused_loss=spec.speed.fused_loss != "off")  # fmt: skip
+                         fused_loss=speed.fused_loss(spec, Device(cuda=True)) != "off")  # fmt: skip
     values = trial_values(spec, first_point(spec), checked.base_knobs)
     need = memory.estimate(int(values["batch_size"]), int(values["max_length"]))
     n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))

@@ -77,14 +77,7 @@ def why_not(llm: Any, impl: str) -> str | None:
     if impl not in LOSSES:
         return f"unknown fused_loss {impl!r}; expected one of {list(IMPLEMENTATIONS)}"
     config = getattr(llm, "config", None)
-    for key in (
-        "final_logit_softcapping",
-        "logit_scale",
-        "output_multiplier_scale",
-        "logits_scaling",
-        "dim_model_base",
-        "scale_width",
-    ):  # Gemma, Cohere, Granite, MiniCPM: the head's output is rescaled
+    for key in protocol.LOGIT_SCALING_KEYS:  # Gemma, Cohere, Granite, MiniCPM: the head's output is rescaled
         if getattr(config, key, None) not in (None, 1, 1.0):
             return f"the model scales or caps its logits ({key})"
     head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None

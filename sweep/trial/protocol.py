@@ -40,6 +40,15 @@ MEMORY_HOOK_TYPE = "sweep.training.memory.StepMemoryHook"
 
 #: ``speed.fused_loss``'s logits exist for at most this many positions at once (what the memory plan counts on).
 FUSED_LOSS_CHUNK = 2048
+#: Model config keys that rescale or cap the logits (Gemma, Cohere, Granite, MiniCPM): no fused loss for them.
+LOGIT_SCALING_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier_scale",
+    "logits_scaling",
+    "dim_model_base",
+    "scale_width",
+)
 
 STREAM_FILE = "sweep_metrics.jsonl"
 CONTROL_FILE = "sweep_control.json"

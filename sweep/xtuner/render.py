@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep import knobs
+from sweep import knobs, speed
 from sweep.spec import GenerationSpec, Spec, SpecError
 from sweep.trial import protocol
 from sweep.trial.protocol import TrialFiles
@@ -133,7 +133,7 @@ def render(
             llm["torch_dtype"] = "float32"
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
 
-    if spec.speed.fused_optimizer:
+    if speed.fused_optimizer(spec, device):
         optim["optimizer"] = fused_optimizer(optim.get("optimizer") or {}, spec.base_config)
 
     amp = (optim.get("type"), optim.get("dtype"))  # validation's autocast: what the step-0 point depends on
@@ -158,7 +158,7 @@ def render(
         weights=dict(objective.weights) if objective.weights else None,
         frozen_16bit=spec.speed.frozen_weights_16bit,
         baseline=str(baseline) if spec.speed.baseline_once else None,
-        fused_loss=spec.speed.fused_loss,
+        fused_loss=speed.fused_loss(spec, device),
         compile=spec.speed.compile,
         groups=list(files.groups) or None,
     )

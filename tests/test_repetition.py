@@ -117,6 +117,26 @@ def test_stop_flag_of_real_greedy_answers(chat):
     assert all(r.stopped for r in whole), "the tiny model was pretrained on these general chat rows and their stop"
 
 
+def test_a_multi_token_stop_word_ends_a_greedy_answer(chat):
+    """A template's stop word of several tokens ends an answer as its stop token does: cut there, and stopped
+    (at be84680's successor it counted as a runaway answer in val/no_stop, and the word stayed in the text)."""
+    from sweep.xtuner.generation import generate_replies
+
+    model, tokenizer, template = chat
+    question = ["What is the capital of France?"]
+    whole = generate_replies(model, tokenizer, template, question, max_new_tokens=40)[0]
+    words = whole.text.split()
+    assert len(words) >= 3, whole
+    word = " ".join(words[1:3])  # two words from the middle of the answer: several tokens
+    assert len(tokenizer.encode(word, add_special_tokens=False)) > 1
+    with_word = {**template, "STOP_WORDS": [*template.get("STOP_WORDS", []), word]}
+    through_word = len(tokenizer.encode(whole.text[: whole.text.index(word) + len(word)], add_special_tokens=False))
+    assert through_word + 1 < len(tokenizer.encode(whole.text, add_special_tokens=False))
+    for max_new in (through_word + 1, 40):  # the first: too few tokens to reach the end of the answer
+        reply = generate_replies(model, tokenizer, with_word, question, max_new_tokens=max_new)[0]
+        assert reply.stopped and reply.text == whole.text[: whole.text.index(word)].strip(), (reply, whole, word)
+
+
 def test_a_validation_point_flags_each_answer_and_groups_its_metrics(chat, tiny_model: Path, tmp_path: Path):
     from sweep.training.answers import PROBE_TABLE, VAL_TABLE, Answers
 

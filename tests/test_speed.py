@@ -50,4 +50,6 @@ def test_the_rendered_config_names_the_choice(tmp_path, tiny_model, monkeypatch)
     cpu, gpu = check(spec, Device(cuda=False)).config_text, check(spec, Device(cuda=True)).config_text
     assert "'fused_loss': 'off'" in cpu and "'fused': True" not in cpu
     assert "'fused_loss': 'cce'" in gpu and "'fused': True" in gpu
-    assert "'fused': True" not in check(_spec(tmp_path, tiny_model, "fused_optimizer: off"), Device(cuda=True)).config_text
+    assert (
+        "'fused': True" not in check(_spec(tmp_path, tiny_model, "fused_optimizer: off"), Device(cuda=True)).config_text
+    )

@@ -19,7 +19,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from sweep.errors import SpecError
-from sweep.xtuner.generation import needs_bos, stop_token_ids
+from sweep.xtuner.generation import multi_token_stop_words, needs_bos, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,6 @@ class AnswerStreamer(BaseStreamer):
                 self.write(piece)
         if final:
             self.answer = text
-
-
-def multi_token_stop_words(tokenizer: Any, template: dict[str, Any]) -> list[str]:
-    """Stop words that are not one token: ``generate`` watches for them as text (``stop_strings``)."""
-    return [w for w in template.get("STOP_WORDS", []) if len(tokenizer.encode(w, add_special_tokens=False)) != 1]
 
 
 @torch.no_grad()

@@ -44,6 +44,17 @@ def stop_token_ids(tokenizer: Any, template: dict[str, Any]) -> list[int]:
     return sorted({i for i in stop if i is not None})
 
 
+def multi_token_stop_words(tokenizer: Any, template: dict[str, Any]) -> list[str]:
+    """Stop words that are not one token: ``generate`` watches for them as text (``stop_strings``)."""
+    return [w for w in template.get("STOP_WORDS", []) if len(tokenizer.encode(w, add_special_tokens=False)) != 1]
+
+
+def cut_at_stop_word(text: str, words: list[str]) -> tuple[str, bool]:
+    """The answer before the first stop word in it, and whether there was one."""
+    hit = min((i for i in (text.find(w) for w in words) if i >= 0), default=None)
+    return (text, False) if hit is None else (text[:hit], True)
+
+
 @dataclass(frozen=True)
 class Reply:
     """One greedy answer, and whether it ended with a stop token (False: cut off at ``max_new_tokens``)."""
@@ -68,6 +79,8 @@ def generate_replies(
     until ``max_new_tokens``: that is how ``val/no_stop`` knows an answer ran away.
     """
     stops = stop_token_ids(tokenizer, template)
+    words = multi_token_stop_words(tokenizer, template)  # an answer that ends with one of them stopped too
+    extra: dict[str, Any] = {"stop_strings": words, "tokenizer": tokenizer} if words else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     bos = [tokenizer.bos_token_id] if needs_bos(tokenizer) else []
     device = next(model.parameters()).device
@@ -86,11 +99,14 @@ def generate_replies(
             use_cache=True,
             eos_token_id=stops,
             pad_token_id=pad,
+            **extra,
         )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), None)
-            text = tokenizer.decode(row if cut is None else row[:cut], skip_special_tokens=True).strip()
-            replies.append(Reply(text, stopped=cut is not None))
+            text, worded = cut_at_stop_word(
+                tokenizer.decode(row if cut is None else row[:cut], skip_special_tokens=True), words
+            )
+            replies.append(Reply(text.strip(), stopped=cut is not None or worded))
     return replies
 
 

@@ -42,6 +42,23 @@ def test_the_step_peak_is_read_before_the_logger_resets_it(monkeypatch):
     assert runner.message_hub.get_info(PEAK_KEY) == 50_000
 
 
+def test_a_validation_point_is_not_the_next_steps_peak(monkeypatch):
+    """Validation (greedy answers, larger batches) runs after a step's peak was read: the next step starts afresh."""
+    gpu = _FakeAllocator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", gpu.max_memory_allocated)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", gpu.reset_peak_memory_stats)
+    runner = SimpleNamespace(message_hub=MessageHub.get_instance("test-val-memory"), model=torch.nn.Linear(1, 1))
+    hook = StepMemoryHook()
+    for step, (peak, validation) in enumerate([(30_000, 90_000), (31_000, None)]):
+        hook.before_train_iter(runner, step)
+        gpu.step(peak_mb=peak, left_mb=4_000)
+        hook.after_train_iter(runner, step)
+        assert runner.message_hub.get_info(PEAK_KEY) == peak, f"step {step}"
+        if validation:
+            gpu.step(peak_mb=validation, left_mb=4_000)  # SweepHook's validation point after the step
+
+
 def test_every_trial_config_has_the_memory_hook(tmp_path, tiny_model):
     from sweep.knobs import base_values, trial_values
     from sweep.spec import load_spec

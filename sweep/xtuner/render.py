@@ -158,6 +158,7 @@ def render(
         fused_loss=spec.speed.fused_loss,
         compile=spec.speed.compile,
         groups=list(files.groups) or None,
+        keep=objective.keep,
     )
     hooks += [settings.as_config(), {"type": protocol.MEMORY_HOOK_TYPE}]
     cfg["custom_hooks"] = hooks

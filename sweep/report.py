@@ -97,7 +97,7 @@ def fit_summary(study: optuna.Study) -> dict[str, Any]:
     keep = ((study.user_attrs.get("spec") or {}).get("objective") or {}).get("keep")
     return {
         "keep": keep or objective_of(study).keep,
-        "trials": {t.number: t.user_attrs["fit"]["label"] for t in trials},
+        "trials": {str(t.number): t.user_attrs["fit"]["label"] for t in trials},
         "counts": dict(Counter(complete)),
         "suggestion": fit_mod.suggestion(complete, space),
     }

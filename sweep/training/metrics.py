@@ -40,7 +40,8 @@ class ValLossMetric(BaseMetric):
         if self.groups is not None:
             if len(self.groups) != len(results):
                 raise RuntimeError(f"{len(results)} validation rows scored, but {len(self.groups)} rows' groups")
-            metrics.update({f"loss/{g}": mean_loss(parts) for g, parts in by_group(results, self.groups).items()})
+            for g, parts in by_group(results, self.groups).items():
+                metrics.update({f"loss/{g}": mean_loss(parts), f"loss/{g}_se": loss_se(parts)})
         return metrics
 
 

@@ -127,6 +127,7 @@ def test_mlflow_parent_and_child_runs(e2e):
     assert len(children) == len(e2e["study"].trials)
     assert parent.data.params["data_digest"] == e2e["study"].user_attrs["data_digest"]
     assert "data_hash.val" in parent.data.tags
+    assert parent.data.tags["fit_suggestion"] == e2e["second"]["fit"]["suggestion"]
     complete = client.get_run(_trial(e2e, 0).user_attrs["mlflow_run_id"])
     assert complete.data.tags["state"] == "COMPLETE"
     assert complete.data.tags["best_step"] == str(_trial(e2e, 0).user_attrs["best_step"])

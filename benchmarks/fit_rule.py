@@ -6,7 +6,8 @@ The demo study (configs/demo.yaml, tiny local model) runs once per seed (data sp
 with the hook saving the adapter of every validation point (``protocol.SAVE_POINTS_ENV``). Each rule is then
 replayed over the same trials' validation points (with their standard errors), and the adapters it keeps and
 every trial's last one are scored on the test split. Printed per rule: how often the kept checkpoint's test/loss
-is no worse than the last checkpoint's, and how far the champion's (the complete trial with the best kept value)
+is no worse than the last checkpoint's (a rule that keeps the last point ties with it by construction, so the mean
+test/loss of the kept checkpoints is printed too), and how far the champion's (the complete trial with the best kept value)
 test/loss is from the lowest test/loss of any complete trial's kept checkpoint. The same trials serve every rule;
 in a real sweep the sampler would see each rule's values and propose other trials after its startup ones.
 """
@@ -80,12 +81,13 @@ def summarize(results: dict[int, list[dict]], direction: str = "minimize") -> li
     lines = []
     for rule in KEEP_RULES:
         no_worse = total = 0
-        gaps, champs = [], []
+        gaps, champs, kept_losses = [], [], []
         for trials in results.values():
             for t in trials:
                 kept = t["test_loss"][str(t["kept"][rule]["step"])]
                 total += 1
                 no_worse += kept <= t["test_loss"][str(t["last_step"])] + 1e-9
+                kept_losses.append(kept)
             complete = [t for t in trials if t["state"] == "COMPLETE"]
             if complete:
                 champ = min(complete, key=lambda t: (sign * t["kept"][rule]["value"], t["number"]))
@@ -93,7 +95,8 @@ def summarize(results: dict[int, list[dict]], direction: str = "minimize") -> li
                 best_loss = min(t["test_loss"][str(t["kept"][rule]["step"])] for t in complete)
                 gaps.append(champ_loss - best_loss)
                 champs.append(champ_loss)
-        lines.append(f"{rule:>20}: kept no worse than last on test/loss in {no_worse}/{total} trials; champion's "
+        lines.append(f"{rule:>20}: kept no worse than last on test/loss in {no_worse}/{total} trials (mean kept "
+                     f"test/loss {sum(kept_losses) / len(kept_losses):.4f}); champion's "
                      f"test/loss {' '.join(f'{c:.4f}' for c in champs)} (mean {sum(champs) / len(champs):.4f}), "
                      f"above the best trial's by {' '.join(f'{g:.4f}' for g in gaps)} "
                      f"(mean {sum(gaps) / len(gaps):.4f})")  # fmt: skip

@@ -32,7 +32,7 @@ def test_summary_counts_kept_against_last_and_the_champions_gap():
         ]
     }  # fmt: skip
     lines = dict(line.strip().split(": ", 1) for line in fit_rule.summarize(results))
-    assert lines["best"].startswith("kept no worse than last on test/loss in 2/3 trials")
+    assert lines["best"].startswith("kept no worse than last on test/loss in 2/3 trials (mean kept test/loss 3.2000)")
     assert lines["latest_within_noise"].startswith("kept no worse than last on test/loss in 3/3 trials")
     assert "champion's test/loss 3.2000 (mean 3.2000), above the best trial's by 0.2000" in lines["best"]
     assert "above the best trial's by 0.0000" not in lines["latest_within_noise"]  # 3.2 vs 2.8: still trial 1

@@ -445,10 +445,16 @@ def _print_summary(report: dict) -> None:
         print(f"pareto: trial {t['number']}: {values}  adapter {t['adapter_path']}")
     best = report["best"]
     if best:
+        se = f" ±{best['value_se']:.4f}" if best.get("value_se") is not None else ""
+        fit = f" ({best['fit']['label']})" if best.get("fit") else ""
         print(
-            f"best: trial {best['number']} value {best['value']:.4f} at step {best['best_step']} params {best['params']}"
+            f"best: trial {best['number']} value {best['value']:.4f}{se} at step {best['best_step']}{fit} "
+            f"params {best['params']}"
         )
         print(f"      adapter {best['adapter_path']}  mlflow run {best['mlflow_run_id']}")
+    fit = report.get("fit")
+    if fit and fit.get("trials"):
+        print(f"fit: {fit['suggestion']}")
     reg = report["registered"]
     if reg and reg.get("error"):
         print(f"not registered: {reg['error'].splitlines()[0]} (`sweep promote {report['study']}` tries again)")

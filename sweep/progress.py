@@ -1,7 +1,7 @@
 """What a running sweep shows: a live view in a terminal, plain log lines everywhere else.
 
 In a terminal, each running trial gets a bar of training samples seen out of its total, its
-latest validation value and an ETA, under a line with the study's counts and best trial so far;
+latest validation value with its standard error, its fit so far (``sweep.fit``) and an ETA, under a line with the study's counts and best trial so far;
 log lines scroll above it. When output goes to a file or CI, the same facts come as one log line
 per validation point, which greps and tails well.
 """
@@ -83,13 +83,17 @@ class SweepProgress:
         if number in self._tasks:
             self._bars.update(self._tasks[number], completed=step)
 
-    def trial_value(self, number: int, step: int, value: float, final_step: int | None, pruned: bool) -> None:
-        latest = f"{self.metric} {value:.4f} @ {step}" + (" pruned" if pruned else "")
+    def trial_value(self, number: int, step: int, value: float, final_step: int | None, pruned: bool,
+                    se: float = float("nan"), fit: str = "") -> None:  # fmt: skip
+        """One validation point: its value (± its standard error when known) and the trial's fit so far."""
+        noise = f" ±{se:.4f}" if se == se else ""
+        fitted = f" ({fit})" if fit else ""
+        latest = f"{self.metric} {value:.4f}{noise} @ {step}{fitted}" + (" pruned" if pruned else "")
         if number in self._tasks:
             self._bars.update(self._tasks[number], completed=step, latest=latest)
         if not self.live:
-            log.info("trial %d: step %s %s=%.4f%s%s", number, _of(step, final_step), self.metric, value,
-                     self._eta(number, step, final_step), " -> pruned" if pruned else "")  # fmt: skip
+            log.info("trial %d: step %s %s=%.4f%s%s%s%s", number, _of(step, final_step), self.metric, value, noise,
+                     fitted, self._eta(number, step, final_step), " -> pruned" if pruned else "")  # fmt: skip
 
     def _eta(self, number: int, step: int, final_step: int | None) -> str:
         started = self._started.get(number)

@@ -3,7 +3,8 @@
 Besides each trial's value: how its kept adapter answers (``val/repetition``, ``val/no_stop`` at its best step),
 whether it is infeasible (an ``objective.at_most`` limit, or out of memory), and, when validation rows carry
 groups, the step at which each group was at its best (``sweep.groups``): do edits of what the model knows need
-more steps than new facts, on this data?
+more steps than new facts, on this data? And each trial's fit (``sweep.fit``: under-fitted, over-fitted since a
+step, converged), with what the complete trials' verdicts suggest for the search space.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import optuna
 
+from sweep import fit as fit_mod
 from sweep.ranking import best_trial, feasible, pareto_trials
 from sweep.spec import ObjectiveSpec
 
@@ -35,6 +37,8 @@ def _trial_summary(t: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, A
         "values": dict(zip(names, t.values, strict=True)) if t.values else None,
         "params": t.params,
         "best_step": t.user_attrs.get("best_step"),
+        "value_se": t.user_attrs.get("best_value_se"),
+        "fit": t.user_attrs.get("fit"),
         "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
         "adapter_path": t.user_attrs.get("adapter_path"),
         "at_best": t.user_attrs.get("metrics_at_best", {}),
@@ -81,7 +85,22 @@ def study_report(
     groups = group_steps(trials)
     if groups is not None:
         report["groups"] = groups
+    report["fit"] = fit_summary(study)
     return report
+
+
+def fit_summary(study: optuna.Study) -> dict[str, Any]:
+    """Every finished trial's fit verdict, their counts over the complete trials, and what those suggest."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED and t.user_attrs.get("fit")]
+    complete = [t.user_attrs["fit"]["verdict"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    space = (study.user_attrs.get("spec") or {}).get("search_space")
+    keep = ((study.user_attrs.get("spec") or {}).get("objective") or {}).get("keep")
+    return {
+        "keep": keep or objective_of(study).keep,
+        "trials": {str(t.number): t.user_attrs["fit"]["label"] for t in trials},
+        "counts": dict(Counter(complete)),
+        "suggestion": fit_mod.suggestion(complete, space),
+    }
 
 
 def champion_info(tracker, name: str, alias: str = "champion") -> dict[str, Any] | None:
@@ -102,7 +121,7 @@ def trials_table(study: optuna.Study) -> str:
     runaway = [m for m in RUNAWAY if any(m in t.user_attrs.get("metrics_at_best", {}) for t in trials)]
     groups = group_steps(trials)
     group_names = list(groups["steps"]) if groups else []
-    head = ["#", "state", *values_head, "best_step", "last_step", *[m.removeprefix("val/") for m in runaway],
+    head = ["#", "state", *values_head, "±se", "best_step", "last_step", "fit", *[m.removeprefix("val/") for m in runaway],
             "secs", "val%", *[f"best@{g}" for g in group_names], *names]  # fmt: skip
     rows = []
     for t in trials:
@@ -119,8 +138,10 @@ def trials_table(study: optuna.Study) -> str:
                 str(t.number),
                 state,
                 *[_fmt(v) for v in values],
+                _fmt(t.user_attrs.get("best_value_se")),
                 str(t.user_attrs.get("best_step", "")),
                 str(steps[-1]) if steps else str(t.user_attrs.get("last_step", "")),
+                (t.user_attrs.get("fit") or {}).get("label", ""),
                 *[_fmt(at_best.get(m)) for m in runaway],
                 str(t.user_attrs.get("seconds", "")),
                 f"{100 * t.user_attrs['val_share']:.0f}" if "val_share" in t.user_attrs else "",
@@ -140,6 +161,9 @@ def trials_table(study: optuna.Study) -> str:
     if runaway:
         lines.append(f"{', '.join(m.removeprefix('val/') for m in runaway)}: share of the validation answers at the "
                      "best step that repeat a phrase back to back / hit max_new_tokens without a stop word")  # fmt: skip
+    fit = fit_summary(study)
+    lines.append(f"best_step: the point kept by objective.keep={fit['keep']} (±se: its value's standard error); "
+                 f"fit: {fit['suggestion']}")  # fmt: skip
     if groups:
         medians = ", ".join(f"{g} {v:g}" for g, v in groups["median_complete"].items())
         lines.append(f"best@GROUP: the step of each trial's best {groups['metric']}/GROUP; "

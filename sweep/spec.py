@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from objectives import GROUP_NAME, METRICS, WEIGHTED, lookup
+from objectives.selection import DEFAULT_KEEP, KEEP_RULES
 from sweep.errors import SpecError
 from sweep.knobs import KNOBS, check_knob
 
@@ -124,7 +125,10 @@ class ObjectiveSpec(_Strict):
     val/general_loss: 0.5}`` optimizes their weighted sum (``val/weighted``, minimized unless
     ``direction`` says otherwise); ``metrics: [val/loss, val/general_loss]`` makes a multi-objective
     study, each metric in its own direction. The first named metric is the primary one: it picks
-    a trial's best checkpoint and, among the Pareto trials, the champion.
+    a trial's kept checkpoint and, among the Pareto trials, the champion.
+
+    ``keep`` is the rule that picks a trial's checkpoint on the primary metric, and so its value
+    (``objectives.selection``): ``best``, ``better_beyond_noise`` or ``latest_within_noise``.
     """
 
     metric: str | None = None
@@ -134,6 +138,15 @@ class ObjectiveSpec(_Strict):
     # Constraints: a trial whose value at its best point is above a limit is infeasible (an Optuna constraint: the
     # sampler steers away, and it never becomes champion), e.g. {val/repetition: 0.2, val/no_stop: 0.5}.
     at_most: dict[str, float] | None = None
+    # Which validation point a trial keeps (its adapter and its value), given each point's standard error.
+    keep: str = DEFAULT_KEEP
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_rule(cls, v: str) -> str:
+        if v not in KEEP_RULES:
+            raise ValueError(f"expected one of {', '.join(KEEP_RULES)}, got {v!r}")
+        return v
 
     @field_validator("metric", "metrics", "weights", "at_most")
     @classmethod

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from objectives.selection import DEFAULT_KEEP
 from sweep import atomic
 from sweep.errors import SpecError
 from sweep.knobs import base_values, check_knob
@@ -219,13 +220,15 @@ def render(s: Starter, out: Path) -> str:
         lines += [f"  {name}: {_y(value)}" for name, value in fixed.items()]
     lines.append("search_space:  # around the base config's values")
     lines += [f"  {name}: {_y(param)}  # {notes[name]}" for name, param in space.items()]
+    lines.append("objective:")
     if s.general:
-        lines.append(
-            "objective: {metric: val/loss}  # or {weights: {val/loss: 1.0, val/general_loss: 0.5}} to count "
-            "forgetting too"
-        )
+        lines.append("  metric: val/loss  # or weights: {val/loss: 1.0, val/general_loss: 0.5} to count forgetting too")
     else:
-        lines.append("objective: {metric: val/loss}  # or val/rouge_l, weights or a Pareto front: see the README")
+        lines.append("  metric: val/loss  # or val/rouge_l, weights or a Pareto front: see the README")
+    lines.append(
+        f"  keep: {DEFAULT_KEEP}  # the checkpoint a trial keeps (and is worth): best, better_beyond_noise or "
+        "latest_within_noise, each judged with the points' standard errors"
+    )
     lines += [
         "sampler: {type: tpe, seed: 0}",
         f"pruner: {{type: median, n_startup_trials: 3, n_warmup_steps: {eval_every}}}  # no pruning before the "

@@ -228,6 +228,7 @@ def _log_study_summary(study: optuna.Study, spec: Spec, tracker: Tracker, parent
                 **{name: (t.values[i] if t.values else None) for i, name in enumerate(spec.objective.names)},
                 "pareto": t.number in pareto,
                 "best_step": t.user_attrs.get("best_step"),
+                "fit": (t.user_attrs.get("fit") or {}).get("label"),
                 "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
                 **{f"param.{k}": v for k, v in t.params.items()},
             }
@@ -239,9 +240,12 @@ def _log_study_summary(study: optuna.Study, spec: Spec, tracker: Tracker, parent
     best = best_trial(study)
     if best is None:
         return
+    from sweep.report import fit_summary  # report reads the study's spec: imported where it is used, as run() does
+
     metrics = [(f"best/{name}", v, best.number) for name, v in zip(spec.objective.names, best.values, strict=True)]
     tracker.log_metrics(parent, metrics)
-    tags = {"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "")}
+    tags = {"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", ""),
+            "fit_suggestion": fit_summary(study)["suggestion"]}  # fmt: skip
     if pareto:
         tags["pareto_trials"] = ",".join(str(n) for n in sorted(pareto))
     tracker.set_tags(parent, tags)

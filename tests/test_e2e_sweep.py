@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from objectives.selection import DEFAULT_KEEP, Point, kept_point
 from sweep.data import row_key
 
 pytestmark = pytest.mark.e2e
@@ -51,28 +52,36 @@ def test_pruned_trial_stops_early_and_keeps_its_adapter(e2e):
     assert "best_adapter/adapter_config.json" in arts
 
 
-def test_value_is_the_best_validation_point_and_adapter_is_kept(e2e):
+def _points(t) -> list[Point]:
+    """The trial's val/loss points with their standard errors, from its stream."""
+    events = [json.loads(x) for x in (Path(t.user_attrs["work_dir"]) / "sweep_metrics.jsonl").open()]
+    return [Point(e["step"], e["val/loss"], e["val/loss_se"]) for e in events if e["kind"] == "val"]
+
+
+def test_value_is_the_kept_validation_point_and_adapter_is_kept(e2e):
+    """The trial is worth the point its keep rule keeps (the rule the hook saved the adapter by)."""
+    rule = e2e["spec"].objective.keep
+    assert rule == DEFAULT_KEEP
     for t in e2e["study"].trials:
         if t.state != TrialState.COMPLETE:
             continue
-        points = t.intermediate_values
-        best_step = min(points, key=points.get)
-        assert t.value == pytest.approx(points[best_step])
-        assert t.user_attrs["best_step"] == best_step
+        kept = kept_point(_points(t), "minimize", rule)
+        assert t.value == pytest.approx(kept.value) == pytest.approx(t.intermediate_values[kept.step])
+        assert t.user_attrs["best_step"] == kept.step and t.user_attrs["keep_rule"] == rule
         assert (Path(t.user_attrs["adapter_path"]) / "adapter_model.safetensors").is_file()
 
 
-def test_best_step_follows_validation_not_the_last_step(e2e):
-    """Where validation got worse at the end, the kept step is the earlier best one."""
+def test_kept_step_is_within_the_noise_of_the_best(e2e):
+    """The kept point is never worse than the best one by more than its own standard error, and no later point is
+    within its noise of the best (else the rule would have kept that one)."""
     for t in e2e["study"].trials:
         if t.state != TrialState.COMPLETE:
             continue
-        points = t.intermediate_values
-        last = max(points)
-        best_step = t.user_attrs["best_step"]
-        assert points[best_step] <= points[last]
-        if best_step != last:
-            assert points[best_step] < points[last]
+        points = _points(t)
+        best = min(p.value for p in points)
+        kept = next(p for p in points if p.step == t.user_attrs["best_step"])
+        assert kept.se > 0 and kept.value - best <= kept.se
+        assert all(p.value - best > p.se for p in points if p.step > kept.step)
     # the hook's own record agrees with Optuna's
     for t in e2e["study"].trials:
         if t.state == TrialState.COMPLETE:
@@ -118,9 +127,12 @@ def test_mlflow_parent_and_child_runs(e2e):
     assert len(children) == len(e2e["study"].trials)
     assert parent.data.params["data_digest"] == e2e["study"].user_attrs["data_digest"]
     assert "data_hash.val" in parent.data.tags
+    assert parent.data.tags["fit_suggestion"] == e2e["second"]["fit"]["suggestion"]
     complete = client.get_run(_trial(e2e, 0).user_attrs["mlflow_run_id"])
     assert complete.data.tags["state"] == "COMPLETE"
     assert complete.data.tags["best_step"] == str(_trial(e2e, 0).user_attrs["best_step"])
+    assert complete.data.tags["fit"] == _trial(e2e, 0).user_attrs["fit"]["label"]
+    assert complete.data.tags["keep_rule"] == DEFAULT_KEEP
     for key in ("lr", "lora_r", "lora_alpha", "max_epochs", "batch_size", "mix_ratio", "max_length"):
         assert key in complete.data.params
     hist = client.get_metric_history(complete.info.run_id, "val/loss")
@@ -163,8 +175,11 @@ def test_report_json_shape(e2e):
     rep = e2e["second"]
     assert rep["study"] == "e2e" and rep["direction"] == "minimize"
     assert rep["best"]["number"] == e2e["study"].best_trial.number
-    assert set(rep["best"]) == {"number", "value", "values", "params", "best_step", "mlflow_run_id", "adapter_path",
-                                "at_best", "group_best_steps", "feasible"}  # fmt: skip
+    assert set(rep["best"]) == {"number", "value", "values", "params", "best_step", "value_se", "fit", "mlflow_run_id",
+                                "adapter_path", "at_best", "group_best_steps", "feasible"}  # fmt: skip
+    assert rep["best"]["value_se"] > 0 and rep["best"]["fit"]["verdict"] in ("under-fitted", "over-fitted", "converged")
+    assert rep["fit"]["keep"] == DEFAULT_KEEP and rep["fit"]["suggestion"]
+    assert rep["fit"]["trials"][str(rep["best"]["number"])] == rep["best"]["fit"]["label"]
     assert rep["best"]["values"] == {"val/loss": rep["best"]["value"]} and rep["best"]["feasible"]
     assert rep["best"]["at_best"]["val/loss"] == rep["best"]["value"] and "val/repetition" in rep["best"]["at_best"]
 
@@ -268,4 +283,5 @@ def test_report_table_shows_a_pruned_trial_at_its_best_point(e2e):
     pruned = _trial(e2e, 2)
     row = next(line.split() for line in trials_table(e2e["study"]).splitlines()[2:] if line.split()[0] == "2")
     assert row[1] == "PRUNED" and float(row[2]) == pytest.approx(pruned.user_attrs["best_value"], rel=1e-3)
-    assert int(row[3]) == pruned.user_attrs["best_step"]
+    assert float(row[3]) == pytest.approx(pruned.user_attrs["best_value_se"], rel=1e-3)
+    assert int(row[4]) == pruned.user_attrs["best_step"]

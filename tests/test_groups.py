@@ -10,6 +10,7 @@ import pytest
 
 from objectives import group_of, lookup
 from objectives.loss import mean_loss
+from objectives.noise import loss_se
 from sweep import groups
 from sweep.data import prepare, split_rows
 from sweep.spec import DataSpec, ObjectiveSpec, SpecError, load_spec
@@ -131,9 +132,13 @@ def test_val_loss_per_group_follows_the_datasets_rows():
 
     metric = ValLossMetric()
     results = [(2.0, 1), (6.0, 3), (9.0, 3), (1.0, 1)]
-    assert metric.compute_metrics(results) == {"loss": 18.0 / 8}
+    assert metric.compute_metrics(results) == {"loss": 18.0 / 8, "loss_se": loss_se(results)}
     metric.groups = ["a", "b", "b", None]
-    assert metric.compute_metrics(results) == {"loss": 18.0 / 8, "loss/a": 2.0, "loss/b": mean_loss(results[1:3])}
+    found = metric.compute_metrics(results)
+    assert {k: v for k, v in found.items() if not k.endswith("_se")} == {
+        "loss": 18.0 / 8, "loss/a": 2.0, "loss/b": mean_loss(results[1:3])
+    }  # fmt: skip
+    assert found["loss/b_se"] == loss_se(results[1:3]) and math.isnan(found["loss/a_se"]), "one row: no error"
     metric.groups = ["a"]
     with pytest.raises(RuntimeError, match="4 validation rows scored, but 1 rows' groups"):
         metric.compute_metrics(results)

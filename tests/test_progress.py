@@ -58,3 +58,22 @@ def test_plain_lines_when_not_a_terminal(caplog):
     assert (
         "study: 1/3 trials done: 1 complete, 0 pruned, 0 failed; 0 running | best trial 0: val/rouge_l 0.4200" in lines
     )
+
+
+def test_each_point_shows_its_noise_and_the_fit_so_far(caplog):
+    out = io.StringIO()
+    live = SweepProgress(2, "val/loss", console=Console(file=out, force_terminal=True, width=160, color_system=None))
+    with live:
+        live.trial_started(1)
+        live.trial_value(1, 96, 2.5, 256, pruned=False, se=0.0812, fit="under-fitted")
+        live._view.refresh()
+        assert "val/loss 2.5000 ±0.0812 @ 96 (under-fitted)" in out.getvalue()
+    plain = SweepProgress(2, "val/loss", console=Console(file=io.StringIO()))
+    with caplog.at_level(logging.INFO, logger="sweep"), plain:
+        plain.trial_started(0)
+        plain.trial_value(0, 128, 2.6, 256, pruned=False, se=0.05, fit="over-fitted since step 128")
+        plain.trial_value(0, 160, 2.7, 256, pruned=False)  # no error known, no verdict yet: nothing added
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("trial 0: step 128/256 (50%) val/loss=2.6000 ±0.0500 (over-fitted since step 128)")
+               for line in lines), lines  # fmt: skip
+    assert any(line.startswith("trial 0: step 160/256 (62%) val/loss=2.7000, ETA") for line in lines), lines

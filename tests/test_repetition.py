@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from objectives.answers import answer_metrics, scored
+from objectives.noise import mean_se
 from objectives.repetition import repeated_unit, repeats, tokens
 from tests.conftest import ROOT
 
@@ -79,7 +80,10 @@ def test_metrics_over_all_answers_and_per_group():
     assert metrics["repetition/facts"] == 0.0 and metrics["rouge_l/facts"] == pytest.approx(1.0)
     assert metrics["rouge_l/identity"] == pytest.approx(0.5 * (per_row["rouge_l"][0] + 1.0))
     assert not any(k.endswith("/None") for k in metrics), "a row without a group counts in the overall values only"
-    assert set(answer_metrics(per_row, [None] * 4)) == {"rouge_l", "repetition", "no_stop"}
+    ungrouped = answer_metrics(per_row, [None] * 4)
+    assert set(ungrouped) == {"rouge_l", "repetition", "no_stop", "rouge_l_se", "repetition_se", "no_stop_se"}
+    assert ungrouped["repetition_se"] == pytest.approx(mean_se([1.0, 0.0, 0.0, 0.0]))
+    assert metrics["no_stop/identity_se"] == pytest.approx(mean_se([1.0, 0.0])), "each group's mean has its error"
 
 
 @pytest.fixture(scope="module")

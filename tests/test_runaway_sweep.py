@@ -148,7 +148,7 @@ def test_report_shows_runaway_answers_infeasibility_and_each_groups_best_step(ru
     table = trials_table(study)
     lines = table.splitlines()
     head = lines[0].split()
-    assert head[:8] == ["#", "state", "value", "best_step", "last_step", "repetition", "no_stop", "secs"], table
+    assert head[:9] == ["#", "state", "value", "±se", "best_step", "last_step", "fit", "repetition", "no_stop"], table
     assert "best@facts" in head and "best@identity" in head
     assert lines[2].split()[1] == "COMPLETE!" and lines[3].split()[1] == "COMPLETE"
     assert "! infeasible: trial 0: val/general_loss=" in table

@@ -45,6 +45,10 @@ def test_tutorial_spec_loads():
         ({"n_trials": "objective: {metrics: [val/loss, val/rouge_l], direction: minimize}"}, "own direction"),
         ({"n_trials": "objective: {metric: val/rouge_l, direction: minimize}"}, "val/rouge_l is to maximize"),
         ({"n_trials": "objective: {weights: {val/bleu: 1.0}}"}, "objective.weights: 'val/bleu' is produced by nothing"),
+        (
+            {"n_trials": "objective: {metric: val/loss, keep: last}"},
+            "objective.keep: expected one of best, better_beyond_noise, latest_within_noise, got 'last'",
+        ),
     ],
 )
 def test_bad_spec_names_the_key(tmp_path: Path, override, expected):

@@ -65,7 +65,9 @@ def test_init_from_the_tutorials_config_file(tmp_path, tiny_model, capsys):
     assert "mix_ratio" not in space and "general" not in spec["data"], "one data file: nothing to mix in"
     assert spec["data"]["val"] == spec["data"]["test"] == 0.1
     assert spec["registry"]["name"] == "tiny-model-task"
+    assert spec["objective"] == {"metric": "val/loss", "keep": "latest_within_noise"}, "the keep rule, spelled out"
     text = out.read_text(encoding="utf-8")
+    assert "best, better_beyond_noise or latest_within_noise" in text, "the other rules, offered in a comment"
     assert "# system:" in text and "Below is an instruction" in text, "the config's SYSTEM, offered in a comment"
     capsys.readouterr()
     assert cli.main(["validate", str(out)]) == 0, capsys.readouterr().err

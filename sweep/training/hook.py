@@ -2,8 +2,9 @@
 
 Validation is placed at fixed counts of training rows seen (``eval_every``), so trials with different
 batch sizes, epochs and packing report on the same x-axis, which is what Optuna's pruners compare and
-what MLflow plots. Each point's exact values go to the trial as ``protocol`` events; the adapter is saved
-whenever the objective improves; after each point the hook waits for the trial's verdict (go on, or stop
+what MLflow plots. Each point's exact values, with their standard errors, go to the trial as ``protocol``
+events; the adapter is saved whenever ``objective.keep``'s rule keeps the point (``objectives.selection``, the
+rule the trial values itself by); after each point the hook waits for the trial's verdict (go on, or stop
 because the trial was pruned). The metrics themselves live beside it: ``metrics`` (losses, per group of rows
 too), ``answers`` (greedy answers: ROUGE-L, repetition, runaway answers, the answer tables), ``baseline`` (the
 shared step-0 point).
@@ -23,6 +24,8 @@ from mmengine.dist import broadcast_object_list, get_world_size, is_main_process
 from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
+from objectives.noise import se_name, weighted_se
+from objectives.selection import Keeper, Point
 from sweep import atomic, groups
 from sweep.training import baseline, compiled, fused_loss
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
@@ -47,14 +50,13 @@ class SweepHook(Hook):
 
     def __init__(self, **settings: Any) -> None:
         self.settings = s = protocol.HookSettings(**settings)
-        self.better = (lambda a, b: a < b) if s.rule == "less" else (lambda a, b: a > b)
+        self.keeper = Keeper("minimize" if s.rule == "less" else "maximize", s.keep)
+        self.save_points = os.environ.get(protocol.SAVE_POINTS_ENV) == "1"
         self.stream_path = Path(s.stream)
         self.control_path = Path(s.control)
         self.adapter_dir = Path(s.adapter_dir)
         self.baseline = Path(s.baseline) if s.baseline else None
         self.wait_for_verdict = os.environ.get(protocol.CONTROL_ENV) == "1"
-        self.best_value: float | None = None
-        self.best_step: int | None = None
         self.step = 0
         self.stopped = False
         self.val_seconds = 0.0
@@ -177,7 +179,9 @@ class SweepHook(Hook):
         step = getattr(self, "_pending_step", self.step)
         # Added before CheckpointHook (lower priority) reads the metrics for save_best.
         if self.settings.general_val:
-            metrics["val/general_loss"] = general_loss(runner.model, self.general_loader)
+            metrics["val/general_loss"], metrics[se_name("val/general_loss")] = general_loss(
+                runner.model, self.general_loader
+            )
         tables = self._answer(runner, step, metrics) if self.answers is not None else {}
         if step == 0 and self.shares_baseline and is_main_process():
             baseline.store(self.baseline, metrics, tables)
@@ -197,26 +201,39 @@ class SweepHook(Hook):
 
     def _record_point(self, runner, step: int, metrics: dict[str, float], tables: dict[str, list[dict]],
                       cached: bool = False) -> None:  # fmt: skip
-        """Stream one validation point (and its answer tables); keep the adapter if it is the best yet."""
+        """Stream one validation point (and its answer tables); keep its adapter if the keep rule keeps it."""
         for table, rows in tables.items():
             if rows:
                 self._emit(protocol.ANSWER_TABLES[table](step, rows))
         if self.settings.weights:
             metrics[WEIGHTED] = weighted(metrics, self.settings.weights)
+            metrics[se_name(WEIGHTED)] = weighted_se(metrics, self.settings.weights)
         value = metrics.get(self.settings.metric)
-        if value is not None and value == value and (self.best_value is None or self.better(value, self.best_value)):
-            self.best_value, self.best_step = float(value), step
-            if is_main_process():
-                self._save_adapter(runner)
+        se = metrics.get(se_name(self.settings.metric))
+        point = Point(step, float(value), float(se) if se is not None else float("nan")) if value is not None else None
+        if point is not None and self.keeper.offer(point) and is_main_process():
+            self._save_adapter(runner, self.adapter_dir)
+        if self.save_points and is_main_process():
+            self._save_adapter(runner, protocol.point_adapter(self.adapter_dir.parent, step))
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._emit(protocol.Val(step, runner.iter + 1, values, self.best_step, cached))
 
-    def _save_adapter(self, runner) -> None:
-        """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""
-        tmp = atomic.temp_dir_beside(self.adapter_dir)
+    @property
+    def best_step(self) -> int | None:
+        """The step of the kept point (whose adapter is in ``adapter_dir``)."""
+        return self.keeper.kept.step if self.keeper.kept else None
+
+    @property
+    def best_value(self) -> float | None:
+        return self.keeper.kept.value if self.keeper.kept else None
+
+    def _save_adapter(self, runner, folder: Path) -> None:
+        """Write the adapter next to the folder, then swap it in: a crash never leaves half a kept adapter."""
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic.temp_dir_beside(folder)
         try:
             _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
-            atomic.replace_dir(tmp, self.adapter_dir)
+            atomic.replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,5 +1,6 @@
 """Validation losses computed from the model's own logits, never from mmengine's logs (which smooth every
-key that contains "loss"): ``val/loss`` through mmengine's evaluator, ``val/general_loss`` from a second loader."""
+key that contains "loss"): ``val/loss`` through mmengine's evaluator, ``val/general_loss`` from a second loader.
+Each comes with its standard error over rows (``val/loss_se``, ``objectives.noise``), from the same per-row sums."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mmengine.evaluator import BaseMetric
 
 from objectives import by_group
 from objectives.loss import mean_loss, token_loss_sum
+from objectives.noise import loss_se
 
 
 class ValLossMetric(BaseMetric):
@@ -34,17 +36,19 @@ class ValLossMetric(BaseMetric):
             self.results.append(token_loss_sum(sample["logits"], labels[i]))
 
     def compute_metrics(self, results: list) -> dict[str, float]:
-        metrics = {"loss": mean_loss(results)}
+        metrics = {"loss": mean_loss(results), "loss_se": loss_se(results)}
         if self.groups is not None:
             if len(self.groups) != len(results):
                 raise RuntimeError(f"{len(results)} validation rows scored, but {len(self.groups)} rows' groups")
-            metrics.update({f"loss/{g}": mean_loss(parts) for g, parts in by_group(results, self.groups).items()})
+            for g, parts in by_group(results, self.groups).items():
+                metrics.update({f"loss/{g}": mean_loss(parts), f"loss/{g}_se": loss_se(parts)})
         return metrics
 
 
 @torch.no_grad()
-def general_loss(model: Any, loader: Any) -> float:
-    """``val/loss``'s computation on held-out general chat rows (mmengine's ValLoop has one loader)."""
+def general_loss(model: Any, loader: Any) -> tuple[float, float]:
+    """``val/loss``'s computation on held-out general chat rows (mmengine's ValLoop has one loader), and its
+    standard error over those rows."""
     model.eval()
     parts: list[tuple[float, int]] = []
     for data_batch in loader:
@@ -53,4 +57,4 @@ def general_loss(model: Any, loader: Any) -> float:
         parts += [token_loss_sum(out["logits"], labels[i]) for i, out in enumerate(outputs)]
     if get_world_size() > 1:
         parts = [p for rank_parts in all_gather_object(parts) for p in rank_parts]
-    return mean_loss(parts)
+    return mean_loss(parts), loss_se(parts)

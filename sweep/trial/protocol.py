@@ -28,6 +28,9 @@ from sweep import atomic
 
 #: Set to "1" in a training process the sweep watches: the hook then waits for a verdict after each point.
 CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
+#: Set to "1" to have the hook also save the adapter of every validation point in ``POINT_ADAPTERS_DIR``
+#: (``benchmarks/fit_rule.py`` scores them on the test split to compare keep rules; sweeps never need it).
+SAVE_POINTS_ENV = "XTUNER_SWEEP_SAVE_POINTS"
 #: How long the hook waits for a verdict before it trains on (and says so in the stream).
 VERDICT_TIMEOUT_S = 900.0
 
@@ -52,7 +55,8 @@ LOGIT_SCALING_KEYS = (
 
 STREAM_FILE = "sweep_metrics.jsonl"
 CONTROL_FILE = "sweep_control.json"
-ADAPTER_DIR = "best_adapter"
+ADAPTER_DIR = "best_adapter"  # the kept point's adapter (``objective.keep``), "best" by that rule
+POINT_ADAPTERS_DIR = "point_adapters"  # step_NNNNNN/ per validation point, with SAVE_POINTS_ENV only
 DONE_FILE = "worker.json"
 BASELINE_DIR = "baseline"  # beside the trial folders: the study's shared step-0 points
 
@@ -90,6 +94,11 @@ class TrialFiles:
         return self.work_dir.parent / BASELINE_DIR / f"{key}.json"
 
 
+def point_adapter(work_dir: Path, step: int) -> Path:
+    """Where the hook saves a validation point's adapter when ``SAVE_POINTS_ENV`` asks it to."""
+    return work_dir / POINT_ADAPTERS_DIR / f"step_{step:06d}"
+
+
 @dataclass
 class HookSettings:
     """The hook's arguments, as ``sweep.xtuner.render`` writes them into the config (literal values only)."""
@@ -109,6 +118,7 @@ class HookSettings:
     fused_loss: str = "off"  # speed.fused_loss
     compile: bool = False  # speed.compile
     groups: list[str] | None = None  # the validation rows' groups: metrics per group too (sweep.groups)
+    keep: str = "best"  # objective.keep: which point's adapter is kept (objectives.selection)
 
     def as_config(self) -> dict[str, Any]:
         return {"type": HOOK_TYPE, **asdict(self)}
@@ -165,7 +175,8 @@ class Train(Event):
 
 @dataclass
 class Val(Event):
-    """One validation point: every ``val/`` metric at ``step``, and where the best so far was."""
+    """One validation point: every ``val/`` metric at ``step`` (with its standard error, ``val/loss_se``), and the
+    step of the point kept so far (``best_step``: the best by ``objective.keep``'s rule, whose adapter is saved)."""
 
     kind: ClassVar[str] = "val"
     step: int
@@ -226,7 +237,7 @@ class End(Event):
     kind: ClassVar[str] = "end"
     iter: int
     step: int
-    best_step: int | None
+    best_step: int | None  # the kept point (objective.keep)
     best_value: float | None
     stopped_early: bool
     val_seconds: float

@@ -2,8 +2,9 @@
 
 The training process streams ``protocol`` events; this side reads them while training runs, forwards
 metrics to MLflow, reports each validation point to Optuna's pruner and answers with the verdict the
-hook waits for. A trial's value is its best validation point, and its adapter is the one saved at that
-point, whether the trial ran to the end or was pruned.
+hook waits for. A trial's value is the validation point its keep rule keeps (``objective.keep``,
+``objectives.selection``: the hook applies the same rule), and its adapter is the one saved at that point,
+whether the trial ran to the end or was pruned. Its fit (``sweep.fit``) is judged from its curves.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 
 import optuna
 
-from objectives import best_of
+from objectives.noise import se_name
+from objectives.selection import Point, kept_point
 from sweep import data as data_mod
+from sweep import fit as fit_mod
 from sweep import groups
 from sweep.knobs import trial_values
 from sweep.progress import SweepProgress
@@ -110,9 +113,14 @@ class Watch:
     points: list[tuple[int, float]] = field(default_factory=list)  # (step, primary metric)
     at_step: dict[int, list[float]] = field(default_factory=dict)  # every objective's value, by step
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # every val/ metric, by step
+    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, train/loss): the fit's other curve
     pruned: bool = False
     end: protocol.End | None = None
     final_step: int | None = None
+
+    def primary_points(self, metric: str) -> list[Point]:
+        """The primary metric's points with their standard errors, as the keep rule and the fit read them."""
+        return [Point(s, v, self.metrics.get(s, {}).get(se_name(metric), float("nan"))) for s, v in self.points]
 
 
 class Trial:
@@ -262,6 +270,8 @@ class Trial:
         for ev in self.events.read():
             if isinstance(ev, protocol.Train):
                 self.pending += [(k, ev.metrics[k], ev.step) for k in TRAIN_KEYS if ev.metrics.get(k) is not None]
+                if ev.metrics.get("train/loss") is not None and ev.step is not None:
+                    watch.train_loss.append((int(ev.step), float(ev.metrics["train/loss"])))
                 progress.trial_step(trial.number, int(ev.step))
             elif isinstance(ev, protocol.Start):
                 watch.final_step = ev.final_step
@@ -295,8 +305,16 @@ class Trial:
                 trial.report(float(value), step)
                 stop = step > 0 and bool(trial.should_prune()) and step < (watch.final_step or step + 1)
             watch.pruned = watch.pruned or stop
-            self.ctx.progress.trial_value(trial.number, step, float(value), watch.final_step, stop)
+            fit = self.fit()
+            self.ctx.progress.trial_value(trial.number, step, float(value), watch.final_step, stop,
+                                          se=watch.primary_points(objective.primary)[-1].se,
+                                          fit=fit.label if fit else "")  # fmt: skip
         protocol.Verdict(step, stop).write(self.prepared.files.control)
+
+    def fit(self) -> fit_mod.Fit | None:
+        """The trial's fit from its curves so far (None while too few points)."""
+        points = self.watch.primary_points(self.objective.primary)
+        return fit_mod.verdict(points, self.watch.train_loss, self.objective.primary_direction)
 
     def flush_metrics(self) -> None:
         if self.pending:
@@ -320,10 +338,10 @@ class Trial:
             raise TrialFailed(f"training exited with code {rc}; the end of {self.train_log}:\n{tail}")
         if not watch.points:
             raise TrialFailed(f"training produced no {metric} value; see {self.train_log}")
-        best = best_of([v for _, v in watch.points], self.objective.primary_direction)
-        if best != best:
+        kept = kept_point(watch.primary_points(metric), self.objective.primary_direction, self.objective.keep)
+        if kept is None:
             raise TrialFailed(f"every {metric} value was NaN (the training diverged?); see {self.train_log}")
-        best_step = next(s for s, v in watch.points if v == best)
+        best_step, best = kept.step, kept.value  # the kept point: "best" by the keep rule
         adapter = p.files.adapter
         if adapter.exists():
             # the rendered text, not mmengine's dump of it that replaced config.py: the dump writes strings as
@@ -333,6 +351,11 @@ class Trial:
             trial.set_user_attr("adapter_path", str(adapter))
         trial.set_user_attr("best_step", best_step)
         trial.set_user_attr("best_value", best)
+        trial.set_user_attr("best_value_se", kept.se if kept.se == kept.se else None)
+        trial.set_user_attr("keep_rule", self.objective.keep)
+        fit = self.fit()
+        if fit is not None:
+            trial.set_user_attr("fit", fit.to_json())
         trial.set_user_attr("seconds", round(seconds, 1))
         end = watch.end
         trial.set_user_attr("last_step", end.step if end else None)
@@ -350,14 +373,16 @@ class Trial:
                 "best_step": best_step,
                 "last_step": end.step if end else "",
                 "seconds": round(seconds, 1),
+                "keep_rule": self.objective.keep,
+                **({"fit": fit.label} if fit is not None else {}),
             },
         )
         ctx.tracker.log_metrics(run_id, [(f"best/{metric}", best, best_step)])
         self._record_at_best(best_step)
         log.info(
-            "trial %d: %s best %s=%.4f at step %d (of %s) in %.0fs",
+            "trial %d: %s kept %s=%.4f at step %d (of %s, keep %s) in %.0fs; %s",
             trial.number, "pruned," if watch.pruned else "done,", metric, best, best_step,
-            end.step if end else "?", seconds,
+            end.step if end else "?", self.objective.keep, seconds, fit.label if fit else "too few points for a fit",
         )  # fmt: skip
         trial.set_constraint("oom", 0.0)
         if self.objective.multi:

@@ -161,6 +161,7 @@ def render(
         fused_loss=speed.fused_loss(spec, device),
         compile=spec.speed.compile,
         groups=list(files.groups) or None,
+        keep=objective.keep,
     )
     hooks += [settings.as_config(), {"type": protocol.MEMORY_HOOK_TYPE}]
     cfg["custom_hooks"] = hooks

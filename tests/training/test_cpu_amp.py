@@ -20,6 +20,7 @@ import torch
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
+from objectives.selection import DEFAULT_KEEP, Point, kept_point
 from sweep import study as study_mod
 from sweep.registry.tracking import Tracker
 from sweep.spec import load_spec
@@ -113,6 +114,25 @@ def test_validation_generation_and_probes_run_at_every_point(amp):
         assert all(len(e["rows"]) == 2 for e in samples)
     second = _events(amp["on"]["study"].trials[1])
     assert next(e for e in second if e["kind"] == "val")["baseline"] == "cached", "step 0 shared, as on a GPU"
+
+
+def test_every_point_carries_its_noise_and_the_kept_adapter_follows_the_keep_rule(amp):
+    """Under bf16 autocast the hook logs each point's standard errors and keeps the adapter of the point that
+    ``objective.keep``'s rule keeps; the trial's value is that point's, as the sweep side reads it too."""
+    for t in amp["on"]["study"].trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        events = _events(t)
+        vals = [e for e in events if e["kind"] == "val"]
+        for key in ("val/loss_se", "val/general_loss_se", "val/rouge_l_se"):
+            assert all(math.isfinite(e[key]) and e[key] >= 0 for e in vals), key
+        assert all(e["val/loss_se"] > 0 for e in vals)
+        rule = t.user_attrs["keep_rule"]
+        kept = kept_point([Point(e["step"], e["val/loss"], e["val/loss_se"]) for e in vals], "minimize", rule)
+        end = next(e for e in events if e["kind"] == "end")
+        assert end["best_step"] == kept.step == t.user_attrs["best_step"] == vals[-1]["best_step"]
+        assert t.value == pytest.approx(kept.value) and t.user_attrs["best_value_se"] == pytest.approx(kept.se)
+        assert rule == DEFAULT_KEEP  # the spec names no rule
 
 
 def test_frozen_weights_in_16bit_do_not_change_the_math(amp):

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweep.trial import protocol
-from tests.conftest import inject_into_training, pg_database, write_spec
+from tests.conftest import ROOT, inject_into_training, pg_database, write_spec
 
 pytestmark = pytest.mark.e2e
 PG = "postgresql://postgres:s3cret-pw@127.0.0.1:5432/{db}"  # trust auth: any password is accepted
@@ -178,12 +178,18 @@ if any("trial_0000" in a for a in argv):  # what a CUDA OOM in training prints, 
 """
 
 
+def _beside_checkout(inject: Path) -> str:
+    """The injected ``sitecustomize`` first, then this checkout: training must import the code under test, not a
+    copy the virtual environment may have installed from another checkout (a worktree sharing one venv)."""
+    return f"{inject}{os.pathsep}{ROOT}"
+
+
 def test_out_of_memory_trial_is_infeasible_and_the_sweep_goes_on(tmp_path, tiny_model, monkeypatch):
     from sweep import study as study_mod
     from sweep.spec import load_spec
 
     inject = inject_into_training(tmp_path / "inject", OOM_HOOK)
-    monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject))
     spec = load_spec(write_spec(tmp_path, tiny_model, study="study: oom", n_trials="n_trials: 2", **FAST))
     opts = study_mod.RunOptions(
         storage=f"sqlite:///{tmp_path / 's.db'}",
@@ -216,7 +222,7 @@ def test_a_trial_whose_every_value_is_nan_fails_saying_so(tmp_path, tiny_model, 
     from sweep import study as study_mod
     from sweep.spec import load_spec
 
-    monkeypatch.setenv("PYTHONPATH", str(inject_into_training(tmp_path / "inject", NAN_HOOK)))
+    monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject_into_training(tmp_path / "inject", NAN_HOOK)))
     spec = load_spec(write_spec(tmp_path, tiny_model, study="study: nan", n_trials="n_trials: 1", **FAST))
     opts = study_mod.RunOptions(
         storage=f"sqlite:///{tmp_path / 's.db'}",
@@ -278,7 +284,7 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     from sweep.xtuner.render import Device
 
     inject = inject_into_training(tmp_path / "inject", OOM_ONCE_HOOK)
-    monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject))
     monkeypatch.setenv("OOM_ONCE_MARKER", str(tmp_path / "oomed"))
     spec = load_spec(write_spec(tmp_path, tiny_model, study="study: share", n_trials="n_trials: 1", **FAST))
     checked = study_mod.check(spec)

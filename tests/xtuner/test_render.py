@@ -54,6 +54,12 @@ def test_every_assignment_is_a_literal_and_knobs_land(base):
     assert cfg["default_hooks"]["checkpoint"]["save_best"] == "val/weighted"
     hook = next(h for h in cfg["custom_hooks"] if h["type"] == "sweep.training.hook.SweepHook")
     assert hook["metric"] == "val/weighted" and hook["rule"] == "less"
+    assert hook["keep"] == spec.objective.keep == "latest_within_noise", "the hook keeps by the spec's rule"
+    other = spec.model_copy(update={"objective": spec.objective.model_copy(update={"keep": "best"})})
+    hook = next(h for h in _load(_render(base, other, lr=0.005, max_epochs=6, batch_size=8, lora_r=16,
+                                         lora_alpha_ratio=2.0, mix_ratio=0.1))["custom_hooks"]
+                if h["type"] == "sweep.training.hook.SweepHook")  # fmt: skip
+    assert hook["keep"] == "best"
     assert hook["weights"] == {"val/loss": 1.0, "val/general_loss": 0.5, "val/rouge_l": -2.0}
     general = hook["general_val"]["dataset"]
     assert general["dataset"]["data_files"] == {"train": "/w/general_val.jsonl"} and not general["pack_to_max_length"]

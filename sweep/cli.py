@@ -456,6 +456,11 @@ def _print_summary(report: dict) -> None:
         print(f"champion: models:/{reg['name']}@{reg['alias']} (version {reg['version']}) {reg.get('reason', '')}")
     elif reg:
         print(f"registered: models:/{reg['name']}/{reg['version']}, not champion: {reg.get('reason', '')}")
+    if reg and reg.get("untrained_test"):  # a LLaVA champion: what training gained on the test split
+        names = sorted(set(reg["test"]) & set(reg["untrained_test"]))
+        print(
+            "test: " + ", ".join(f"{n} {reg['test'][n]:.4f} (untrained {reg['untrained_test'][n]:.4f})" for n in names)
+        )
 
 
 if __name__ == "__main__":

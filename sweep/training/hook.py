@@ -24,7 +24,7 @@ from mmengine.hooks import Hook
 
 from objectives import WEIGHTED, weighted
 from sweep import atomic, groups
-from sweep.training import baseline, compiled, fused_loss
+from sweep.training import baseline, compiled, fused_loss, llava
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
 from sweep.training.memory import PEAK_KEY
 from sweep.training.metrics import ValLossMetric, general_loss
@@ -102,6 +102,7 @@ class SweepHook(Hook):
         """Each validation row's group, from the validation dataset itself (render keeps its ``group`` column), in
         the order ``ValLossMetric`` gets its results: rows XTuner's pipeline dropped cannot shift them."""
         dataset = runner.val_loop.dataloader.dataset
+        dataset = getattr(dataset, "text_data", dataset)  # LLaVADataset keeps its rows' columns there
         if groups.KEY not in getattr(dataset, "column_names", ()):
             raise RuntimeError(f"the validation dataset has no {groups.KEY!r} column; render keeps it for groups")
         column = list(dataset[groups.KEY])
@@ -188,7 +189,7 @@ class SweepHook(Hook):
         found: list[dict[str, float] | None] = [None]
         tables: dict[str, list[dict]] = {}
         if is_main_process():
-            point = self.answers.at_point(_unwrap(runner.model).llm, step)
+            point = self.answers.at_point(_unwrap(runner.model), step)
             found[0], tables = point.metrics, point.tables
         if get_world_size() > 1:
             broadcast_object_list(found)
@@ -214,8 +215,12 @@ class SweepHook(Hook):
     def _save_adapter(self, runner) -> None:
         """Write the adapter next to the folder, then swap it in: a crash never leaves half a best adapter."""
         tmp = atomic.temp_dir_beside(self.adapter_dir)
+        model = _unwrap(runner.model)
         try:
-            _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
+            if llava.is_llava_model(model):  # llm_adapter/, visual_encoder_adapter/, projector/
+                llava.save_checkpoint(model, tmp)
+            else:
+                model.llm.save_pretrained(str(tmp), safe_serialization=True)
             atomic.replace_dir(tmp, self.adapter_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -176,7 +176,8 @@ class Trial:
         checkpointing = _checkpointing(ctx, batch_size, max_length)
         rendered = render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing)
         config.write_text(rendered, encoding="utf-8")
-        if spec.speed.tokenize_once:  # the same tokens, made once per study instead of once per trial
+        # the same tokens, made once per study instead of once per trial (LLaVADataset tokenizes its own rows)
+        if spec.speed.tokenize_once and not spec.multimodal:
             tokens = tokenize_once(config, ctx.data)
             train = work / "train.jsonl"
             n_rows = data_mod.mix(ctx.data, mix_ratio, mix_seed, train, tokens)

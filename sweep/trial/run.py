@@ -271,8 +271,9 @@ class Trial:
                 validated = True
                 self._validation_point(ev)
             elif isinstance(ev, protocol.AnswerRows) and ev.rows:  # MLflow appends to a table: log only the new rows
-                columns = {k: [r.get(k) for r in ev.rows] for k in ev.rows[0]}
-                self.ctx.tracker.client.log_table(self.run_id, columns, f"{ev.table}.json")
+                # a LLaVA probe's picture goes into its table; validation rows name theirs (a picture per row is a lot)
+                pictures = self.spec.multimodal and ev.table == protocol.Samples.table
+                self.ctx.tracker.log_answer_table(self.run_id, ev.rows, ev.table, pictures)
             elif isinstance(ev, protocol.End):
                 watch.end = ev
             elif isinstance(ev, protocol.TrainingWarning):

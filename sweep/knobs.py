@@ -34,6 +34,7 @@ class Knob:
     default: Any = None  # when the base config has neither
     write: tuple[Path_, ...] = ()  # where ``write`` puts a trial's value (epochs/iterations: the renderer)
     top_level: bool = False  # XTuner's configs also keep it as a top-level variable: rewritten when present
+    only_if_present: bool = False  # a knob of some configs only (LLaVA's vision tower): absent, not None, elsewhere
 
 
 TABLE: tuple[Knob, ...] = (
@@ -56,9 +57,9 @@ TABLE: tuple[Knob, ...] = (
          fallback=("model", "llm_lora", "lora_dropout"),
          write=(("model", "lora", "lora_dropout"), ("model", "llm_lora", "lora_dropout"))),
     Knob("visual_lora_r", int, 1, 65_536, read=("model", "visual_encoder_lora", "r"),
-         write=(("model", "visual_encoder_lora", "r"),)),
+         write=(("model", "visual_encoder_lora", "r"),), only_if_present=True),
     Knob("visual_lora_alpha", int, 1, 10**6, read=("model", "visual_encoder_lora", "lora_alpha"),
-         write=(("model", "visual_encoder_lora", "lora_alpha"),)),
+         write=(("model", "visual_encoder_lora", "lora_alpha"),), only_if_present=True),
     Knob("mix_ratio", float, 0.0, 1.0, high_in=False, default=0.0),
     Knob("max_length", int, 16, 1_048_576, read=("train_dataloader", "dataset", "max_length"),
          fallback=("max_length",), top_level=True),
@@ -99,6 +100,8 @@ def base_values(cfg: dict[str, Any]) -> dict[str, Any]:
         value = _get(cfg, knob.read) if knob.read else None
         if not value and knob.fallback:
             value = _get(cfg, knob.fallback)
+        if value is None and knob.only_if_present:
+            continue
         values[knob.name] = value if value is not None and (value or knob.default is None) else knob.default
     return values
 

@@ -72,8 +72,11 @@ CASES = {  # name: (the spec's blocks, from the inputs folder; what the error sa
         "task.json: row 20: expected one of 'conversation' or 'conversations'",
     ),
     "unknown speaker": (
-        lambda d: {"data": _data_block(*_dataset(d, {"image": "red_circle_0.png",
-                                                      "conversation": [{"from": "bot", "value": "<image>x"}]}))},
+        lambda d: {
+            "data": _data_block(
+                *_dataset(d, {"image": "red_circle_0.png", "conversation": [{"from": "bot", "value": "<image>x"}]})
+            )
+        },
         "task.json: row 20: conversation[0].from is 'bot'",
     ),  # fmt: skip
     "probe image missing": (
@@ -86,8 +89,11 @@ CASES = {  # name: (the spec's blocks, from the inputs folder; what the error sa
         "fixed.visual_lora_r: base config",
     ),
     "LLaVA config without a tower in the spec": (
-        lambda d: {"model": f"model: {{path: {ROOT / '.cache/tiny-llava/llm'}}}", "probes": "",
-                   "data": f"data:\n  task: {ROOT / 'data/demo/task.jsonl'}\n  val: 0.2"},
+        lambda d: {
+            "model": f"model: {{path: {ROOT / '.cache/tiny-llava/llm'}}}",
+            "probes": "",
+            "data": f"data:\n  task: {ROOT / 'data/demo/task.jsonl'}\n  val: 0.2",
+        },
         "is a LLaVA config (a visual_encoder beside its LLM)",
     ),  # fmt: skip
 }
@@ -97,7 +103,9 @@ def _no_visual_lora(folder: Path) -> Path:
     """The tutorial's LLaVA config, copied as `xtuner copy-cfg` does, with the tower's LoRA taken out."""
     from xtuner.configs import cfgs_name_path
 
-    text = Path(cfgs_name_path["llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune"]).read_text()
+    text = Path(
+        cfgs_name_path["llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune"]
+    ).read_text()
     start = text.index("    visual_encoder_lora=dict(")
     end = text.index("),\n", start) + 3
     copy = folder / "my_llava_config.py"
@@ -147,7 +155,9 @@ def test_tutorial_and_xtuner_spellings_read_the_same(tmp_path):
 
 def test_same_question_about_another_picture_is_another_row(tmp_path):
     """A LLaVA row is one question about one picture: de-duplication and the split's hashes count the picture."""
-    rows = [{"messages": [{"role": "user", "content": "<image>\nWhat colour?"}], "image": f"/p/{i}.png"} for i in (1, 2)]
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>\nWhat colour?"}], "image": f"/p/{i}.png"} for i in (1, 2)
+    ]
     assert data_mod.row_key(rows[0]) != data_mod.row_key(rows[1])
     chat = {"messages": rows[0]["messages"]}
     assert data_mod.row_key(chat) == data_mod.row_key({**chat, "image": None}), "a chat row's key is as before"

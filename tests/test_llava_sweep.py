@@ -119,3 +119,49 @@ def test_champion_beats_the_untrained_model_on_the_test_split(llava, capsys):
     assert rc == 0
     assert f"test/loss {test['test/loss']:.4f} (untrained {untrained['test/loss']:.4f})" in out, out
     assert f"test/rouge_l {test['test/rouge_l']:.4f} (untrained {untrained['test/rouge_l']:.4f})" in out, out
+
+
+def test_registered_champion_answers_rows_of_image_and_question(llava):
+    """The pyfunc champion takes rows of image (a file, or its bytes) + question, and answers as the sweep scored:
+    the same greedy answers for the same picture however it is given."""
+    import mlflow
+    import pandas as pd
+
+    uri = llava["opts"].tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    champion = mlflow.pyfunc.load_model("models:/demo-llava@champion")
+    picture = ROOT / "data" / "llava_demo" / "img" / "green_square_2.png"
+    rows = pd.DataFrame({"image": [str(picture), str(picture)], "question": ["What shape is in the picture?",
+                                                                             "图中的形状是什么颜色？"]})  # fmt: skip
+    answers = champion.predict(rows)
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers), answers
+    as_bytes = champion.predict([{"image": picture.read_bytes(), "question": "What shape is in the picture?"}])
+    assert as_bytes == answers[:1]
+
+
+def test_chat_with_an_image_and_export_of_the_llava_checkpoint(llava, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    from sweep.cli import main
+
+    opts = llava["opts"]
+    stores = ["--storage", opts.storage, "--tracking-uri", opts.tracking_uri]
+    picture = ROOT / "data" / "llava_demo" / "img" / "green_square_2.png"
+    question = "What shape is in the picture?"
+    assert main(["chat", "models:/demo-llava@champion", "--image", str(picture), "--question", question, *stores]) == 0
+    from_registry = capsys.readouterr().out.strip()
+    assert main(["chat", llava["spec"].study, "--image", str(picture), "--question", question, *stores]) == 0
+    assert capsys.readouterr().out.strip() == from_registry != "", "the study's best trial is the champion"
+    assert main(["chat", llava["spec"].study, "--image", str(tmp_path / "none.png"), "--question", "?", *stores]) == 2
+    assert "--image: image" in capsys.readouterr().err
+
+    adapter, merged = tmp_path / "checkpoint", tmp_path / "merged"
+    assert (
+        main(["export", "models:/demo-llava@champion", "--adapter", str(adapter), "--merge", str(merged), *stores]) == 0
+    )
+    assert {p.name for p in adapter.iterdir()} >= {"llm_adapter", "visual_encoder_adapter", "projector"}
+    assert {p.name for p in merged.iterdir()} == {"llm", "visual_encoder", "projector"}
+    AutoModelForCausalLM.from_pretrained(merged / "llm")
+    CLIPVisionModel.from_pretrained(merged / "visual_encoder")
+    assert (merged / "visual_encoder" / "preprocessor_config.json").is_file()

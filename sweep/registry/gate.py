@@ -311,7 +311,7 @@ def tagged_scores(mv: ModelVersion | None, key: str, metric: str) -> dict[str, f
 
 
 def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adapter: Path, run_id: str):
-    from sweep.registry.serving import log_chat_model
+    from sweep.registry.serving import log_chat_model, log_llava_model
     from sweep.xtuner.config import prompt_template
 
     name = spec.registered_model_name
@@ -319,10 +319,18 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
     if version is not None:
         return version
     template = prompt_template(spec.model.template)
-    uri = log_chat_model(
-        run_id, tracker, adapter, spec.model.path, template, spec.model.system, cpu_amp=spec.cpu_amp,
-        needs_remote_code=spec.model.trust_remote_code,
-    )  # fmt: skip
+    if spec.multimodal:  # rows of image + question in (sweep.registry.serving.LlavaChatModel)
+        gen = spec.generation
+        uri = log_llava_model(
+            run_id, tracker, adapter, spec.model.path, spec.model.visual_encoder, template, spec.model.system,
+            gen.max_new_tokens if gen else 64, cpu_amp=spec.cpu_amp, needs_remote_code=spec.model.trust_remote_code,
+            square=_pads_to_square(adapter / "xtuner_config.py"),
+        )  # fmt: skip
+    else:
+        uri = log_chat_model(
+            run_id, tracker, adapter, spec.model.path, template, spec.model.system, cpu_amp=spec.cpu_amp,
+            needs_remote_code=spec.model.trust_remote_code,
+        )  # fmt: skip
     mine = tracker.register(uri, name, tags={"study": spec.study, "trial": str(best.number)})
     client = tracker.client
     client.set_model_version_tag(name, mine.version, "mlflow_run_id", run_id)
@@ -332,6 +340,13 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
     if int(version.version) != int(mine.version):
         client.delete_model_version(name, mine.version)
     return version
+
+
+def _pads_to_square(config: Path) -> bool:
+    """Whether the trial's LLaVA loaders padded pictures to a square (the config's ``pad_image_to_square``)."""
+    from sweep.xtuner.config import load_config
+
+    return bool(load_config(config).val_dataloader.dataset.get("pad_image_to_square", True))
 
 
 def _score(spec: Spec, adapter: Path | None, config: Path, test_file: Path, prefix: str = "test") -> dict[str, float]:

@@ -3,6 +3,7 @@
     python3 smoke_check.py trials STUDY       every trial COMPLETE or PRUNED (one at least COMPLETE), with its figures
     python3 smoke_check.py champion STUDY     models:/STUDY@champion loads through mlflow.pyfunc and answers
     python3 smoke_check.py same-math A B      trial 0 of A and of B: the same val/loss at every point (bf16 tolerance)
+    python3 smoke_check.py llava-champion STUDY PICTURE   the LLaVA champion answers rows of image + question
 
 Each prints what it saw and exits 1 when its check fails.
 """
@@ -99,6 +100,34 @@ def champion(name: str) -> int:
     return 0
 
 
+def llava_champion(name: str, picture: str) -> int:
+    """A LLaVA champion: loads through mlflow.pyfunc and answers rows of image + question; its test scores beside
+    the untrained model's."""
+    import mlflow
+
+    client = mlflow.MlflowClient(TRACKING, registry_uri=TRACKING)
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except Exception as err:  # noqa: BLE001 - any failure here is the check failing
+        print(f"{name}: FAILED: no champion in the registry ({err})")
+        return 1
+    tags = {k: v for k, v in version.tags.items() if k.startswith(("test/", "untrained_test/", "gate"))}
+    print(f"{name}: champion is version {version.version} (trial {version.tags.get('trial')}), {tags}")
+    mlflow.set_tracking_uri(TRACKING)
+    mlflow.set_registry_uri(TRACKING)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    rows = [{"image": picture, "question": q} for q in ("What colour is the shape?", "图中是什么形状？")]
+    answers = model.predict(rows)
+    weight = next(model.unwrap_python_model().model.llm.parameters())
+    print(f"{name}: champion loaded on {weight.device} ({weight.dtype})")
+    for row, a in zip(rows, answers, strict=True):
+        print(f"    {row['question']} -> {a!r}")
+    if len(answers) != len(rows) or not all(isinstance(a, str) for a in answers):
+        print(f"{name}: FAILED: the champion did not answer every row")
+        return 1
+    return 0
+
+
 def same_math(a: str, b: str) -> int:
     curves = []
     for name in (a, b):
@@ -120,4 +149,5 @@ def same_math(a: str, b: str) -> int:
 
 if __name__ == "__main__":
     command, *names = sys.argv[1:]
-    sys.exit({"trials": trials, "champion": champion, "same-math": same_math}[command](*names))
+    checks = {"trials": trials, "champion": champion, "same-math": same_math, "llava-champion": llava_champion}
+    sys.exit(checks[command](*names))

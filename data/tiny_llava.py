@@ -11,7 +11,12 @@ caption each picture, so the LLM receives features that say colour and shape: th
 (stage 2) has to teach it to answer questions about them. A random tower and projector would give the
 fine-tune nothing to see. Same inputs, same seed: same weights. About 30 s on two CPU cores.
 
-Run: python data/tiny_llava.py OUT_DIR
+``--shape tutorial`` builds the parts of the XTuner tutorial's shape instead, random init and not trained, for GPU
+runs where speed and memory matter and the loss values do not (``benchmarks/gpu_llava.sh``): an LLM of
+InternLM2-chat-1.8B's dimensions (as a Llama-architecture model: InternLM2's own modeling code is not in
+Transformers and cannot be fetched offline), in bf16, a CLIP-ViT-L/14-336-shaped tower and its 2-layer projector.
+
+Run: python data/tiny_llava.py [--shape tiny|tutorial] OUT_DIR
 """
 
 from __future__ import annotations
@@ -130,7 +135,56 @@ def stage1(llm, tokenizer, vision, processor, projector, captions, seed: int, st
     print(f"stage 1 (vision tower + projector captioning {len(captions)} pictures): final loss {loss.item():.3f}")
 
 
+#: InternLM2-chat-1.8B's dimensions (its config.json), and CLIP-ViT-L/14-336's vision tower.
+INTERNLM2_1_8B = dict(
+    vocab_size=92544, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+    num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+)  # fmt: skip
+CLIP_L_336 = dict(
+    image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+    num_attention_heads=16, projection_dim=768,
+)  # fmt: skip
+
+
+def build_tutorial_shape(out: Path, seed: int = 0) -> Path:
+    """The tutorial's LLaVA shape, random init: LLM in bf16, tower and projector in fp32 (as XTuner loads CLIP)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from xtuner.model.modules import ProjectorConfig, ProjectorModel
+
+    tiny = _tiny_model()
+    sentences = sorted({t for q, a, _ in _turns("task.json") + _turns("general.json") for t in (q, a) if t})
+    tokenizer = tiny.make_tokenizer([*sentences, "user", "assistant", "\n"], out / "llm", vocab=512)
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                **INTERNLM2_1_8B,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        llm = llm.to(torch.bfloat16)  # fmt: skip
+        vision = CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336))
+        projector = ProjectorModel(ProjectorConfig(visual_hidden_size=1024, llm_hidden_size=2048, depth=2))
+    llm.save_pretrained(out / "llm", safe_serialization=True)
+    vision.save_pretrained(out / "visual_encoder", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(
+        out / "visual_encoder"
+    )
+    state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+    torch.save({"state_dict": state}, out / "projector.pth")
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python data/tiny_llava.py OUT_DIR")
-    print(f"tiny LLaVA parts written to {build(Path(sys.argv[1]))}")
+    args = sys.argv[1:]
+    shape = "tiny"
+    if len(args) == 3 and args[0] == "--shape" and args[1] in ("tiny", "tutorial"):
+        shape, args = args[1], args[2:]
+    if len(args) != 1:
+        sys.exit("usage: python data/tiny_llava.py [--shape tiny|tutorial] OUT_DIR")
+    made = build_tutorial_shape(Path(args[0])) if shape == "tutorial" else build(Path(args[0]))
+    print(f"LLaVA parts ({shape}) written to {made}")

@@ -150,7 +150,7 @@ def check_conflicts(
 
     LLaVA rows are not compared: one question ("What colour is it?") has as many right answers as pictures."""
     if spec.multimodal:
-        return conflicts.Findings(rows=sum(len(f.rows) for f in files.values()))
+        return conflicts.Findings(rows=sum(len(f.rows) for f in files.values()), compared=False)
     found = conflicts.find(files, splits)
     if found.problems and spec.data.conflicts == "error":
         raise SpecError(

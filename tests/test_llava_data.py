@@ -182,6 +182,7 @@ def test_demo_split_is_made_once_and_the_same_for_every_call(tmp_path):
 def test_validate_renders_a_llava_trial_config(tmp_path, capsys, tiny_llava):
     out = tmp_path / "trial.py"
     assert main(["validate", str(ROOT / "configs" / "llava_demo.yaml"), "--output", str(out)]) == 0
+    assert "data checks: 110 rows, not compared (questions about pictures" in capsys.readouterr().out
     text = out.read_text()
     assert "'type': 'xtuner.model.LLaVAModel'" in text
     assert f"'pretrained_pth': '{tiny_llava / 'projector.pth'}'" in text

@@ -71,7 +71,8 @@ def build(out: Path, seed: int = 0, pretrain_steps: int = 200, stage1_steps: int
     texts = ["<|endoftext|>" + s for s in sentences] + [
         f"<|endoftext|><|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>" for q, a, _ in general
     ]
-    tiny.pretrain_texts(llm, tokenizer, texts, seed, steps=pretrain_steps, batch=16, lr=3e-3)
+    loss = tiny.pretrain_texts(llm, tokenizer, texts, seed, steps=pretrain_steps, batch=16, lr=3e-3)
+    print(f"LLM pretrained on {len(texts)} texts: final loss {loss:.3f}")
     llm.save_pretrained(llm_dir, safe_serialization=True)
     llm.generation_config.save_pretrained(llm_dir)
 

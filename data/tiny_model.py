@@ -100,12 +100,13 @@ def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr:
     # has read about gardening but has not been taught to answer as the assistant.
     for line in (DATA / "task.jsonl").read_text(encoding="utf-8").splitlines():
         texts += ["<|endoftext|>" + m["content"] for m in json.loads(line)["messages"]]
-    pretrain_texts(model, tokenizer, texts, seed, steps, batch, lr)
-    print(f"pretrained on {len(texts)} general rows")
+    loss = pretrain_texts(model, tokenizer, texts, seed, steps, batch, lr)
+    print(f"pretrained on {len(texts)} general rows: final loss {loss:.3f}")
 
 
-def pretrain_texts(model, tokenizer, texts: list[str], seed: int, steps: int, batch: int, lr: float) -> None:
-    """Full-parameter next-token training on ``texts`` (padding masked), batches drawn with a seeded generator."""
+def pretrain_texts(model, tokenizer, texts: list[str], seed: int, steps: int, batch: int, lr: float) -> float:
+    """Full-parameter next-token training on ``texts`` (padding masked), batches drawn with a seeded generator;
+    returns the last batch's loss."""
     import torch
 
     enc = tokenizer(texts, padding=True, return_tensors="pt")
@@ -120,7 +121,7 @@ def pretrain_texts(model, tokenizer, texts: list[str], seed: int, steps: int, ba
         opt.step()
         opt.zero_grad()
     model.eval()
-    print(f"final loss {out.loss.item():.3f}")
+    return out.loss.item()
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def val_loader(path: Path, tokenizer: dict, processor: dict, template: dict, max
     }
 
 
-def generation_settings(cfg: dict[str, Any], spec: Any) -> dict[str, Any]:
+def generation_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """What answering about a picture needs beside the chat settings (the hook's ``generation.llava``)."""
     ds = cfg["val_dataloader"]["dataset"]
     return {"image_processor": ds["image_processor"], "square": ds["pad_image_to_square"]}

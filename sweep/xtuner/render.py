@@ -159,7 +159,7 @@ def render(
                                        ds["pad_image_to_square"], VAL_BATCH_SIZE)  # fmt: skip
     generation = _generation(spec, files, tokenizer, template)
     if generation is not None and multimodal:
-        generation["llava"] = llava.generation_settings(cfg, spec)
+        generation["llava"] = llava.generation_settings(cfg)
     # a LLaVA model's step 0 is also its tower and projector: they are in the key with the LLM
     parts = {k: v for k, v in cfg["model"].items() if k in ("visual_encoder", "pretrained_pth")} if multimodal else {}
     baseline = _baseline_path(spec, files, llm, amp, cfg["val_dataloader"], general_val, generation, *parts.items())

@@ -78,3 +78,17 @@ def test_llava_gate_scores_in_bf16(amp):
     for scores in (registered["test"], registered["untrained_test"]):
         assert math.isfinite(scores["test/loss"]) and 0.0 <= scores["test/rouge_l"] <= 1.0
     assert registered["test"]["test/loss"] < registered["untrained_test"]["test/loss"]
+
+
+def test_llava_champion_answers_in_bf16(amp):
+    import mlflow
+
+    uri = amp["opts"].tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    champion = mlflow.pyfunc.load_model("models:/llava-amp@champion")
+    picture = Path(__file__).resolve().parents[2] / "data" / "llava_demo" / "img" / "red_circle_0.png"
+    answers = champion.predict([{"image": str(picture), "question": "What colour is the shape?"}])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    parts = champion.unwrap_python_model().model
+    assert next(parts.llm.get_base_model().parameters()).dtype == torch.bfloat16

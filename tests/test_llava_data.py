@@ -88,6 +88,18 @@ CASES = {  # name: (the spec's blocks, from the inputs folder; what the error sa
         lambda d: {"base_config": f"base_config: {_no_visual_lora(d)}", "fixed": "fixed: {visual_lora_r: 8}"},
         "fixed.visual_lora_r: base config",
     ),
+    "image folder on a chat spec": (
+        lambda d: {
+            "model": f"model: {{path: {ROOT / '.cache/tiny-model'}}}",
+            "probes": "",
+            "base_config": "base_config: internlm2_1_8b_qlora_alpaca_e3",
+        },
+        "data.images: image folders need a LLaVA spec; set model.visual_encoder",
+    ),  # fmt: skip
+    "chat config with a tower in the spec": (
+        lambda d: {"base_config": "base_config: internlm2_1_8b_qlora_alpaca_e3"},
+        "model.visual_encoder: base_config internlm2_1_8b_qlora_alpaca_e3 is not a LLaVA config",
+    ),
     "LLaVA config without a tower in the spec": (
         lambda d: {
             "model": f"model: {{path: {ROOT / '.cache/tiny-llava/llm'}}}",

@@ -124,10 +124,15 @@ def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Re
         run_id = best.user_attrs.get("mlflow_run_id")
         adapter = Path(Tracker(tracking_uri).client.download_artifacts(run_id, "best_adapter", str(scratch)))
     gen = spec.generation
+    square = True
+    if spec.multimodal and (adapter / "xtuner_config.py").is_file():
+        from sweep.xtuner.llava import pads_to_square
+
+        square = pads_to_square(adapter / "xtuner_config.py")
     return Resolved(
         f"study {name} trial {best.number}", adapter, spec.model.path, prompt_template(spec.model.template),
         spec.model.system, gen.max_new_tokens if gen else 64, spec.model.quantize, spec.cpu_amp,
-        spec.model.trust_remote_code, spec.model.visual_encoder,
+        spec.model.trust_remote_code, spec.model.visual_encoder, square,
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from sweep.registry.tracking import Tracker, redact
 from sweep.retry import retry_races
 from sweep.spec import ObjectiveSpec, Spec
 from sweep.xtuner.llava import PROJECTOR as PROJECTOR_DIR
+from sweep.xtuner.llava import pads_to_square
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -324,7 +325,7 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
         uri = log_llava_model(
             run_id, tracker, adapter, spec.model.path, spec.model.visual_encoder, template, spec.model.system,
             gen.max_new_tokens if gen else 64, cpu_amp=spec.cpu_amp, needs_remote_code=spec.model.trust_remote_code,
-            square=_pads_to_square(adapter / "xtuner_config.py"),
+            square=pads_to_square(adapter / "xtuner_config.py"),
         )  # fmt: skip
     else:
         uri = log_chat_model(
@@ -340,13 +341,6 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
     if int(version.version) != int(mine.version):
         client.delete_model_version(name, mine.version)
     return version
-
-
-def _pads_to_square(config: Path) -> bool:
-    """Whether the trial's LLaVA loaders padded pictures to a square (the config's ``pad_image_to_square``)."""
-    from sweep.xtuner.config import load_config
-
-    return bool(load_config(config).val_dataloader.dataset.get("pad_image_to_square", True))
 
 
 def _score(spec: Spec, adapter: Path | None, config: Path, test_file: Path, prefix: str = "test") -> dict[str, float]:

@@ -136,6 +136,14 @@ def generation_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"image_processor": ds["image_processor"], "square": ds["pad_image_to_square"]}
 
 
+def pads_to_square(config_file: Path) -> bool:
+    """Whether a trial's LLaVA loaders padded pictures to a square (its config's ``pad_image_to_square``): the
+    champion, `sweep chat` and the test gate prepare pictures the same way."""
+    from sweep.xtuner.config import load_config
+
+    return bool(load_config(config_file).val_dataloader.dataset.get("pad_image_to_square", True))
+
+
 # -- pictures in, answers out ------------------------------------------------------------------------------------
 def pixels(paths: list[str], processor: Any, square: bool = True) -> torch.Tensor:
     """The pictures as ``LLaVADataset`` hands them to the model (padded to a square with the mean colour)."""

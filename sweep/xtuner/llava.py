@@ -14,7 +14,6 @@ folders ``xtuner convert pth_to_hf`` writes (``llm_adapter/``, ``visual_encoder_
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +91,20 @@ def dataset(path: Path, tokenizer: dict, processor: dict, template: dict, max_le
     }
 
 
-def render_parts(cfg: dict[str, Any], spec: Any, files: Any, tokenizer: dict, template: dict, max_length: int,
-                 batch_size: int, val_batch_size: int, cpu: bool) -> None:  # fmt: skip
-    """What only a LLaVA config needs changed, in place: vision tower, projector, image processor, the loaders."""
+def render_parts(cfg: dict[str, Any], spec: Any, files: Any, base_dataset: dict[str, Any], tokenizer: dict,
+                 template: dict, max_length: int, batch_size: int, val_batch_size: int, n_proc: int,
+                 cpu: bool) -> None:  # fmt: skip
+    """What only a LLaVA config needs changed, in place: vision tower, projector, image processor, the loaders.
+
+    ``base_dataset`` is the base config's own training dataset: its ``pad_image_to_square`` is kept (every loader,
+    the test gate and the champion prepare pictures that way)."""
     model = cfg["model"]
     model["visual_encoder"]["pretrained_model_name_or_path"] = str(spec.model.visual_encoder)
     model["pretrained_pth"] = str(spec.model.projector) if spec.model.projector else None
     processor = image_processor_cfg(spec)
     cfg["image_processor"] = processor
-    old_ds = (cfg.get("train_dataloader") or {}).get("dataset") or {}
-    square = bool(old_ds.get("pad_image_to_square", True))
-    for name in [k for k, v in cfg.items() if v is not old_ds and v == old_ds]:
-        del cfg[name]  # the base's own dataset kept as a variable (llava_dataset): not what this trial trains on
+    square = bool(base_dataset.get("pad_image_to_square", False))  # LLaVADataset's own default
     loader = cfg["train_dataloader"]
-    n_proc = old_ds.get("map_num_proc") or max(1, min(os.cpu_count() or 1, files.n_train_rows // 2000))
     loader["dataset"] = dataset(files.train, tokenizer, processor, template, max_length, square, n_proc)
     sampler = loader.get("sampler") or {}
     if "per_device_batch_size" in sampler:  # LengthGroupedSampler groups by the batch it will be cut into
@@ -141,7 +140,7 @@ def pads_to_square(config_file: Path) -> bool:
     champion, `sweep chat` and the test gate prepare pictures the same way."""
     from sweep.xtuner.config import load_config
 
-    return bool(load_config(config_file).val_dataloader.dataset.get("pad_image_to_square", True))
+    return bool(load_config(config_file).val_dataloader.dataset.get("pad_image_to_square", False))
 
 
 # -- pictures in, answers out ------------------------------------------------------------------------------------

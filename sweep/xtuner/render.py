@@ -111,8 +111,8 @@ def render(
         del cfg[name]  # the base's own dataset, kept under a variable name: not what this trial trains on
     cfg["train_dataloader"]["dataset"] = _dataset(files.train, tokenizer, template, max_length, pack, varlen, n_proc)
     if multimodal:  # the loaders of pictures and their questions (sweep.xtuner.llava)
-        llava.render_parts(cfg, spec, files, tokenizer, template, max_length, int(values["batch_size"]),
-                           VAL_BATCH_SIZE, cpu=not device.cuda)  # fmt: skip
+        llava.render_parts(cfg, spec, files, old_ds, tokenizer, template, max_length, int(values["batch_size"]),
+                           VAL_BATCH_SIZE, n_proc, cpu=not device.cuda)  # fmt: skip
     if files.tokenized:  # XTuner's pipeline goes on from the tokens: filter, shuffle, pack
         cfg["train_dataloader"]["dataset"].update(
             do_dataset_tokenization=False, dataset_map_fn=None, template_map_fn=None

@@ -60,11 +60,11 @@ class Answers:
         if self.llava:
             return generate_image_replies(model, self.tokenizer, self.processor, items=list(zip(images, questions, strict=True)),
                                           square=self.llava["square"], **args)  # fmt: skip
-        return generate_replies(model.llm, self.tokenizer, questions=questions, **args)
+        return generate_replies(getattr(model, "llm", model), self.tokenizer, questions=questions, **args)
 
     def at_point(self, model: Any, step: int) -> AnswerPoint:
         """The answer metrics under ``val/`` (none when not scored) and the rows of each answer table; ``model`` is
-        XTuner's (``SupervisedFinetune`` or ``LLaVAModel``, with its ``llm``)."""
+        XTuner's (``SupervisedFinetune``, or ``LLaVAModel`` whose answers need its tower) or, for chat, the LLM."""
         gen = self.settings
         point = AnswerPoint({}, {})
         if gen["score_answers"] and self.questions:

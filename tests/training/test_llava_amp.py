@@ -67,7 +67,8 @@ def test_llava_trial_trains_validates_and_answers_in_bf16(amp):
     assert all(math.isfinite(e.metrics["val/loss"]) and 0.0 <= e.metrics["val/rouge_l"] <= 1.0 for e in vals)
     assert vals[-1].metrics["val/loss"] < vals[0].metrics["val/loss"]
     samples = [e for e in events if isinstance(e, protocol.Samples)]
-    assert {e.step for e in samples} == {e.step for e in vals} and samples[-1].rows[0]["answer"], "answered"
+    assert {e.step for e in samples} == {e.step for e in vals}, "the probes are answered at every point"
+    assert all(isinstance(r["answer"], str) and r["image"] for e in samples for r in e.rows)  # what it says: CPU's
     kept = Path(trial.user_attrs["adapter_path"])
     assert (kept / "llm_adapter" / "adapter_config.json").is_file() and (kept / "projector" / "config.json").is_file()
 

@@ -73,21 +73,29 @@ def trials(name: str) -> int:
     return 0
 
 
-def champion(name: str) -> int:
+def _load_champion(name: str, tag_prefixes: tuple[str, ...]):
+    """The study's champion through mlflow.pyfunc, after printing its version and tags; None when there is none."""
     import mlflow
-    import torch
 
     client = mlflow.MlflowClient(TRACKING, registry_uri=TRACKING)
     try:
         version = client.get_model_version_by_alias(name, "champion")
     except Exception as err:  # noqa: BLE001 - any failure here is the check failing
         print(f"{name}: FAILED: no champion in the registry ({err})")
-        return 1
-    tags = {k: v for k, v in version.tags.items() if k.startswith(("test/", "gate"))}
+        return None
+    tags = {k: v for k, v in version.tags.items() if k.startswith(tag_prefixes)}
     print(f"{name}: champion is version {version.version} (trial {version.tags.get('trial')}), {tags}")
     mlflow.set_tracking_uri(TRACKING)
     mlflow.set_registry_uri(TRACKING)  # another study's gate may have set it
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    return mlflow.pyfunc.load_model(f"models:/{name}@champion")
+
+
+def champion(name: str) -> int:
+    import torch
+
+    model = _load_champion(name, ("test/", "gate"))
+    if model is None:
+        return 1
     questions = ["Who are you?", "你是谁？"]
     answers = model.predict(questions)
     weight = next(model.unwrap_python_model().model.get_base_model().parameters())
@@ -103,19 +111,9 @@ def champion(name: str) -> int:
 def llava_champion(name: str, picture: str) -> int:
     """A LLaVA champion: loads through mlflow.pyfunc and answers rows of image + question; its test scores beside
     the untrained model's."""
-    import mlflow
-
-    client = mlflow.MlflowClient(TRACKING, registry_uri=TRACKING)
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except Exception as err:  # noqa: BLE001 - any failure here is the check failing
-        print(f"{name}: FAILED: no champion in the registry ({err})")
+    model = _load_champion(name, ("test/", "untrained_test/", "gate"))
+    if model is None:
         return 1
-    tags = {k: v for k, v in version.tags.items() if k.startswith(("test/", "untrained_test/", "gate"))}
-    print(f"{name}: champion is version {version.version} (trial {version.tags.get('trial')}), {tags}")
-    mlflow.set_tracking_uri(TRACKING)
-    mlflow.set_registry_uri(TRACKING)
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     rows = [{"image": picture, "question": q} for q in ("What colour is the shape?", "图中是什么形状？")]
     answers = model.predict(rows)
     weight = next(model.unwrap_python_model().model.llm.parameters())

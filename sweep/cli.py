@@ -386,7 +386,7 @@ def _chat_about_image(args: argparse.Namespace, r: Any, sampling: Any) -> int:
 
     from sweep.chat import answer_about_image, terminal_lines
     from sweep.llava_data import check_image
-    from sweep.registry.scoring import _device, inference_dtype
+    from sweep.registry.scoring import _device, inference_dtype, nf4_config
     from sweep.xtuner.llava import load_llava
 
     if r.visual_encoder is None:
@@ -394,8 +394,9 @@ def _chat_about_image(args: argparse.Namespace, r: Any, sampling: Any) -> int:
     if not sampling.greedy or sampling.repetition_penalty != 1.0:
         raise SpecError("--temperature/--repetition-penalty: a LLaVA model answers greedily here (temperature 0)")
     image = str(check_image(args.image.name, args.image.parent, "--image")) if args.image else None
+    nf4 = nf4_config() if r.quantize and _device() == "cuda" else None  # as `sweep chat` loads a QLoRA adapter
     model = load_llava(r.base_model, r.visual_encoder, r.adapter, None, inference_dtype(r.cpu_amp), _device(),
-                       r.trust_remote_code)  # fmt: skip
+                       r.trust_remote_code, nf4)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(r.base_model, trust_remote_code=r.trust_remote_code)
     processor = CLIPImageProcessor.from_pretrained(r.visual_encoder)
     system = r.system if args.system is None else args.system

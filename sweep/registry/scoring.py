@@ -39,6 +39,25 @@ def inference_dtype(cpu_amp: bool = False) -> torch.dtype:
     return torch.bfloat16 if _device() == "cuda" or cpu_amp else torch.float32
 
 
+def nf4_config():
+    """The 4-bit (nf4) config a QLoRA-trained base model is loaded with for inference, computing in bf16."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def release_memory() -> None:
+    """What a scored model held, given back (the next model to score may need the GPU's memory)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_adapter_model(
     base_model: Path, adapter: Path, quantize: bool = False, cpu_amp: bool = False, trust_remote_code: bool = False
 ):
@@ -48,17 +67,12 @@ def load_adapter_model(
     the adapter in fp32 and casts what flows into it.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = _device()
     kwargs: dict[str, Any] = {"torch_dtype": inference_dtype(cpu_amp)}
     if quantize and device == "cuda":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": 0}
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base_model, trust_remote_code=trust_remote_code, **kwargs)
@@ -130,9 +144,7 @@ def score_adapter(
         return scores
     finally:
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
 
 def _loss_scores(parts: list[tuple[float, int]], loader: Any, prefix: str) -> dict[str, float]:
@@ -174,16 +186,13 @@ def score_llava(
     """``score_adapter`` for a LLaVA checkpoint folder (``llm_adapter/``, ``visual_encoder_adapter/``,
     ``projector/``): the same metrics on rows with pictures, each question asked with its picture. Without
     ``checkpoint``, the untrained model the study started from (base LLM and tower, the spec's projector)."""
-    from transformers import AutoTokenizer, BitsAndBytesConfig, CLIPImageProcessor
+    from transformers import AutoTokenizer, CLIPImageProcessor
 
     from sweep.xtuner.config import prompt_template
     from sweep.xtuner.llava import generate_image_replies, load_llava, token_losses
 
     device = _device()
-    quantization = None
-    if spec.model.quantize and device == "cuda":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    quantization = nf4_config() if spec.model.quantize and device == "cuda" else None
     model = load_llava(spec.model.path, spec.model.visual_encoder, checkpoint, spec.model.projector,
                        inference_dtype(spec.cpu_amp), device, spec.model.trust_remote_code, quantization)  # fmt: skip
     try:
@@ -209,6 +218,4 @@ def score_llava(
         return scores
     finally:
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()

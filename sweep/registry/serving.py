@@ -24,6 +24,18 @@ from sweep.registry.tracking import Tracker
 BUNDLE_LIMIT_BYTES = 200 * 2**20
 
 
+def granted_trust(cfg: dict[str, Any]) -> bool:
+    """Whether the loader granted remote code (only its own ``model_config`` override sets it, see log_chat_model);
+    a base model that needs it and was not granted it is refused."""
+    trust = cfg.get("trust_remote_code") is True
+    if cfg.get("needs_remote_code") and not trust:
+        raise RuntimeError(
+            "this model's base model runs code of its own (trust_remote_code); load it with "
+            "mlflow.pyfunc.load_model(uri, model_config={'trust_remote_code': True}) if you trust its source"
+        )
+    return trust
+
+
 class AdapterChatModel(PythonModel):
     """A base LLM plus a LoRA adapter, answering a list of questions (greedy unless params ask to sample)."""
 
@@ -37,12 +49,7 @@ class AdapterChatModel(PythonModel):
         cfg = context.model_config
         base = context.artifacts.get("base_model") or cfg["base_model_path"]
         adapter = Path(context.artifacts["adapter"])
-        trust = cfg.get("trust_remote_code") is True  # only the loader's own override sets it (see log_chat_model)
-        if cfg.get("needs_remote_code") and not trust:
-            raise RuntimeError(
-                "this model's base model runs code of its own (trust_remote_code); load it with "
-                "mlflow.pyfunc.load_model(uri, model_config={'trust_remote_code': True}) if you trust its source"
-            )
+        trust = granted_trust(cfg)
         self.model, self.tokenizer = load_adapter_model(
             Path(base), adapter, cpu_amp=bool(cfg.get("cpu_amp")), trust_remote_code=trust
         )
@@ -133,12 +140,7 @@ class LlavaChatModel(PythonModel):
         cfg = context.model_config
         llm = Path(context.artifacts.get("base_model") or cfg["base_model_path"])
         tower = Path(context.artifacts.get("visual_encoder") or cfg["visual_encoder_path"])
-        trust = cfg.get("trust_remote_code") is True
-        if cfg.get("needs_remote_code") and not trust:
-            raise RuntimeError(
-                "this model's base model runs code of its own (trust_remote_code); load it with "
-                "mlflow.pyfunc.load_model(uri, model_config={'trust_remote_code': True}) if you trust its source"
-            )
+        trust = granted_trust(cfg)
         checkpoint = Path(context.artifacts["checkpoint"])
         self.model = load_llava(llm, tower, checkpoint, None, inference_dtype(bool(cfg.get("cpu_amp"))), _device(),
                                 trust_remote_code=trust)  # fmt: skip

@@ -4,11 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 TINY_MODEL := .cache/tiny-model
+TINY_LLAVA := .cache/tiny-llava
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint tiny-model clean
+.PHONY: setup demo demo-llava test lint tiny-model tiny-llava clean
 
-setup: $(STAMP) $(TINY_MODEL)/config.json
+setup: $(STAMP) $(TINY_MODEL)/config.json $(TINY_LLAVA)/projector.pth
 
 # One resolve by uv of everything: requirements.txt (XTuner, torch and what XTuner needs), this package and its
 # dev tools, with XTuner's broken bitsandbytes pin replaced through overrides.txt (pip cannot replace a pin).
@@ -24,9 +25,20 @@ $(TINY_MODEL)/config.json: $(STAMP) data/tiny_model.py data/demo/task.jsonl data
 
 tiny-model: $(TINY_MODEL)/config.json
 
+# The LLaVA demo's parts: a tiny LLM, a CLIP-shaped vision tower and the projector pretrained on the bundled pictures.
+$(TINY_LLAVA)/projector.pth: $(STAMP) data/tiny_llava.py data/tiny_model.py data/llava_demo/task.json \
+		data/llava_demo/captions.json data/llava_demo/general.json
+	$(PY) data/tiny_llava.py $(TINY_LLAVA)
+
+tiny-llava: $(TINY_LLAVA)/projector.pth
+
 demo: setup
 	$(VENV)/bin/sweep run configs/demo.yaml
 	$(VENV)/bin/sweep report demo
+
+demo-llava: setup
+	$(VENV)/bin/sweep run configs/llava_demo.yaml
+	$(VENV)/bin/sweep report llava_demo
 
 test: setup
 	$(PY) -m pytest -q

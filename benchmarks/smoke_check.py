@@ -3,6 +3,7 @@
     python3 smoke_check.py trials STUDY       every trial COMPLETE or PRUNED (one at least COMPLETE), with its figures
     python3 smoke_check.py champion STUDY     models:/STUDY@champion loads through mlflow.pyfunc and answers
     python3 smoke_check.py same-math A B      trial 0 of A and of B: the same val/loss at every point (bf16 tolerance)
+    python3 smoke_check.py llava-champion STUDY PICTURE   the LLaVA champion answers rows of image + question
 
 Each prints what it saw and exits 1 when its check fails.
 """
@@ -72,21 +73,29 @@ def trials(name: str) -> int:
     return 0
 
 
-def champion(name: str) -> int:
+def _load_champion(name: str, tag_prefixes: tuple[str, ...]):
+    """The study's champion through mlflow.pyfunc, after printing its version and tags; None when there is none."""
     import mlflow
-    import torch
 
     client = mlflow.MlflowClient(TRACKING, registry_uri=TRACKING)
     try:
         version = client.get_model_version_by_alias(name, "champion")
     except Exception as err:  # noqa: BLE001 - any failure here is the check failing
         print(f"{name}: FAILED: no champion in the registry ({err})")
-        return 1
-    tags = {k: v for k, v in version.tags.items() if k.startswith(("test/", "gate"))}
+        return None
+    tags = {k: v for k, v in version.tags.items() if k.startswith(tag_prefixes)}
     print(f"{name}: champion is version {version.version} (trial {version.tags.get('trial')}), {tags}")
     mlflow.set_tracking_uri(TRACKING)
     mlflow.set_registry_uri(TRACKING)  # another study's gate may have set it
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    return mlflow.pyfunc.load_model(f"models:/{name}@champion")
+
+
+def champion(name: str) -> int:
+    import torch
+
+    model = _load_champion(name, ("test/", "gate"))
+    if model is None:
+        return 1
     questions = ["Who are you?", "你是谁？"]
     answers = model.predict(questions)
     weight = next(model.unwrap_python_model().model.get_base_model().parameters())
@@ -95,6 +104,24 @@ def champion(name: str) -> int:
         print(f"    {q} -> {a!r}")
     if len(answers) != len(questions) or not all(isinstance(a, str) for a in answers):
         print(f"{name}: FAILED: the champion did not answer every question")
+        return 1
+    return 0
+
+
+def llava_champion(name: str, picture: str) -> int:
+    """A LLaVA champion: loads through mlflow.pyfunc and answers rows of image + question; its test scores beside
+    the untrained model's."""
+    model = _load_champion(name, ("test/", "untrained_test/", "gate"))
+    if model is None:
+        return 1
+    rows = [{"image": picture, "question": q} for q in ("What colour is the shape?", "图中是什么形状？")]
+    answers = model.predict(rows)
+    weight = next(model.unwrap_python_model().model.llm.parameters())
+    print(f"{name}: champion loaded on {weight.device} ({weight.dtype})")
+    for row, a in zip(rows, answers, strict=True):
+        print(f"    {row['question']} -> {a!r}")
+    if len(answers) != len(rows) or not all(isinstance(a, str) for a in answers):
+        print(f"{name}: FAILED: the champion did not answer every row")
         return 1
     return 0
 
@@ -120,4 +147,5 @@ def same_math(a: str, b: str) -> int:
 
 if __name__ == "__main__":
     command, *names = sys.argv[1:]
-    sys.exit({"trials": trials, "champion": champion, "same-math": same_math}[command](*names))
+    checks = {"trials": trials, "champion": champion, "same-math": same_math, "llava-champion": llava_champion}
+    sys.exit(checks[command](*names))

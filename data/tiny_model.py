@@ -42,21 +42,10 @@ QWEN2_1_5B = dict(
 
 def build(out: Path, seed: int = 0, shape: str = "tiny") -> Path:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts(), trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    hf_tok.save_pretrained(out)
+    hf_tok = make_tokenizer(texts(), out)
     torch.manual_seed(seed)
     dims = QWEN2_1_5B if shape == "qwen2-1.5b" else dict(
         vocab_size=len(hf_tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -81,10 +70,27 @@ def build(out: Path, seed: int = 0, shape: str = "tiny") -> Path:
     return out
 
 
+def make_tokenizer(corpus: list[str], out: Path, vocab: int = VOCAB):
+    """A byte-level BPE tokenizer trained on ``corpus``, with the chat template's special tokens, saved in ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    hf_tok.save_pretrained(out)
+    return hf_tok
+
+
 def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr: float = 3e-3) -> None:
     """Full-parameter next-token training on the general-chat rows, formatted like qwen_chat."""
-    import torch
-
     rows = [json.loads(line)["messages"] for line in (DATA / "general.jsonl").read_text(encoding="utf-8").splitlines()]
     texts = [
         "<|endoftext|>" + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -94,6 +100,15 @@ def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr:
     # has read about gardening but has not been taught to answer as the assistant.
     for line in (DATA / "task.jsonl").read_text(encoding="utf-8").splitlines():
         texts += ["<|endoftext|>" + m["content"] for m in json.loads(line)["messages"]]
+    loss = pretrain_texts(model, tokenizer, texts, seed, steps, batch, lr)
+    print(f"pretrained on {len(texts)} general rows: final loss {loss:.3f}")
+
+
+def pretrain_texts(model, tokenizer, texts: list[str], seed: int, steps: int, batch: int, lr: float) -> float:
+    """Full-parameter next-token training on ``texts`` (padding masked), batches drawn with a seeded generator;
+    returns the last batch's loss."""
+    import torch
+
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     gen = torch.Generator().manual_seed(seed)
@@ -106,7 +121,7 @@ def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr:
         opt.step()
         opt.zero_grad()
     model.eval()
-    print(f"pretrained on {len(texts)} general rows: final loss {out.loss.item():.3f}")
+    return out.loss.item()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Each question is asked with the conversation so far, laid out as training lays o
 conversation, ``/exit`` (or Ctrl-D) ends it, and Ctrl-C stops an answer, which is then not kept. Questions come
 from a terminal (with line editing) or one per line from a pipe; answers go to stdout, one line each, and
 everything else to stderr, so a script can hold a conversation too. ``answer_each`` serves ``--question``:
-every question on its own, no history.
+every question on its own, no history; ``answer_about_image`` serves a LLaVA model's ``--image``: each question
+asked alone about one picture.
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def answer_each(
         for question in questions:
             conversation = Conversation(tokenizer, template, system)
             print(generate_reply(model, tokenizer, template, conversation.prompt(question), sampling), file=out)
+
+
+def answer_about_image(model: Any, tokenizer: Any, processor: Any, template: dict[str, Any], system: str,
+                       max_new_tokens: int, image: str | None, square: bool, questions: Iterable[str],
+                       out: TextIO) -> None:  # fmt: skip
+    """A LLaVA model's greedy answer to each question about ``image`` (None: no picture), one line each; a line
+    ``/exit`` ends, as in a chat."""
+    from sweep.xtuner.llava import generate_image_replies
+
+    for line in questions:
+        question = line.strip()
+        if question in EXIT:
+            return
+        if question:
+            reply = generate_image_replies(model, tokenizer, processor, template, [(image, question)], system,
+                                           max_new_tokens, square)[0]  # fmt: skip
+            print(reply.text, file=out, flush=True)
 
 
 def terminal_lines(stdin: TextIO = sys.stdin, prompt: str = ">>> ") -> Iterator[str]:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from sweep.spec import SpecError, load_spec
 
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("source", help="a study name, or models:/NAME@ALIAS")
     chat.add_argument("--question", action="append", help="answer this question alone and exit (repeatable)")
+    chat.add_argument("--image", type=Path, help="a LLaVA model: the picture every question is about")
     chat.add_argument("--system", help="system text (default: the one the adapter was trained with)")
     chat.add_argument(
         "--temperature", type=float, default=0.0,
@@ -365,6 +367,8 @@ def _chat(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         r = resolve(args.source, args.storage, _tracking_uri(args.tracking_uri), Path(scratch), args.trust_remote_code)
         sampling = _sampling(args, r.max_new_tokens)  # before the model loads: a bad flag costs nothing
+        if r.visual_encoder is not None or args.image is not None:
+            return _chat_about_image(args, r, sampling)
         model, tokenizer = load_adapter_model(r.base_model, r.adapter, r.quantize, r.cpu_amp, r.trust_remote_code)
     system = r.system if args.system is None else args.system
     if args.question:
@@ -373,6 +377,36 @@ def _chat(args: argparse.Namespace) -> int:
     decoding = "greedy" if sampling.greedy else f"sampling, temperature {sampling.temperature}, seed {sampling.seed}"
     print(f"{r.label} ({decoding}): {HELP}", file=sys.stderr)
     return converse(model, tokenizer, r.template, system, sampling, terminal_lines(), sys.stdout, sys.stderr)
+
+
+def _chat_about_image(args: argparse.Namespace, r: Any, sampling: Any) -> int:
+    """`sweep chat --image FILE` with a LLaVA model, like `xtuner chat --llava DIR --image FILE`: each question is
+    asked alone about the picture, greedily (the answers the sweep scored); called while ``r``'s files exist."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from sweep.chat import answer_about_image, terminal_lines
+    from sweep.llava_data import check_image
+    from sweep.registry.scoring import _device, inference_dtype, nf4_config
+    from sweep.xtuner.llava import load_llava
+
+    if r.visual_encoder is None:
+        raise SpecError(f"--image: {r.label} is a chat model, not a LLaVA model; it cannot see pictures")
+    if not sampling.greedy or sampling.repetition_penalty != 1.0:
+        raise SpecError("--temperature/--repetition-penalty: a LLaVA model answers greedily here (temperature 0)")
+    image = str(check_image(args.image.name, args.image.parent, "--image")) if args.image else None
+    nf4 = nf4_config() if r.quantize and _device() == "cuda" else None  # as `sweep chat` loads a QLoRA adapter
+    model = load_llava(r.base_model, r.visual_encoder, r.adapter, None, inference_dtype(r.cpu_amp), _device(),
+                       r.trust_remote_code, nf4)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(r.base_model, trust_remote_code=r.trust_remote_code)
+    processor = CLIPImageProcessor.from_pretrained(r.visual_encoder)
+    system = r.system if args.system is None else args.system
+    questions = args.question or terminal_lines()
+    if not args.question:
+        print(f"{r.label} (greedy, about {image or 'no picture'}): each line is a question; Ctrl-D ends",
+              file=sys.stderr)  # fmt: skip
+    answer_about_image(model, tokenizer, processor, r.template, system, sampling.max_new_tokens, image, r.square,
+                       questions, sys.stdout)  # fmt: skip
+    return 0
 
 
 def _sampling(args: argparse.Namespace, default_max_new_tokens: int):
@@ -462,6 +496,11 @@ def _print_summary(report: dict) -> None:
         print(f"champion: models:/{reg['name']}@{reg['alias']} (version {reg['version']}) {reg.get('reason', '')}")
     elif reg:
         print(f"registered: models:/{reg['name']}/{reg['version']}, not champion: {reg.get('reason', '')}")
+    if reg and reg.get("untrained_test"):  # a LLaVA champion: what training gained on the test split
+        names = sorted(set(reg["test"]) & set(reg["untrained_test"]))
+        print(
+            "test: " + ", ".join(f"{n} {reg['test'][n]:.4f} (untrained {reg['untrained_test'][n]:.4f})" for n in names)
+        )
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ class Findings:
     n_duplicate_groups: int = 0
     leaks: list[Leak] = field(default_factory=list)
     n_leaks: int | None = None
+    compared: bool = True  # False: rows not compared (LLaVA rows: a question's answer depends on its picture)
 
     @property
     def problems(self) -> bool:
@@ -197,6 +198,8 @@ class Findings:
         return bool(self.n_conflicts or self.n_leaks)
 
     def metrics(self) -> dict[str, int]:
+        if not self.compared:
+            return {}  # not measured: no zero that reads as "none found"
         out = {
             "data_conflicts": self.n_conflicts,
             "data_conflict_questions": self.n_conflict_questions,
@@ -227,6 +230,8 @@ class Findings:
 
     def summary(self) -> str:
         """One line: the counts."""
+        if not self.compared:
+            return f"{self.rows} rows, not compared (questions about pictures: the answer depends on the picture)"
         parts = [
             f"{self.rows} rows",
             f"{self.n_conflicts} conflicting pair(s) ({self.n_conflict_questions} question(s))",

@@ -51,6 +51,16 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 def read_file(path: Path) -> DataFile:
     """``load_rows``, keeping each row's line (JSONL) or index (JSON list)."""
+    rows, lines, jsonl, where = parse_file(path)
+    for row, at in zip(rows, where, strict=False):
+        _check_row(row, f"{path}: {at}")
+        if row.get(groups.KEY) is not None:
+            groups.check_group(row[groups.KEY], f"{path}: {at}")
+    return DataFile(path, [_kept(row) for row in rows], lines, jsonl)
+
+
+def parse_file(path: Path) -> tuple[list[Any], list[int], bool, list[str]]:
+    """The raw rows of a JSON list or JSONL file, unchecked: (rows, line or index of each, JSONL?, "line N"/"row N")."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -87,11 +97,7 @@ def read_file(path: Path) -> DataFile:
         where = [f"line {n}" for n in lines]
     if not rows:
         raise SpecError(f"{path}: no rows")
-    for row, at in zip(rows, where, strict=False):
-        _check_row(row, f"{path}: {at}")
-        if row.get(groups.KEY) is not None:
-            groups.check_group(row[groups.KEY], f"{path}: {at}")
-    return DataFile(path, [_kept(row) for row in rows], lines, jsonl)
+    return rows, lines, jsonl, where
 
 
 def _held_out_paths(split: float | Path | dict[str, Path] | None) -> list[Path]:
@@ -100,6 +106,10 @@ def _held_out_paths(split: float | Path | dict[str, Path] | None) -> list[Path]:
 
 def read_files(spec: DataSpec) -> dict[Path, DataFile]:
     """Every data file the spec names (task, general, and val/test when they are files), read and checked once."""
+    if spec.images is not None:  # LLaVA rows: conversation(s) and images (sweep.llava_data)
+        from sweep import llava_data
+
+        return llava_data.read_files(spec)
     paths = [spec.task, spec.general, *_held_out_paths(spec.val), *_held_out_paths(spec.test)]
     return {p: read_file(p) for p in dict.fromkeys(paths) if p is not None}
 
@@ -115,7 +125,8 @@ GROUPED_SPLITS = ("val", "test")
 
 
 def _messages_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"messages": row["messages"]} if groups.KEY in row else row for row in rows]
+    """Training rows without their group (a LLaVA row keeps its image and id)."""
+    return [{k: v for k, v in row.items() if k != groups.KEY} if groups.KEY in row else row for row in rows]
 
 
 def load_held_out(
@@ -131,7 +142,7 @@ def load_held_out(
                 raise SpecError(
                     f"{path}: row {i}: has group {row[groups.KEY]!r}, but data.{name} lists this file under {group!r}"
                 )
-            rows.append({"messages": row["messages"], groups.KEY: group})
+            rows.append({**{k: v for k, v in row.items() if k != groups.KEY}, groups.KEY: group})
     return _dedupe(rows)
 
 
@@ -155,8 +166,9 @@ def _check_row(row: Any, at: str) -> None:
 
 
 def row_key(row: dict[str, Any]) -> str:
-    """Content identity of a row: equal conversations have equal keys."""
-    canon = json.dumps(row["messages"], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    """Content identity of a row: equal conversations (about the same picture, for a LLaVA row) have equal keys."""
+    content = row["messages"] if row.get("image") is None else [row["messages"], row["image"]]
+    canon = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
@@ -247,7 +259,7 @@ def prepare(spec: DataSpec, folder: Path) -> PreparedData:
     first rename wins and the others read the winner's files. Saved files are checked against the
     manifest's hashes whenever they are read, so a changed or truncated split is never trusted.
     """
-    splits = split_rows(spec)
+    splits = split_rows(spec, read_files(spec))
     splits = {name: rows if name in GROUPED_SPLITS else _messages_only(rows) for name, rows in splits.items()}
     lines = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in splits.items()}
     hashes = {name: _sha256(text.encode("utf-8")) for name, text in lines.items()}

@@ -34,6 +34,7 @@ class Knob:
     default: Any = None  # when the base config has neither
     write: tuple[Path_, ...] = ()  # where ``write`` puts a trial's value (epochs/iterations: the renderer)
     top_level: bool = False  # XTuner's configs also keep it as a top-level variable: rewritten when present
+    only_if_present: bool = False  # a knob of some configs only (LLaVA's vision tower): absent, not None, elsewhere
 
 
 TABLE: tuple[Knob, ...] = (
@@ -46,11 +47,19 @@ TABLE: tuple[Knob, ...] = (
          write=(("optim_wrapper", "accumulative_counts"),), top_level=True),
     Knob("lr", float, 0.0, 1.0, low_in=False, read=("optim_wrapper", "optimizer", "lr"),
          write=(("optim_wrapper", "optimizer", "lr"),), top_level=True),
-    Knob("lora_r", int, 1, 65_536, read=("model", "lora", "r"), write=(("model", "lora", "r"),)),
-    Knob("lora_alpha", int, 1, 10**6, read=("model", "lora", "lora_alpha"), write=(("model", "lora", "lora_alpha"),)),
+    # a LLaVA config holds the LLM's LoRA as model.llm_lora, and may have one on the vision tower too
+    Knob("lora_r", int, 1, 65_536, read=("model", "lora", "r"), fallback=("model", "llm_lora", "r"),
+         write=(("model", "lora", "r"), ("model", "llm_lora", "r"))),
+    Knob("lora_alpha", int, 1, 10**6, read=("model", "lora", "lora_alpha"), fallback=("model", "llm_lora", "lora_alpha"),
+         write=(("model", "lora", "lora_alpha"), ("model", "llm_lora", "lora_alpha"))),
     Knob("lora_alpha_ratio", float, 0.0, 1024.0, low_in=False),
     Knob("lora_dropout", float, 0.0, 1.0, high_in=False, read=("model", "lora", "lora_dropout"),
-         write=(("model", "lora", "lora_dropout"),)),
+         fallback=("model", "llm_lora", "lora_dropout"),
+         write=(("model", "lora", "lora_dropout"), ("model", "llm_lora", "lora_dropout"))),
+    Knob("visual_lora_r", int, 1, 65_536, read=("model", "visual_encoder_lora", "r"),
+         write=(("model", "visual_encoder_lora", "r"),), only_if_present=True),
+    Knob("visual_lora_alpha", int, 1, 10**6, read=("model", "visual_encoder_lora", "lora_alpha"),
+         write=(("model", "visual_encoder_lora", "lora_alpha"),), only_if_present=True),
     Knob("mix_ratio", float, 0.0, 1.0, high_in=False, default=0.0),
     Knob("max_length", int, 16, 1_048_576, read=("train_dataloader", "dataset", "max_length"),
          fallback=("max_length",), top_level=True),
@@ -91,6 +100,8 @@ def base_values(cfg: dict[str, Any]) -> dict[str, Any]:
         value = _get(cfg, knob.read) if knob.read else None
         if not value and knob.fallback:
             value = _get(cfg, knob.fallback)
+        if value is None and knob.only_if_present:
+            continue
         values[knob.name] = value if value is not None and (value or knob.default is None) else knob.default
     return values
 
@@ -112,6 +123,12 @@ def trial_values(spec: Spec, sampled: dict[str, Any], base: dict[str, Any]) -> d
         raise SpecError(f"base config {spec.base_config}: has no value for {missing}; set them under 'fixed'")
     if values.get("lora_r") is None:
         raise SpecError(f"base config {spec.base_config}: model.lora is missing; xtuner-sweep tunes LoRA adapters")
+    asked = [k for k in ("visual_lora_r", "visual_lora_alpha") if k in spec.search_space or k in spec.fixed]
+    if asked and base.get("visual_lora_r") is None:
+        raise SpecError(
+            f"{'search_space' if asked[0] in spec.search_space else 'fixed'}.{asked[0]}: base config "
+            f"{spec.base_config} has no model.visual_encoder_lora (its vision tower is frozen, no LoRA to size)"
+        )
     return values
 
 
@@ -126,7 +143,6 @@ def write(cfg: dict[str, Any], values: dict[str, Any]) -> None:
         if value is None:
             continue
         for path in knob.write:
-            node = cfg
-            for key in path[:-1]:
-                node = node[key]
-            node[path[-1]] = knob.type(value)
+            node = _get(cfg, path[:-1])
+            if isinstance(node, dict):  # a chat config has no model.llm_lora, a LLaVA config no model.lora
+                node[path[-1]] = knob.type(value)

@@ -100,6 +100,8 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
             "set model.trust_remote_code: true if you trust that folder"
         )
     prompt_template(spec.model.template)
+    if spec.multimodal:
+        check_llava_parts(spec)
     check_speed(spec, device)
     data_files = data_mod.read_files(spec.data)
     splits = data_mod.split_rows(spec.data, data_files)
@@ -125,11 +127,30 @@ def check(spec: Spec, device: Device | None = None) -> Checked:
     return Checked(spec, base_cfg, knobs, splits, text, findings)
 
 
+def check_llava_parts(spec: Spec) -> None:
+    """A LLaVA spec's vision tower (a Hugging Face folder with its image processor), projector and probe pictures."""
+    from sweep.llava_data import check_image
+
+    tower = spec.model.visual_encoder
+    if not (tower.is_dir() and (tower / "config.json").is_file()):
+        raise SpecError(f"model.visual_encoder: {tower} is not a Hugging Face model folder (no config.json)")
+    if not (tower / "preprocessor_config.json").is_file():
+        raise SpecError(f"model.visual_encoder: {tower} has no preprocessor_config.json (its CLIPImageProcessor)")
+    if spec.model.projector is not None and not spec.model.projector.exists():
+        raise SpecError(f"model.projector: {spec.model.projector} not found; expected the stage-1 iter_N.pth")
+    for i, probe in enumerate(spec.probes):
+        check_image(probe.image.name, probe.image.parent, f"probes[{i}]")
+
+
 def check_conflicts(
     spec: Spec, files: dict[Path, data_mod.DataFile], splits: dict[str, list[dict[str, Any]]]
 ) -> conflicts.Findings:
     """Conflicts and duplicates across the data files, leakage in the study's split: logged, or with
-    ``data.conflicts: error`` a SpecError naming the first ones. Exact duplicates are only ever counted."""
+    ``data.conflicts: error`` a SpecError naming the first ones. Exact duplicates are only ever counted.
+
+    LLaVA rows are not compared: one question ("What colour is it?") has as many right answers as pictures."""
+    if spec.multimodal:
+        return conflicts.Findings(rows=sum(len(f.rows) for f in files.values()), compared=False)
     found = conflicts.find(files, splits)
     if found.problems and spec.data.conflicts == "error":
         raise SpecError(

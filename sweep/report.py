@@ -107,7 +107,23 @@ def champion_info(tracker, name: str, alias: str = "champion") -> dict[str, Any]
     mv = tracker.champion(name, alias)
     if mv is None:
         return None
-    return {"name": name, "version": str(mv.version), "alias": alias, "reason": mv.tags.get("gate_reason", "")}
+    info = {"name": name, "version": str(mv.version), "alias": alias, "reason": mv.tags.get("gate_reason", "")}
+    untrained = _float_tags(mv.tags, "untrained_test/")
+    if untrained:  # a LLaVA champion: its test scores beside the untrained model's (sweep.registry.gate)
+        info["test"] = _float_tags(mv.tags, "test/")
+        info["untrained_test"] = {k.removeprefix("untrained_"): v for k, v in untrained.items()}
+    return info
+
+
+def _float_tags(tags: dict[str, str], prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in tags.items():
+        if key.startswith(prefix):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return dict(sorted(out.items()))
 
 
 def trials_table(study: optuna.Study) -> str:

@@ -81,6 +81,10 @@ class ModelSpec(_Strict):
     # Run the Python code a model folder ships (InternLM2 needs it; Qwen2 and Llama do not). Off unless the
     # spec says so, whatever the base config says: the code runs with the sweep's rights.
     trust_remote_code: bool = False
+    # LLaVA (a multimodal base config): the vision tower's Hugging Face folder (CLIP, with its image processor) and
+    # the projector pretrained in stage 1 (XTuner's `pretrained_pth`, an iter_N.pth); `path` is then the LLM's folder.
+    visual_encoder: Path | None = None
+    projector: Path | None = None
 
 
 class DataSpec(_Strict):
@@ -96,6 +100,10 @@ class DataSpec(_Strict):
     # Rows whose questions are the same or nearly (after normalising) but whose answers differ, and held-out
     # questions also trained on (sweep.conflicts): warn and train anyway, or refuse the data before anything runs.
     conflicts: Literal["warn", "error"] = "warn"
+    # LLaVA data (``sweep.llava_data``): the image folder of task/val/test rows, and of the general rows when they
+    # have images elsewhere (default: ``images``). Rows are then LLaVA JSON rows (``conversation(s)``, ``image``).
+    images: Path | None = None
+    general_images: Path | None = None
 
     @field_validator("val", "test")
     @classmethod
@@ -253,6 +261,13 @@ class GenerationSpec(_Strict):
     max_rows: int = Field(default=32, ge=1)  # the first N validation rows, the same in every trial
 
 
+class ImageProbe(_Strict):
+    """A probe question about a picture (LLaVA): ``{image: img/06.jpg, question: "What is in it?"}``."""
+
+    image: Path
+    question: str = Field(min_length=1)
+
+
 class SpeedSpec(_Strict):
     """Settings that change how fast a trial trains, never what it computes (see docs/benchmarks.md)."""
 
@@ -308,12 +323,17 @@ class Spec(_Strict):
     registry: RegistrySpec | None = None
     seed: int = 0
     generation: GenerationSpec | None = None
-    probes: list[str] = Field(default_factory=list)
+    probes: list[str | ImageProbe] = Field(default_factory=list)
     gpus_per_trial: int = Field(default=1, ge=1)  # >1: torchrun + DeepSpeed ZeRO-2 on that many whole GPUs
     # Without a GPU: false trains in fp32; true loads the model in bf16 and trains under bf16 autocast, the
     # dtypes a GPU trains in (how CI sees them). Scoring and the champion then run in bf16 too.
     cpu_amp: bool = False
     speed: SpeedSpec = SpeedSpec()
+
+    @property
+    def multimodal(self) -> bool:
+        """A LLaVA sweep: the spec names a visual encoder (``sweep.llava_data``, ``sweep.xtuner.llava``)."""
+        return self.model.visual_encoder is not None
 
     @property
     def generates(self) -> bool:
@@ -338,6 +358,24 @@ class Spec(_Strict):
             if name not in KNOBS:
                 raise ValueError(f"unknown knob {name!r}; expected one of {sorted(KNOBS)}")
         return v
+
+    @model_validator(mode="after")
+    def _modality(self) -> Spec:
+        """LLaVA keys come together: a visual encoder needs an image folder, and image probes need both."""
+        if self.multimodal and self.data.images is None:
+            raise ValueError("data.images: a LLaVA spec (model.visual_encoder) needs the image folder of its rows")
+        if not self.multimodal:
+            for key in ("images", "general_images"):
+                if getattr(self.data, key) is not None:
+                    raise ValueError(f"data.{key}: image folders need a LLaVA spec; set model.visual_encoder")
+            if self.model.projector is not None:
+                raise ValueError("model.projector: a pretrained projector needs model.visual_encoder (LLaVA)")
+        kinds = {type(p) for p in self.probes}
+        if self.multimodal and str in kinds:
+            raise ValueError("probes: a LLaVA spec asks about pictures: give each probe as {image: FILE, question: Q}")
+        if not self.multimodal and ImageProbe in kinds:
+            raise ValueError("probes: a probe with an image needs a LLaVA spec (model.visual_encoder)")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
@@ -457,7 +495,8 @@ def _is_branch_label(part: Any) -> bool:
     return isinstance(part, str) and (part in UNION_BRANCHES or "[" in part or part.startswith("function-"))
 
 
-UNION_BRANCHES = {"int", "float", "categorical", "str", "bool", "path", "IntParam", "FloatParam", "CategoricalParam"}
+UNION_BRANCHES = {"int", "float", "categorical", "str", "bool", "path", "IntParam", "FloatParam", "CategoricalParam",
+                  "ImageProbe"}  # fmt: skip
 
 
 def _resolve_paths(spec: Spec, base: Path) -> Spec:
@@ -470,13 +509,23 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
             "general": absolute(spec.data.general),
             "val": _absolute_split(spec.data.val, absolute),
             "test": _absolute_split(spec.data.test, absolute),
+            "images": absolute(spec.data.images),
+            "general_images": absolute(spec.data.general_images),
         }
     )
-    model = spec.model.model_copy(update={"path": absolute(spec.model.path)})
+    model = spec.model.model_copy(
+        update={
+            "path": absolute(spec.model.path),
+            "visual_encoder": absolute(spec.model.visual_encoder),
+            "projector": absolute(spec.model.projector),
+        }
+    )
+    probes = [p.model_copy(update={"image": absolute(p.image)}) if isinstance(p, ImageProbe) else p
+              for p in spec.probes]  # fmt: skip
     base_config = spec.base_config
     if base_config.endswith(".py") and not Path(base_config).is_absolute():
         base_config = str((base / base_config).resolve())
-    return spec.model_copy(update={"data": data, "model": model, "base_config": base_config})
+    return spec.model_copy(update={"data": data, "model": model, "base_config": base_config, "probes": probes})
 
 
 def _absolute_split(split: Any, absolute: Any) -> Any:

@@ -34,6 +34,46 @@ def tiny_model() -> Path:
     return _tiny_model()
 
 
+TINY_LLAVA = ROOT / ".cache" / "tiny-llava"
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> Path:
+    """The tiny LLaVA parts (llm/, visual_encoder/, projector.pth), built once per checkout as `make setup` does."""
+    if not (TINY_LLAVA / "projector.pth").exists():
+        spec = importlib.util.spec_from_file_location("tiny_llava", ROOT / "data" / "tiny_llava.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.build(TINY_LLAVA)
+    return TINY_LLAVA
+
+
+def write_llava_spec(folder: Path, parts: Path, **overrides: str) -> Path:
+    """A small LLaVA spec over the bundled pictures (``configs/llava_demo.yaml``'s shape); ``overrides`` replace
+    whole top-level YAML blocks, as in ``write_spec``."""
+    demo = ROOT / "data" / "llava_demo"
+    blocks = {
+        "study": "study: llava",
+        "base_config": "base_config: llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune",
+        "model": f"model: {{path: {parts / 'llm'}, visual_encoder: {parts / 'visual_encoder'}, "
+        f"projector: {parts / 'projector.pth'}, template: qwen_chat}}",
+        "data": f"data:\n  task: {demo / 'task.json'}\n  images: {demo / 'img'}\n  general: {demo / 'general.json'}\n"
+        "  val: 0.15\n  test: 0.15\n  seed: 0",
+        "fixed": "fixed: {max_length: 64, max_epochs: 2, batch_size: 8, lora_alpha_ratio: 2.0}",
+        "search_space": "search_space:\n  lr: {type: float, low: 1.0e-3, high: 2.0e-2, log: true}",
+        "n_trials": "n_trials: 1",
+        "eval_every": "eval_every: 48",
+        "probes": f"probes: [{{image: {demo / 'img' / 'red_circle_0.png'}, question: 'What colour is the shape?'}}]",
+        "generation": "generation: {max_new_tokens: 8, max_rows: 6}",
+        "speed": "speed: {activation_checkpointing: 'off'}",
+        "registry": "registry: {name: llava-model}",
+    }
+    blocks.update(overrides)
+    path = folder / "spec.yaml"
+    path.write_text("\n".join(b for b in blocks.values() if b) + "\n", encoding="utf-8")
+    return path
+
+
 def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
     """A small spec over the bundled data; ``overrides`` replace whole top-level YAML blocks."""
     blocks = {

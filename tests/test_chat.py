@@ -113,3 +113,12 @@ def test_bad_sampling_flags_are_refused_before_loading(e2e, capsys):
     assert "--top-p: must be in (0, 1]" in capsys.readouterr().err
     assert cli.main(["chat", CHAMPION, "--temperature", "-1", *_store_args(e2e)]) == 2
     assert "--temperature: must be 0 (greedy) or more" in capsys.readouterr().err
+
+
+def test_an_image_for_a_chat_model_is_refused_before_loading(e2e, capsys, tmp_path):
+    """`--image` belongs to LLaVA models: a chat champion says it cannot see pictures (exit 2), loading nothing."""
+    picture = tmp_path / "x.png"
+    picture.write_bytes(b"")
+    rc = cli.main(["chat", CHAMPION, "--image", str(picture), "--question", "What is it?", *_store_args(e2e)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--image: models:/e2e-model@champion is a chat model, not a LLaVA model" in err, err

@@ -36,6 +36,8 @@ class Resolved:
     quantize: bool = False
     cpu_amp: bool = False  # trained in bf16 on the CPU: loaded in bf16 there too (scoring.inference_dtype)
     trust_remote_code: bool = False  # a study: its spec's choice; a registry URI: only the user's --trust-remote-code
+    visual_encoder: Path | None = None  # a LLaVA model: its vision tower; ``adapter`` is then its checkpoint folder
+    square: bool = True  # a LLaVA model: pictures padded to a square, as its training loaders did
 
 
 def resolve(source: str, storage: str, tracking_uri: str, scratch: Path, trust_remote_code: bool = False) -> Resolved:
@@ -67,6 +69,8 @@ def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
     meta = yaml.safe_load((local / "MLmodel").read_text())
     flavor = meta.get("flavors", {}).get("python_function", {})
     config = flavor.get("config") or flavor.get("model_config") or {}  # MLmodel's key for pyfunc's model_config
+    if "llava" in config:
+        return _llava_from_registry(uri, local, config)
     adapters = sorted(p.parent for p in local.rglob("adapter_config.json"))
     if not adapters or "template" not in config:
         raise SpecError(f"{uri}: not a model registered by xtuner-sweep (no adapter or template in it)")
@@ -77,6 +81,25 @@ def _from_registry(uri: str, tracking_uri: str, scratch: Path) -> Resolved:
     return Resolved(uri, adapters[0], base, config["template"], config.get("system", ""),
                     int(config.get("max_new_tokens", 64)), cpu_amp=bool(config.get("cpu_amp")),
                     trust_remote_code=bool(config.get("needs_remote_code")))  # fmt: skip
+
+
+def _llava_from_registry(uri: str, local: Path, config: dict[str, Any]) -> Resolved:
+    """A registered LLaVA model: its checkpoint folder (the one with ``projector/``), LLM and vision tower."""
+    from sweep.xtuner.llava import PROJECTOR
+
+    checkpoints = sorted(p.parent.parent for p in local.rglob("config.json") if p.parent.name == PROJECTOR)
+    if not checkpoints:
+        raise SpecError(f"{uri}: a LLaVA model without its checkpoint folder (projector/) in the registry")
+    found = {p.parent.name: p.parent for p in local.rglob("config.json")}
+    llm = found.get("base_model") or Path(config.get("base_model_path", ""))
+    tower = found.get("visual_encoder") or Path(config.get("visual_encoder_path", ""))
+    for what, folder in (("base model", llm), ("vision tower", tower)):
+        if not (folder / "config.json").is_file():
+            raise SpecError(f"{uri}: its {what} folder {folder} is not on this machine")
+    return Resolved(uri, checkpoints[0], llm, config["template"], config.get("system", ""),
+                    int(config.get("max_new_tokens", 64)), cpu_amp=bool(config.get("cpu_amp")),
+                    trust_remote_code=bool(config.get("needs_remote_code")), visual_encoder=tower,
+                    square=bool(config["llava"].get("square", True)))  # fmt: skip
 
 
 def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Resolved:
@@ -96,14 +119,20 @@ def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Re
     if best is None:
         raise SpecError(f"study {name}: no completed trial yet")
     adapter = Path(best.user_attrs.get("adapter_path", ""))
-    if not (adapter / "adapter_config.json").is_file():  # removed by keep_adapters: MLflow still has it
+    marker = "projector/config.json" if spec.multimodal else "adapter_config.json"  # LLaVA: a checkpoint folder
+    if not (adapter / marker).is_file():  # removed by keep_adapters: MLflow still has it
         run_id = best.user_attrs.get("mlflow_run_id")
         adapter = Path(Tracker(tracking_uri).client.download_artifacts(run_id, "best_adapter", str(scratch)))
     gen = spec.generation
+    square = True
+    if spec.multimodal and (adapter / "xtuner_config.py").is_file():
+        from sweep.xtuner.llava import pads_to_square
+
+        square = pads_to_square(adapter / "xtuner_config.py")
     return Resolved(
         f"study {name} trial {best.number}", adapter, spec.model.path, prompt_template(spec.model.template),
         spec.model.system, gen.max_new_tokens if gen else 64, spec.model.quantize, spec.cpu_amp,
-        spec.model.trust_remote_code,
+        spec.model.trust_remote_code, spec.model.visual_encoder, square,
     )  # fmt: skip
 
 
@@ -129,7 +158,10 @@ def export(resolved: Resolved, adapter_out: Path | None, merge_out: Path | None)
             )
         if merge_out.exists():
             merge_out.rmdir()
-        merge_adapter(resolved.base_model, resolved.adapter, merge_out)
+        if resolved.visual_encoder is not None:
+            merge_llava(resolved, merge_out)
+        else:
+            merge_adapter(resolved.base_model, resolved.adapter, merge_out)
         written.append(merge_out)
     return written
 
@@ -139,7 +171,28 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def merge_adapter(base_model: Path, adapter: Path, out: Path) -> None:
+def merge_llava(resolved: Resolved, out: Path) -> None:
+    """A LLaVA checkpoint merged as the XTuner tutorial merges one: ``llm/`` (the LLM with its adapter folded in,
+    ``xtuner convert merge``), ``visual_encoder/`` (the tower, with its adapter folded in by ``--is-clip`` when it
+    has one) and ``projector/``; written beside ``out`` and renamed into place."""
+    from sweep.xtuner.llava import LLM_ADAPTER, PROJECTOR, VISUAL_ADAPTER
+
+    tmp = atomic.temp_dir_beside(out)
+    try:
+        merge_adapter(resolved.base_model, resolved.adapter / LLM_ADAPTER, tmp / "llm")
+        if (resolved.adapter / VISUAL_ADAPTER).is_dir():
+            merge_adapter(resolved.visual_encoder, resolved.adapter / VISUAL_ADAPTER, tmp / "visual_encoder", clip=True)
+        else:
+            shutil.copytree(resolved.visual_encoder, tmp / "visual_encoder")
+        shutil.copytree(resolved.adapter / PROJECTOR, tmp / "projector")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not atomic.publish_dir(tmp, out):
+        raise FileExistsError(f"{out}: was filled by another writer while the merge ran; the merged model was not kept")
+
+
+def merge_adapter(base_model: Path, adapter: Path, out: Path, clip: bool = False) -> None:
     """``xtuner convert merge``: the adapter folded into the base weights, saved as a Hugging Face model.
 
     Run as XTuner's own module in a child process (it parses sys.argv and may load the model onto a
@@ -152,7 +205,7 @@ def merge_adapter(base_model: Path, adapter: Path, out: Path) -> None:
     cmd = [
         sys.executable, "-m", "xtuner.tools.model_converters.merge", str(base_model), str(adapter), str(tmp),
         "--safe-serialization", "--device", "cuda" if torch.cuda.is_available() else "cpu",
-    ]  # fmt: skip
+    ] + (["--is-clip"] if clip else [])  # fmt: skip
     env = {**launcher.environment(launcher.Launch(config=Path(), work_dir=Path(), log=Path())),
            protocol.CONTROL_ENV: "0"}  # fmt: skip
     try:

@@ -28,6 +28,8 @@ from sweep.registry.locks import adapter_in_use, champion_lock
 from sweep.registry.tracking import Tracker, redact
 from sweep.retry import retry_races
 from sweep.spec import ObjectiveSpec, Spec
+from sweep.xtuner.llava import PROJECTOR as PROJECTOR_DIR
+from sweep.xtuner.llava import pads_to_square
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -57,12 +59,15 @@ class GateResult:
     champion: dict[str, float] | None = None
     champion_version: str | None = None
     already: bool = False  # the alias pointed to this version before the gate began: nothing recorded
+    untrained: dict[str, float] | None = None  # LLaVA: the model before training, on the same test rows
 
     def as_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "version": self.version, "alias": CHAMPION if self.moved else None}
         out.update(moved=self.moved, reason=self.reason, test=self.candidate)
         if self.champion_version is not None:
             out.update(champion_version=self.champion_version, champion_test=self.champion)
+        if self.untrained is not None:
+            out.update(untrained_test=self.untrained)
         return out
 
 
@@ -135,6 +140,8 @@ def _gate(
         if result.already:
             log.info("study %s: trial %d is already %s (version %s)", spec.study, best.number, CHAMPION, version)
             return result
+        if spec.multimodal:  # what training gained: the untrained LLaVA model on the same test rows
+            result.untrained = _score_untrained(spec, tracker, name, version, config, test_file)
     _record(result, tracker, run_id, parent_run_id)
     log.info(
         "study %s: trial %d registered as %s version %s; %s %s: %s",
@@ -275,6 +282,8 @@ def scoring_key(spec: Spec, test_file: Path, config: Path) -> str:
         "max_new_tokens": gen.max_new_tokens if gen else 48,
         "cpu_amp": spec.cpu_amp,
     }
+    if spec.multimodal:  # a LLaVA model's scores also depend on its tower and the projector it started from
+        settings["llava"] = [str(spec.model.visual_encoder), str(spec.model.projector)]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -303,7 +312,7 @@ def tagged_scores(mv: ModelVersion | None, key: str, metric: str) -> dict[str, f
 
 
 def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adapter: Path, run_id: str):
-    from sweep.registry.serving import log_chat_model
+    from sweep.registry.serving import log_chat_model, log_llava_model
     from sweep.xtuner.config import prompt_template
 
     name = spec.registered_model_name
@@ -311,10 +320,18 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
     if version is not None:
         return version
     template = prompt_template(spec.model.template)
-    uri = log_chat_model(
-        run_id, tracker, adapter, spec.model.path, template, spec.model.system, cpu_amp=spec.cpu_amp,
-        needs_remote_code=spec.model.trust_remote_code,
-    )  # fmt: skip
+    if spec.multimodal:  # rows of image + question in (sweep.registry.serving.LlavaChatModel)
+        gen = spec.generation
+        uri = log_llava_model(
+            run_id, tracker, adapter, spec.model.path, spec.model.visual_encoder, template, spec.model.system,
+            gen.max_new_tokens if gen else 64, cpu_amp=spec.cpu_amp, needs_remote_code=spec.model.trust_remote_code,
+            square=pads_to_square(adapter / "xtuner_config.py"),
+        )  # fmt: skip
+    else:
+        uri = log_chat_model(
+            run_id, tracker, adapter, spec.model.path, template, spec.model.system, cpu_amp=spec.cpu_amp,
+            needs_remote_code=spec.model.trust_remote_code,
+        )  # fmt: skip
     mine = tracker.register(uri, name, tags={"study": spec.study, "trial": str(best.number)})
     client = tracker.client
     client.set_model_version_tag(name, mine.version, "mlflow_run_id", run_id)
@@ -326,11 +343,15 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
     return version
 
 
-def _score(spec: Spec, adapter: Path, config: Path, test_file: Path) -> dict[str, float]:
-    from sweep.registry.scoring import score_adapter
+def _score(spec: Spec, adapter: Path | None, config: Path, test_file: Path, prefix: str = "test") -> dict[str, float]:
+    """The test scores of an adapter (a LLaVA checkpoint folder for a LLaVA spec; None: the untrained LLaVA model)."""
+    from sweep.registry.scoring import score_adapter, score_llava
     from sweep.xtuner.config import prompt_template
 
     gen = spec.generation
+    if spec.multimodal:
+        return score_llava(adapter, spec, config, test_file, answers=spec.scores_answers,
+                           max_new_tokens=gen.max_new_tokens if gen else 48, prefix=prefix)  # fmt: skip
     return score_adapter(
         adapter,
         spec.model.path,
@@ -351,6 +372,8 @@ def _score_version(spec: Spec, tracker: Tracker, version: str, config: Path, tes
     with tempfile.TemporaryDirectory() as tmp:
         local = tracker.download(f"models:/{spec.registered_model_name}/{version}", Path(tmp))
         found = sorted(p.parent for p in local.rglob("adapter_config.json"))
+        if spec.multimodal:  # the checkpoint folder: the one that holds projector/
+            found = sorted(p.parent.parent for p in local.rglob("config.json") if p.parent.name == PROJECTOR_DIR)
         if not found:
             log.warning("version %s has no adapter in the registry; it cannot defend the alias", version)
             return None
@@ -363,6 +386,22 @@ def _score_version(spec: Spec, tracker: Tracker, version: str, config: Path, tes
             return None
 
 
+UNTRAINED = "untrained_"  # the prefix of the untrained model's test scores (tags, parent-run metrics)
+
+
+def _score_untrained(spec: Spec, tracker: Tracker, name: str, version: str, config: Path, test_file: Path):
+    """The untrained LLaVA model's test scores, as tags ``untrained_test/...`` of the version (``sweep report``
+    shows them beside the version's own); None, with a warning, when it cannot be scored."""
+    try:
+        scores = _score(spec, None, config, test_file)
+    except Exception as err:  # noqa: BLE001 - the comparison is information; the gate's decision stands
+        log.warning("study %s: the untrained model could not be scored on the test split (%s)", spec.study, err)
+        return None
+    for metric, value in scores.items():
+        tracker.client.set_model_version_tag(name, version, UNTRAINED + metric, repr(float(value)))
+    return scores
+
+
 def _record(result: GateResult, tracker: Tracker, run_id: str, parent_run_id: str | None) -> None:
     client = tracker.client
     tags = {"gate": "passed" if result.moved else "kept previous champion", "gate_reason": result.reason}
@@ -373,6 +412,7 @@ def _record(result: GateResult, tracker: Tracker, run_id: str, parent_run_id: st
     if parent_run_id:
         rows = [(k, v, step) for k, v in result.candidate.items()]
         rows += [(f"champion_{k}", v, step) for k, v in (result.champion or {}).items()]
+        rows += [(UNTRAINED + k, v, step) for k, v in (result.untrained or {}).items()]
         tracker.log_metrics(parent_run_id, rows)
         tracker.set_tags(parent_run_id, {"gate": tags["gate"], "gate_reason": result.reason})
 

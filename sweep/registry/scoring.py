@@ -39,6 +39,25 @@ def inference_dtype(cpu_amp: bool = False) -> torch.dtype:
     return torch.bfloat16 if _device() == "cuda" or cpu_amp else torch.float32
 
 
+def nf4_config():
+    """The 4-bit (nf4) config a QLoRA-trained base model is loaded with for inference, computing in bf16."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def release_memory() -> None:
+    """What a scored model held, given back (the next model to score may need the GPU's memory)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_adapter_model(
     base_model: Path, adapter: Path, quantize: bool = False, cpu_amp: bool = False, trust_remote_code: bool = False
 ):
@@ -48,17 +67,12 @@ def load_adapter_model(
     the adapter in fp32 and casts what flows into it.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = _device()
     kwargs: dict[str, Any] = {"torch_dtype": inference_dtype(cpu_amp)}
     if quantize and device == "cuda":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": 0}
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base_model, trust_remote_code=trust_remote_code, **kwargs)
@@ -78,8 +92,11 @@ def tokenized_loader(config_file: Path, rows_file: Path):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(config_file)
     loader = copy.deepcopy(cfg.val_dataloader)  # a ConfigDict: XTuner reads the template by attribute
-    loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
-    loader["dataset"]["remove_unused_columns"] = False
+    if "data_path" in loader["dataset"]:  # LLaVADataset keeps every column of its rows already
+        loader["dataset"]["data_path"] = str(rows_file)
+    else:
+        loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
+        loader["dataset"]["remove_unused_columns"] = False
     with same_os_environ():
         return Runner.build_dataloader(loader)
 
@@ -115,24 +132,90 @@ def score_adapter(
                 input_ids=data["input_ids"].to(device), attention_mask=data["attention_mask"].to(device)
             ).logits
             parts += [token_loss_sum(logits[i], data["labels"][i]) for i in range(logits.shape[0])]
-        scores = {f"{prefix}/loss": mean_loss(parts)}
-        if groups.KEY in loader.dataset.column_names:  # row i of the dataset is part i: the loader does not shuffle
-            by = by_group(parts, list(loader.dataset[groups.KEY]))
-            scores.update({f"{prefix}/loss/{g}": mean_loss(p) for g, p in by.items()})
+        scores = _loss_scores(parts, loader, prefix)
         if answers:
-            lines = rows_file.read_text(encoding="utf-8").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
-            row_groups = [r.get(groups.KEY) for r in rows]
-            picked = groups.answered_rows(row_groups, MAX_GENERATED_ROWS)
-            pairs = [first_turn(rows[i]["messages"]) for i in picked]
             tokenizer.padding_side = "left"
-            replies = generate_replies(model, tokenizer, template, [q for q, _ in pairs], system, max_new_tokens)
-            per_row = scored([r.text for r in replies], [r.stopped for r in replies], [a for _, a in pairs])
-            metrics = answer_metrics(per_row, [row_groups[i] for i in picked])
-            scores.update({f"{prefix}/{name}": value for name, value in metrics.items()})
+
+            def reply(rows: list[dict[str, Any]], model: Any = model) -> list[Any]:
+                questions = [first_turn(r["messages"])[0] for r in rows]
+                return generate_replies(model, tokenizer, template, questions, system, max_new_tokens)
+
+            scores.update(_answer_scores(rows_file, prefix, reply))
         return scores
     finally:
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
+
+
+def _loss_scores(parts: list[tuple[float, int]], loader: Any, prefix: str) -> dict[str, float]:
+    scores = {f"{prefix}/loss": mean_loss(parts)}
+    dataset = getattr(loader.dataset, "text_data", loader.dataset)  # LLaVADataset keeps its rows' columns there
+    if groups.KEY in dataset.column_names:  # row i of the dataset is part i: the loader does not shuffle
+        by = by_group(parts, list(dataset[groups.KEY]))
+        scores.update({f"{prefix}/loss/{g}": mean_loss(p) for g, p in by.items()})
+    return scores
+
+
+def _answer_scores(rows_file: Path, prefix: str, reply: Any) -> dict[str, float]:
+    """ROUGE-L, repetition and runaway answers of the greedy answers ``reply`` gives to the first rows (of each
+    group in turn), as validation scores its answers."""
+    from sweep.xtuner.generation import first_turn
+
+    lines = rows_file.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    row_groups = [r.get(groups.KEY) for r in rows]
+    picked = groups.answered_rows(row_groups, MAX_GENERATED_ROWS)
+    replies = reply([rows[i] for i in picked])
+    references = [first_turn(rows[i]["messages"])[1] for i in picked]
+    per_row = scored([r.text for r in replies], [r.stopped for r in replies], references)
+    metrics = answer_metrics(per_row, [row_groups[i] for i in picked])
+    return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+
+@torch.no_grad()
+def score_llava(
+    checkpoint: Path | None,
+    spec: Any,
+    config_file: Path,
+    rows_file: Path,
+    *,
+    answers: bool = False,
+    max_new_tokens: int = 48,
+    prefix: str = "test",
+) -> dict[str, float]:
+    """``score_adapter`` for a LLaVA checkpoint folder (``llm_adapter/``, ``visual_encoder_adapter/``,
+    ``projector/``): the same metrics on rows with pictures, each question asked with its picture. Without
+    ``checkpoint``, the untrained model the study started from (base LLM and tower, the spec's projector)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from sweep.xtuner.config import prompt_template
+    from sweep.xtuner.llava import generate_image_replies, load_llava, token_losses
+
+    device = _device()
+    quantization = nf4_config() if spec.model.quantize and device == "cuda" else None
+    model = load_llava(spec.model.path, spec.model.visual_encoder, checkpoint, spec.model.projector,
+                       inference_dtype(spec.cpu_amp), device, spec.model.trust_remote_code, quantization)  # fmt: skip
+    try:
+        loader = tokenized_loader(config_file, rows_file)
+        parts: list[tuple[float, int]] = []
+        for batch in loader:
+            parts += token_losses(model, batch)
+        scores = _loss_scores(parts, loader, prefix)
+        if answers:
+            tokenizer = AutoTokenizer.from_pretrained(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+            processor = CLIPImageProcessor.from_pretrained(spec.model.visual_encoder)
+            square = bool(loader.dataset.pad_image_to_square)
+            template = prompt_template(spec.model.template)
+
+            def reply(rows: list[dict[str, Any]], model: Any = model) -> list[Any]:
+                from sweep.xtuner.generation import first_turn
+
+                items = [(r.get("image"), first_turn(r["messages"])[0]) for r in rows]
+                return generate_image_replies(model, tokenizer, processor, template, items, spec.model.system,
+                                              max_new_tokens, square)  # fmt: skip
+
+            scores.update(_answer_scores(rows_file, prefix, reply))
+        return scores
+    finally:
+        del model
+        release_memory()

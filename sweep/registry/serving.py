@@ -24,6 +24,18 @@ from sweep.registry.tracking import Tracker
 BUNDLE_LIMIT_BYTES = 200 * 2**20
 
 
+def granted_trust(cfg: dict[str, Any]) -> bool:
+    """Whether the loader granted remote code (only its own ``model_config`` override sets it, see log_chat_model);
+    a base model that needs it and was not granted it is refused."""
+    trust = cfg.get("trust_remote_code") is True
+    if cfg.get("needs_remote_code") and not trust:
+        raise RuntimeError(
+            "this model's base model runs code of its own (trust_remote_code); load it with "
+            "mlflow.pyfunc.load_model(uri, model_config={'trust_remote_code': True}) if you trust its source"
+        )
+    return trust
+
+
 class AdapterChatModel(PythonModel):
     """A base LLM plus a LoRA adapter, answering a list of questions (greedy unless params ask to sample)."""
 
@@ -37,12 +49,7 @@ class AdapterChatModel(PythonModel):
         cfg = context.model_config
         base = context.artifacts.get("base_model") or cfg["base_model_path"]
         adapter = Path(context.artifacts["adapter"])
-        trust = cfg.get("trust_remote_code") is True  # only the loader's own override sets it (see log_chat_model)
-        if cfg.get("needs_remote_code") and not trust:
-            raise RuntimeError(
-                "this model's base model runs code of its own (trust_remote_code); load it with "
-                "mlflow.pyfunc.load_model(uri, model_config={'trust_remote_code': True}) if you trust its source"
-            )
+        trust = granted_trust(cfg)
         self.model, self.tokenizer = load_adapter_model(
             Path(base), adapter, cpu_amp=bool(cfg.get("cpu_amp")), trust_remote_code=trust
         )
@@ -112,6 +119,120 @@ def _questions(model_input: Any) -> list[str]:
 
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class LlavaChatModel(PythonModel):
+    """A LLaVA checkpoint (``llm_adapter/``, ``visual_encoder_adapter/``, ``projector/``) on its base LLM and vision
+    tower, answering rows of (image, question) greedily, as the sweep scored it.
+
+    ``predict`` takes a DataFrame (or a list of dicts) with columns ``image`` (a file path, or the file's bytes)
+    and ``question``; an empty image asks the question alone. ``params``: ``max_new_tokens`` and ``system``.
+    """
+
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        from transformers import AutoTokenizer, CLIPImageProcessor
+
+        from sweep.registry.scoring import _device, inference_dtype
+        from sweep.xtuner.llava import load_llava
+
+        cfg = context.model_config
+        llm = Path(context.artifacts.get("base_model") or cfg["base_model_path"])
+        tower = Path(context.artifacts.get("visual_encoder") or cfg["visual_encoder_path"])
+        trust = granted_trust(cfg)
+        checkpoint = Path(context.artifacts["checkpoint"])
+        self.model = load_llava(llm, tower, checkpoint, None, inference_dtype(bool(cfg.get("cpu_amp"))), _device(),
+                                trust_remote_code=trust)  # fmt: skip
+        self.tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust)
+        self.processor = CLIPImageProcessor.from_pretrained(tower)
+        self.template, self.system = cfg["template"], cfg.get("system", "")
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
+        self.square = bool(cfg["llava"].get("square", True))
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        from sweep.xtuner.llava import generate_image_replies
+
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        with tempfile.TemporaryDirectory() as tmp:
+            items = _image_rows(model_input, Path(tmp))
+            replies = generate_image_replies(
+                self.model, self.tokenizer, self.processor, self.template, items,
+                str(given.get("system", self.system)), int(given.get("max_new_tokens", self.max_new_tokens)),
+                self.square,
+            )  # fmt: skip
+        return [r.text for r in replies]
+
+
+def _image_rows(model_input: Any, tmp: Path) -> list[tuple[str | None, str]]:
+    """(picture file or None, question) of each row: a DataFrame or a list of dicts with ``image`` and ``question``;
+    an image given as bytes is written to ``tmp`` first."""
+    rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+    items = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "question" not in row:
+            raise ValueError(f"row {i}: expected an 'image' (file path or bytes) and a 'question'")
+        image = row.get("image")
+        if isinstance(image, (bytes, bytearray)):
+            path = tmp / f"image_{i}"
+            path.write_bytes(image)
+            image = str(path)
+        elif not isinstance(image, str):  # None, or pandas' NaN: a row without a picture
+            image = None
+        items.append((image or None, str(row["question"])))
+    return items
+
+
+def llava_signature(max_new_tokens: int):
+    """Rows of image (a file path or its bytes) and question in, answers out; ``max_new_tokens`` and ``system``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("system", "string", None)]),
+    )
+
+
+def log_llava_model(
+    run_id: str,
+    tracker: Tracker,
+    checkpoint: Path,
+    base_model: Path,
+    visual_encoder: Path,
+    template: dict[str, Any],
+    system: str = "",
+    max_new_tokens: int = 64,
+    cpu_amp: bool = False,
+    needs_remote_code: bool = False,
+    square: bool = True,
+) -> str:
+    """``log_chat_model`` for a LLaVA checkpoint: its folder, and the LLM and tower bundled when they are small."""
+    artifacts = {"checkpoint": str(checkpoint)}
+    config: dict[str, Any] = {"template": template, "system": system, "max_new_tokens": max_new_tokens,
+                              "cpu_amp": cpu_amp, "needs_remote_code": needs_remote_code, "trust_remote_code": False,
+                              "llava": {"square": square}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, folder, key in (("base_model", base_model, "base_model_path"),
+                                  ("visual_encoder", visual_encoder, "visual_encoder_path")):  # fmt: skip
+            if _folder_bytes(folder) <= BUNDLE_LIMIT_BYTES:
+                bundled = Path(tmp) / name
+                shutil.copytree(folder, bundled, ignore=shutil.ignore_patterns("*.pth", "*.pt"))
+                artifacts[name] = str(bundled)
+            else:
+                config[key] = str(folder)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            return tracker.log_pyfunc(
+                run_id,
+                name="model",
+                python_model=LlavaChatModel(),
+                artifacts=artifacts,
+                model_config=config,
+                signature=llava_signature(max_new_tokens),
+                pip_requirements=["torch", "transformers", "peft", "xtuner", "xtuner-sweep"],
+            )
 
 
 def log_chat_model(

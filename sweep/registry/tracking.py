@@ -160,6 +160,17 @@ class Tracker:
         """A JSON (or YAML, by ``name``'s suffix) artifact made from ``data``."""
         self.client.log_dict(run_id, data, name)
 
+    def log_answer_table(self, run_id: str, rows: list[dict[str, Any]], table: str, pictures: bool = False) -> None:
+        """Append answer rows to a run's MLflow table (``TABLE.json``); with ``pictures``, a row's ``image`` (a file)
+        goes in as the picture itself (``mlflow.Image``: the UI shows it beside the question and answer)."""
+        columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+        if pictures and "image" in columns:
+            import mlflow
+            from PIL import Image
+
+            columns["image"] = [mlflow.Image(Image.open(p).convert("RGB")) if p else None for p in columns["image"]]
+        self.client.log_table(run_id, columns, f"{table}.json")
+
     def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), folder)

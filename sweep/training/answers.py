@@ -17,6 +17,7 @@ from objectives.repetition import repeats
 from sweep import groups
 from sweep.trial import protocol
 from sweep.xtuner.generation import first_turn, generate_replies
+from sweep.xtuner.llava import generate_image_replies
 
 VAL_TABLE = protocol.ValAnswers.table  # the MLflow table (val_answers.json) of the validation answers
 PROBE_TABLE = protocol.Samples.table  # the MLflow table (samples.json) of the probes' answers
@@ -46,14 +47,28 @@ class Answers:
         self.questions = [q for q, _ in pairs]
         self.references = [a for _, a in pairs]
         self.groups = [row_groups[i] for i in picked]
+        self.llava = settings.get("llava")  # a LLaVA trial: each question is asked with its picture
+        self.images = [rows[i].get("image") for i in picked]
+        self.probes = [p if isinstance(p, str) else p["question"] for p in settings["probes"]]
+        self.probe_images = [None if isinstance(p, str) else p["image"] for p in settings["probes"]]
+        if self.llava:
+            self.processor = BUILDER.build(self.llava["image_processor"])
 
-    def at_point(self, llm: Any, step: int) -> AnswerPoint:
-        """The answer metrics under ``val/`` (none when not scored) and the rows of each answer table."""
+    def _replies(self, model: Any, questions: list[str], images: list[str | None]) -> list[Any]:
         gen = self.settings
         args = dict(template=gen["template"], system=gen["system"], max_new_tokens=gen["max_new_tokens"])
+        if self.llava:
+            return generate_image_replies(model, self.tokenizer, self.processor, items=list(zip(images, questions, strict=True)),
+                                          square=self.llava["square"], **args)  # fmt: skip
+        return generate_replies(getattr(model, "llm", model), self.tokenizer, questions=questions, **args)
+
+    def at_point(self, model: Any, step: int) -> AnswerPoint:
+        """The answer metrics under ``val/`` (none when not scored) and the rows of each answer table; ``model`` is
+        XTuner's (``SupervisedFinetune``, or ``LLaVAModel`` whose answers need its tower) or, for chat, the LLM."""
+        gen = self.settings
         point = AnswerPoint({}, {})
         if gen["score_answers"] and self.questions:
-            replies = generate_replies(llm, self.tokenizer, questions=self.questions, **args)
+            replies = self._replies(model, self.questions, self.images)
             per_row = scored([r.text for r in replies], [r.stopped for r in replies], self.references)
             point.metrics = {f"val/{k}": v for k, v in answer_metrics(per_row, self.groups).items()}
             point.tables[VAL_TABLE] = [
@@ -62,10 +77,16 @@ class Answers:
                 for q, ref, g, r, score, rep in zip(self.questions, self.references, self.groups, replies,
                                                     per_row["rouge_l"], per_row["repetition"], strict=True)
             ]  # fmt: skip
-        if gen["probes"]:
-            replies = generate_replies(llm, self.tokenizer, questions=gen["probes"], **args)
+        if self.probes:
+            replies = self._replies(model, self.probes, self.probe_images)
             point.tables[PROBE_TABLE] = [
                 {"step": step, "question": q, "answer": r.text, "repeats": repeats(r.text), "no_stop": not r.stopped}
-                for q, r in zip(gen["probes"], replies, strict=True)
+                for q, r in zip(self.probes, replies, strict=True)
             ]
+            if self.llava:  # the picture beside each answer (the sweep logs it into the MLflow table)
+                for row, image in zip(point.tables[PROBE_TABLE], self.probe_images, strict=True):
+                    row["image"] = image
+        if self.llava and VAL_TABLE in point.tables:
+            for row, image in zip(point.tables[VAL_TABLE], self.images, strict=True):
+                row["image"] = image
         return point

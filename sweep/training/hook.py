@@ -27,7 +27,7 @@ from objectives import WEIGHTED, weighted
 from objectives.noise import se_name, weighted_se
 from objectives.selection import Keeper, Point
 from sweep import atomic, groups
-from sweep.training import baseline, compiled, fused_loss
+from sweep.training import baseline, compiled, fused_loss, llava
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
 from sweep.training.memory import PEAK_KEY
 from sweep.training.metrics import ValLossMetric, general_loss
@@ -104,6 +104,7 @@ class SweepHook(Hook):
         """Each validation row's group, from the validation dataset itself (render keeps its ``group`` column), in
         the order ``ValLossMetric`` gets its results: rows XTuner's pipeline dropped cannot shift them."""
         dataset = runner.val_loop.dataloader.dataset
+        dataset = getattr(dataset, "text_data", dataset)  # LLaVADataset keeps its rows' columns there
         if groups.KEY not in getattr(dataset, "column_names", ()):
             raise RuntimeError(f"the validation dataset has no {groups.KEY!r} column; render keeps it for groups")
         column = list(dataset[groups.KEY])
@@ -192,7 +193,7 @@ class SweepHook(Hook):
         found: list[dict[str, float] | None] = [None]
         tables: dict[str, list[dict]] = {}
         if is_main_process():
-            point = self.answers.at_point(_unwrap(runner.model).llm, step)
+            point = self.answers.at_point(_unwrap(runner.model), step)
             found[0], tables = point.metrics, point.tables
         if get_world_size() > 1:
             broadcast_object_list(found)
@@ -231,8 +232,12 @@ class SweepHook(Hook):
         """Write the adapter next to the folder, then swap it in: a crash never leaves half a kept adapter."""
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic.temp_dir_beside(folder)
+        model = _unwrap(runner.model)
         try:
-            _unwrap(runner.model).llm.save_pretrained(str(tmp), safe_serialization=True)
+            if llava.is_llava_model(model):  # llm_adapter/, visual_encoder_adapter/, projector/
+                llava.save_checkpoint(model, tmp)
+            else:
+                model.llm.save_pretrained(str(tmp), safe_serialization=True)
             atomic.replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,8 +32,8 @@ class ValLossMetric(BaseMetric):
 
     def process(self, data_batch: Any, data_samples: Any) -> None:
         labels = data_batch["data"]["labels"]
-        for i, sample in enumerate(data_samples):
-            self.results.append(token_loss_sum(sample["logits"], labels[i]))
+        for i, sample in enumerate(data_samples):  # a LLaVA model hands back its own labels (sweep.training.llava)
+            self.results.append(token_loss_sum(sample["logits"], sample.get("labels", labels[i])))
 
     def compute_metrics(self, results: list) -> dict[str, float]:
         metrics = {"loss": mean_loss(results), "loss_se": loss_se(results)}
@@ -54,7 +54,7 @@ def general_loss(model: Any, loader: Any) -> tuple[float, float]:
     for data_batch in loader:
         outputs = model.val_step(data_batch)
         labels = data_batch["data"]["labels"]
-        parts += [token_loss_sum(out["logits"], labels[i]) for i, out in enumerate(outputs)]
+        parts += [token_loss_sum(out["logits"], out.get("labels", labels[i])) for i, out in enumerate(outputs)]
     if get_world_size() > 1:
         parts = [p for rank_parts in all_gather_object(parts) for p in rank_parts]
     return mean_loss(parts), loss_se(parts)

@@ -5,6 +5,7 @@ Each fix leaves a trial's math as stock XTuner computes it:
 - Warm-up ranges that round to 0 or 1 iterations are widened to 2 (``_widen_short_schedules``).
 - Config text skips yapf, and the 2 s pause at epoch boundaries is skipped for in-process loaders:
   both cost time and change no value.
+- LLaVA's ``predict`` also returns the labels of the sequence it ran (``sweep.training.llava``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from sweep.training import base_model
+from sweep.training import base_model, llava
 
 _PREPARED = False
 
@@ -30,6 +31,7 @@ def prepare_process() -> None:
     _widen_short_schedules()
     _plain_config_text()
     _no_pause_between_epochs()
+    llava.predict_with_labels()
     base_model.CACHE.install()
     from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker
 

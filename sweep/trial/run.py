@@ -184,7 +184,8 @@ class Trial:
         checkpointing = _checkpointing(ctx, batch_size, max_length)
         rendered = render(ctx.base_cfg, spec, values, files, ctx.device, checkpointing)
         config.write_text(rendered, encoding="utf-8")
-        if spec.speed.tokenize_once:  # the same tokens, made once per study instead of once per trial
+        # the same tokens, made once per study instead of once per trial (LLaVADataset tokenizes its own rows)
+        if spec.speed.tokenize_once and not spec.multimodal:
             tokens = tokenize_once(config, ctx.data)
             train = work / "train.jsonl"
             n_rows = data_mod.mix(ctx.data, mix_ratio, mix_seed, train, tokens)
@@ -280,8 +281,9 @@ class Trial:
                 validated = True
                 self._validation_point(ev)
             elif isinstance(ev, protocol.AnswerRows) and ev.rows:  # MLflow appends to a table: log only the new rows
-                columns = {k: [r.get(k) for r in ev.rows] for k in ev.rows[0]}
-                self.ctx.tracker.client.log_table(self.run_id, columns, f"{ev.table}.json")
+                # a LLaVA probe's picture goes into its table; validation rows name theirs (a picture per row is a lot)
+                pictures = self.spec.multimodal and ev.table == protocol.Samples.table
+                self.ctx.tracker.log_answer_table(self.run_id, ev.rows, ev.table, pictures)
             elif isinstance(ev, protocol.End):
                 watch.end = ev
             elif isinstance(ev, protocol.TrainingWarning):

@@ -20,6 +20,7 @@ from sweep import knobs, speed
 from sweep.spec import GenerationSpec, Spec, SpecError
 from sweep.trial import protocol
 from sweep.trial.protocol import TrialFiles
+from sweep.xtuner import llava
 from sweep.xtuner.config import prompt_template
 from sweep.xtuner.literal import to_source
 
@@ -49,7 +50,15 @@ def render(
 
     ``activation_checkpointing`` None keeps the base config's choice (XTuner's default is on).
     """
-    if not isinstance(_get(base, "model", "lora"), dict):
+    multimodal = llava.is_llava(base)
+    if multimodal != spec.multimodal:
+        raise SpecError(
+            f"base_config {spec.base_config}: is a LLaVA config (a visual_encoder beside its LLM); name the tower "
+            "and the image folder: model.visual_encoder and data.images"
+            if multimodal
+            else f"model.visual_encoder: base_config {spec.base_config} is not a LLaVA config (no model.visual_encoder)"
+        )
+    if not isinstance(_get(base, "model", "llm_lora" if multimodal else "lora"), dict):
         raise SpecError(
             f"base_config {spec.base_config}: has no model.lora (it trains every weight: a full or DPO fine-tune); "
             "xtuner-sweep tunes LoRA/QLoRA adapters: start from a *_lora_* or *_qlora_* config"
@@ -101,6 +110,9 @@ def render(
     for name in [k for k, v in cfg.items() if v is not old_ds and v == old_ds]:
         del cfg[name]  # the base's own dataset, kept under a variable name: not what this trial trains on
     cfg["train_dataloader"]["dataset"] = _dataset(files.train, tokenizer, template, max_length, pack, varlen, n_proc)
+    if multimodal:  # the loaders of pictures and their questions (sweep.xtuner.llava)
+        llava.render_parts(cfg, spec, files, old_ds, tokenizer, template, max_length, int(values["batch_size"]),
+                           VAL_BATCH_SIZE, n_proc, cpu=not device.cuda)  # fmt: skip
     if files.tokenized:  # XTuner's pipeline goes on from the tokens: filter, shuffle, pack
         cfg["train_dataloader"]["dataset"].update(
             do_dataset_tokenization=False, dataset_map_fn=None, template_map_fn=None
@@ -109,7 +121,8 @@ def render(
     cfg["max_length"] = max_length
     cfg["SYSTEM"] = spec.model.system
 
-    cfg["val_dataloader"] = _val_loader(files.val, tokenizer, template, max_length, keep_groups=bool(files.groups))
+    if not multimodal:
+        cfg["val_dataloader"] = _val_loader(files.val, tokenizer, template, max_length, keep_groups=bool(files.groups))
     cfg["val_evaluator"] = {"type": protocol.VAL_METRIC_TYPE}
     cfg["val_cfg"] = {"type": "mmengine.runner.ValLoop"}
 
@@ -143,8 +156,16 @@ def render(
     rule = "less" if objective.primary_direction == "minimize" else "greater"
     hooks = [h for h in cfg.get("custom_hooks") or [] if "EvaluateChatHook" not in str(h.get("type"))]
     general_val = _val_loader(files.general_val, tokenizer, template, max_length) if files.general_val else None
+    if general_val is not None and multimodal:
+        ds = cfg["val_dataloader"]["dataset"]
+        general_val = llava.val_loader(files.general_val, tokenizer, ds["image_processor"], template, max_length,
+                                       ds["pad_image_to_square"], VAL_BATCH_SIZE)  # fmt: skip
     generation = _generation(spec, files, tokenizer, template)
-    baseline = _baseline_path(spec, files, llm, amp, cfg["val_dataloader"], general_val, generation)
+    if generation is not None and multimodal:
+        generation["llava"] = llava.generation_settings(cfg)
+    # a LLaVA model's step 0 is also its tower and projector: they are in the key with the LLM
+    parts = {k: v for k, v in cfg["model"].items() if k in ("visual_encoder", "pretrained_pth")} if multimodal else {}
+    baseline = _baseline_path(spec, files, llm, amp, cfg["val_dataloader"], general_val, generation, *parts.items())
     settings = protocol.HookSettings(
         metric=objective.primary,
         rule=rule,
@@ -235,7 +256,7 @@ def _generation(spec: Spec, files: TrialFiles, tokenizer: dict, template: dict) 
         "score_answers": spec.scores_answers,
         "max_rows": gen.max_rows,
         "max_new_tokens": gen.max_new_tokens,
-        "probes": list(spec.probes),
+        "probes": [p if isinstance(p, str) else {"image": str(p.image), "question": p.question} for p in spec.probes],
         "template": template,
         "system": spec.model.system,
         "tokenizer": tokenizer,

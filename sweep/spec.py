@@ -280,8 +280,8 @@ class SpeedSpec(_Strict):
     # auto: cut-cross-entropy (or Liger) on a GPU where installed, else off (sweep.speed)
     fused_loss: Literal["auto", "off", "chunked", "cce", "liger"] = "auto"
     compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
-    # the optimizer's fused kernel (torch's fused=True): one launch per step, not one per tensor; auto: on for CUDA
-    fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
+    fused_optimizer: Literal["auto", "on", "off"] = "off"
 
     @field_validator("activation_checkpointing", "fused_loss", "fused_optimizer", mode="before")
     @classmethod

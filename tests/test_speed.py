@@ -19,8 +19,9 @@ def _spec(tmp_path, model, text: str = ""):
 
 
 def test_auto_is_off_on_the_cpu_and_a_gpu_kernel_where_one_is_installed(tmp_path, tiny_model, monkeypatch):
-    spec = _spec(tmp_path, tiny_model)
+    spec = _spec(tmp_path, tiny_model, "fused_optimizer: auto")
     assert (spec.speed.fused_loss, spec.speed.fused_optimizer) == ("auto", "auto")
+    assert _spec(tmp_path, tiny_model).speed.fused_optimizer == "off", "no gain measured: off by default"
     assert speed.fused_loss(spec, Device(cuda=False)) == "off"
     assert speed.fused_optimizer(spec, Device(cuda=False)) is False
     assert speed.fused_optimizer(spec, Device(cuda=True)) is True
@@ -46,7 +47,7 @@ def test_auto_leaves_a_model_that_scales_its_logits_alone(tmp_path, tiny_model, 
 def test_the_rendered_config_names_the_choice(tmp_path, tiny_model, monkeypatch):
     """What the hook installs and what the optimizer runs is what ``auto`` chose for the device."""
     monkeypatch.setattr(speed, "installed", lambda module: module == "cut_cross_entropy")
-    spec = _spec(tmp_path, tiny_model)
+    spec = _spec(tmp_path, tiny_model, "fused_optimizer: auto")
     cpu, gpu = check(spec, Device(cuda=False)).config_text, check(spec, Device(cuda=True)).config_text
     assert "'fused_loss': 'off'" in cpu and "'fused': True" not in cpu
     assert "'fused_loss': 'cce'" in gpu and "'fused': True" in gpu

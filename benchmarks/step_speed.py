@@ -11,7 +11,8 @@ device's 10-minute limit:
     python3 benchmarks/step_speed.py report              # the table, from $OUT/step_speed.json
 
 A sweep variant is `BATCH:LEVERS`, levers joined by `+` from: off (no lever), chunked, cce, liger (speed.fused_loss),
-compile (speed.compile), fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
+compile (speed.compile), fastdrop (speed.compile_dropout: fused), exact (speed.compile_exact_casts),
+fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
 comparing compiled and eager curves without dropout masks), profile (torch.profiler over iterations 6-8 of the run,
 printed to the log: kernels by GPU time and how busy the GPU was); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
 this process, to see what a later trial of a resident worker pays for compiling). The sweep's path renders the config as `sweep
@@ -41,6 +42,7 @@ OUT = throughput.OUT
 ITERS = int(os.environ.get("STEP_ITERS", "20"))
 LENGTH = throughput.MAX_LENGTH
 RESULTS = OUT / "step_speed.json"
+LEVERS = {"chunked", "cce", "liger", "compile", "fastdrop", "exact", "fusedopt", "nodrop", "profile"}
 
 
 def _save(key: str, result: dict) -> None:
@@ -118,7 +120,8 @@ fixed: {{max_iters: {ITERS}, max_length: {LENGTH}, lr: 2.0e-4, lora_alpha: 16, l
 search_space: {{}}
 eval_every: 100000000
 speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activation_checkpointing: "off",
-        fused_optimizer: {str("fusedopt" in levers).lower()}}}
+        fused_optimizer: {str("fusedopt" in levers).lower()}, compile_dropout: {"fused" if "fastdrop" in levers else "eager"},
+        compile_exact_casts: {str("exact" in levers).lower()}}}
 """
     )
     spec = load_spec(spec_file)
@@ -165,6 +168,8 @@ def sweep(variants: list[str]) -> None:
         variant, _, again = variant.partition("#")  # "8:cce+compile#2": the same run again in this process
         batch_text, _, lever_text = variant.partition(":")
         batch, levers = int(batch_text), set((lever_text or "off").split("+")) - {"off"}
+        if levers - LEVERS:
+            raise SystemExit(f"{variant}: unknown lever(s) {sorted(levers - LEVERS)}; known: {sorted(LEVERS)}")
         label = f"{batch}:{'+'.join(sorted(levers)) or 'off'}" + (f"#{again}" if again else "")
         work = WORK / f"sweep_{label.replace(':', '_').replace('#', '_')}"
         name = f"sweep:{label}"

@@ -280,6 +280,10 @@ class SpeedSpec(_Strict):
     # auto: cut-cross-entropy (or Liger) on a GPU where installed, else off (sweep.speed)
     fused_loss: Literal["auto", "off", "chunked", "cce", "liger"] = "auto"
     compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
+    # compiled layers' LoRA dropout masks: "eager" draws them as an eager step does (the same masks, an eager
+    # kernel beside the compiled graph), "fused" inside the compiled kernel (other masks, same distribution)
+    compile_dropout: Literal["eager", "fused"] = "eager"
+    compile_exact_casts: bool = False  # compiled layers round intermediates to 16 bits where eager does
     # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
     fused_optimizer: Literal["auto", "on", "off"] = "off"
 

@@ -3,10 +3,14 @@
 Regional compilation: each decoder layer is compiled, not the whole model, so the graph is one layer's
 (fast to compile, reused by every layer) and PEFT, XTuner and mmengine keep calling plain modules. Packing
 fixes every batch's shape to ``max_length``, so a trial compiles once per shape. Two settings keep the
-math what eager PyTorch computes:
-- ``fallback_random``: inductor draws dropout masks (LoRA's dropout) from its own generator otherwise,
-  so a compiled trial's losses would leave the eager ones from the first step whose LoRA B is non-zero;
-  with it, the masks come from the same generator in the same order as in eager mode.
+math what eager PyTorch computes, unless the spec trades them for speed:
+- ``fallback_random`` (``speed.compile_dropout: eager``): inductor draws dropout masks (LoRA's dropout) from its
+  own generator otherwise, so a compiled trial's losses would leave the eager ones from the first step whose
+  LoRA B is non-zero; with it, the masks come from the same generator in the same order as in eager mode, at the
+  price of an eager dropout kernel (and its fp32 copy of the activations) in every LoRA layer. ``fused`` lets
+  the compiled kernel draw them: other masks of the same distribution.
+- ``emulate_precision_casts`` (``speed.compile_exact_casts``): inductor otherwise keeps a fused chain of
+  pointwise ops in fp32 where eager rounds each result to bf16, which moves the curve by rounding.
 - ``allow_unspec_int_on_nn_module``: a layer's ``layer_idx`` (an int attribute) is not specialised on, so
   one graph serves every layer instead of one recompile per layer (which hits dynamo's cache limit).
 A resident worker keeps its base model, and so its compiled layers, between trials: a later trial pays
@@ -18,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 _MARK = "_sweep_compiled"  # on a layer: whether its training forward runs compiled now
+_compiled_with: dict[str, bool] | None = None  # the inductor settings this process compiled layers with
 
 
 def decoder_layers(llm: Any) -> list[Any]:
@@ -29,12 +34,13 @@ def decoder_layers(llm: Any) -> list[Any]:
     return list(layers)
 
 
-def use_compiled_layers(llm: Any, on: bool) -> None:
+def use_compiled_layers(llm: Any, on: bool, *, fused_dropout: bool = False, exact_casts: bool = False) -> None:
     """Training steps of this model run its decoder layers compiled (``on``) or eager.
 
     Only training forward passes (grad enabled, ``layer.training``) take the compiled path: validation and
     greedy generation (a new sequence length every token) stay eager, so they never trigger a recompile.
-    A layer is wrapped once and keeps its compiled code for the worker's later trials.
+    A layer is wrapped once and keeps its compiled code for the worker's later trials, unless a trial asks for
+    other inductor settings than the code was compiled with (dynamo does not guard on them): then it recompiles.
     """
     import torch
 
@@ -42,7 +48,13 @@ def use_compiled_layers(llm: Any, on: bool) -> None:
         import torch._dynamo
         import torch._inductor.config
 
-        torch._inductor.config.fallback_random = True
+        global _compiled_with
+        wanted = {"fallback_random": not fused_dropout, "emulate_precision_casts": exact_casts}
+        if _compiled_with not in (None, wanted):
+            torch._dynamo.reset()  # compiled code of other settings: dropped, compiled again on first use
+        for key, value in wanted.items():
+            setattr(torch._inductor.config, key, value)
+        _compiled_with = wanted
         torch._dynamo.config.allow_unspec_int_on_nn_module = True
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in decoder_layers(llm) if on or _wrapped(llm) else []:

@@ -88,7 +88,8 @@ class SweepHook(Hook):
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # the Transformers model PEFT wraps
         if self.settings.fused_loss != "off":
             fused_loss.install(base, self.settings.fused_loss)
-        compiled.use_compiled_layers(base, self.settings.compile)
+        compiled.use_compiled_layers(base, self.settings.compile, fused_dropout=self.settings.compile_dropout == "fused",
+                                     exact_casts=self.settings.compile_exact_casts)  # fmt: skip
         self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
                                   self.settings.fused_loss, self.settings.compile))  # fmt: skip
         if self.settings.general_val:

@@ -181,6 +181,8 @@ def render(
         baseline=str(baseline) if spec.speed.baseline_once else None,
         fused_loss=speed.fused_loss(spec, device),
         compile=spec.speed.compile,
+        compile_dropout=spec.speed.compile_dropout,
+        compile_exact_casts=spec.speed.compile_exact_casts,
         groups=list(files.groups) or None,
         keep=objective.keep,
     )

@@ -104,6 +104,44 @@ def test_compiled_layers_train_to_the_same_losses_with_lora_dropout(tiny_model):
     assert eager[2] < eager[0], "the steps trained"
 
 
+def test_compiled_layers_keep_the_eager_bf16_curve_only_with_exact_casts(tiny_model):
+    """In bf16 autocast, inductor fuses pointwise chains in fp32 where eager rounds each result to bf16: the
+    compiled curve then leaves the eager one by rounding (the offset the H200 showed, docs/benchmarks.md).
+    ``compile_exact_casts`` keeps eager's roundings; ``compile_dropout: fused`` draws other masks."""
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+
+    def train(compile_: bool, dropout: float = 0.0, **options: bool) -> list[float]:
+        base, model = _lora_model(tiny_model, torch.bfloat16, dropout=dropout)  # frozen weights bf16, LoRA fp32
+        compiled.use_compiled_layers(base, compile_, **options)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(123)
+        losses = []
+        model.train()
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    def largest_gap(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) / y for x, y in zip(a, b, strict=True))
+
+    eager = train(False)
+    assert eager[3] < eager[0], "the steps trained"
+    exact = train(True, exact_casts=True)
+    assert largest_gap(exact, eager) < 5e-5, (eager, exact)
+    fused_casts = train(True)  # inductor's default: the bf16 round trips between fused ops elided
+    assert largest_gap(fused_casts, eager) > 5e-4, (eager, fused_casts)
+
+    eager_dropout = train(False, dropout=0.1)
+    fused_dropout = train(True, dropout=0.1, fused_dropout=True, exact_casts=True)
+    assert largest_gap(eager_dropout, eager) > 5e-4, "the dropout changed the curve"
+    assert 5e-4 < largest_gap(fused_dropout, eager_dropout) < 2e-2, (eager_dropout, fused_dropout)  # other masks
+
+
 def test_gpu_only_fused_losses_are_refused_before_anything_runs(tmp_path, tiny_model):
     from sweep.preflight import check
     from sweep.xtuner.render import Device

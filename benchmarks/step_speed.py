@@ -12,7 +12,7 @@ device's 10-minute limit:
 
 A sweep variant is `BATCH:LEVERS`, levers joined by `+` from: off (no lever), chunked, cce, liger (speed.fused_loss),
 compile (speed.compile), fastdrop (speed.compile_dropout: fused), exact (speed.compile_exact_casts),
-fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
+loader (speed.data_workers: 2; else 0), fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
 comparing compiled and eager curves without dropout masks), profile (torch.profiler over iterations 6-8 of the run,
 printed to the log: kernels by GPU time and how busy the GPU was); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
 this process, to see what a later trial of a resident worker pays for compiling). The sweep's path renders the config as `sweep
@@ -42,7 +42,7 @@ OUT = throughput.OUT
 ITERS = int(os.environ.get("STEP_ITERS", "20"))
 LENGTH = throughput.MAX_LENGTH
 RESULTS = OUT / "step_speed.json"
-LEVERS = {"chunked", "cce", "liger", "compile", "fastdrop", "exact", "fusedopt", "nodrop", "profile"}
+LEVERS = {"chunked", "cce", "liger", "compile", "fastdrop", "exact", "fusedopt", "nodrop", "profile", "loader"}
 
 
 def _save(key: str, result: dict) -> None:
@@ -121,7 +121,7 @@ search_space: {{}}
 eval_every: 100000000
 speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activation_checkpointing: "off",
         fused_optimizer: {str("fusedopt" in levers).lower()}, compile_dropout: {"fused" if "fastdrop" in levers else "eager"},
-        compile_exact_casts: {str("exact" in levers).lower()}}}
+        compile_exact_casts: {str("exact" in levers).lower()}, data_workers: {2 if "loader" in levers else 0}}}
 """
     )
     spec = load_spec(spec_file)

@@ -282,8 +282,11 @@ class SpeedSpec(_Strict):
     compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
     # compiled layers' LoRA dropout masks: "eager" draws them as an eager step does (the same masks, an eager
     # kernel beside the compiled graph), "fused" inside the compiled kernel (other masks, same distribution)
-    compile_dropout: Literal["eager", "fused"] = "eager"
-    compile_exact_casts: bool = False  # compiled layers round intermediates to 16 bits where eager does
+    compile_dropout: Literal["eager", "fused"] = "fused"
+    compile_exact_casts: bool = True  # compiled layers round intermediates to 16 bits where eager does
+    # processes that collate the training batches beside the training process (the DataLoader's num_workers);
+    # auto: 2 on a GPU, where collating in the training process leaves the GPU waiting, 0 on the CPU
+    data_workers: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
     # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
     fused_optimizer: Literal["auto", "on", "off"] = "off"
 

@@ -54,3 +54,25 @@ def test_the_rendered_config_names_the_choice(tmp_path, tiny_model, monkeypatch)
     assert (
         "'fused': True" not in check(_spec(tmp_path, tiny_model, "fused_optimizer: off"), Device(cuda=True)).config_text
     )
+
+
+def test_data_workers_collate_beside_a_gpu_trial_only(tmp_path, tiny_model):
+    spec = _spec(tmp_path, tiny_model)
+    assert spec.speed.data_workers == "auto"
+    assert (speed.data_workers(spec, Device(cuda=False)), speed.data_workers(spec, Device(cuda=True))) == (0, 2)
+    cpu, gpu = check(spec, Device(cuda=False)).config_text, check(spec, Device(cuda=True)).config_text
+    assert "persistent_workers" not in cpu
+    assert "'num_workers': 2" in gpu and "'persistent_workers': True" in gpu
+    assert speed.data_workers(_spec(tmp_path, tiny_model, "data_workers: 3"), Device(cuda=False)) == 3
+    with pytest.raises(SpecError, match="data_workers"):
+        _spec(tmp_path, tiny_model, "data_workers: -1")
+
+
+def test_compiled_layers_keep_eager_roundings_and_draw_masks_in_the_kernel_by_default(tmp_path, tiny_model):
+    """The defaults a GPU run chose (docs/benchmarks.md): they reach the hook through the rendered config."""
+    spec = _spec(tmp_path, tiny_model, "compile: true")
+    assert (spec.speed.compile_dropout, spec.speed.compile_exact_casts) == ("fused", True)
+    text = check(spec, Device(cuda=False)).config_text
+    assert "'compile': True" in text and "'compile_dropout': 'fused'" in text and "'compile_exact_casts': True" in text
+    with pytest.raises(SpecError, match="compile_dropout"):
+        _spec(tmp_path, tiny_model, "compile_dropout: random")

@@ -117,8 +117,8 @@ class HookSettings:
     baseline: str | None = None  # the study's cached step-0 point for this key, or None
     fused_loss: str = "off"  # speed.fused_loss
     compile: bool = False  # speed.compile
-    compile_dropout: str = "eager"  # speed.compile_dropout
-    compile_exact_casts: bool = False  # speed.compile_exact_casts
+    compile_dropout: str = "fused"  # speed.compile_dropout
+    compile_exact_casts: bool = True  # speed.compile_exact_casts
     groups: list[str] | None = None  # the validation rows' groups: metrics per group too (sweep.groups)
     keep: str = "best"  # objective.keep: which point's adapter is kept (objectives.selection)
 

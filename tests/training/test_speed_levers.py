@@ -193,15 +193,19 @@ def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, t
 
 
 @pytest.mark.e2e
-def test_the_fused_optimizer_trains_the_same_curve_in_bf16(tmp_path, tiny_model):
-    """torch's fused AdamW under the bf16 AMP wrapper (GradScaler, clipping) takes the same steps as its loop."""
+def test_the_fused_optimizer_and_data_workers_train_the_same_curve_in_bf16(tmp_path, tiny_model):
+    """torch's fused AdamW under the bf16 AMP wrapper (GradScaler, clipping) takes the same steps as its loop;
+    batches collated in DataLoader worker processes are the same batches, in the same order."""
     plain = _train_losses(tmp_path, tiny_model, "off")
     fused = _train_losses(tmp_path, tiny_model, "off", "fused_optimizer: true")
+    loaders = _train_losses(tmp_path, tiny_model, "off", "data_workers: 2")
     configs = [p.read_text() for p in tmp_path.rglob("config.py")]
     assert sum("'fused': True" in text for text in configs) == 1, "the fused trial, and only it, renders fused=True"
+    assert sum("'num_workers': 2" in text for text in configs) == 1, "the data-workers trial, and only it, has them"
     assert len(plain) == 8 and plain.keys() == fused.keys()
     for it, loss in plain.items():
         assert fused[it] == pytest.approx(loss, abs=2e-3), f"iteration {it}: {plain} vs {fused}"
+    assert loaders == plain, "the same batches in the same order give the same losses, to the bit"
     assert plain[8] < plain[1] - 0.05, f"the curve must move for the comparison to mean anything: {plain}"
 
 

@@ -105,6 +105,28 @@ def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
     return path
 
 
+def files_below(folder: Path) -> set[Path]:
+    return set(folder.rglob("*"))
+
+
+def assert_run_refused(tmp_path: Path, monkeypatch, capsys, spec: Path, expected: str) -> str:
+    """``sweep run SPEC`` on bad input, from an empty folder below ``tmp_path``: exit code 2, ``expected`` in its one
+    error message and no traceback, and nothing created below ``tmp_path``. Returns the message."""
+    from sweep.cli import main
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = files_below(tmp_path)
+    rc = main(["run", str(spec)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert expected in err, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert files_below(tmp_path) == before, "bad input left files behind"
+    return err
+
+
 def inject_into_training(folder: Path, body: str) -> Path:
     """A ``sitecustomize.py`` that runs ``body`` at the start of every training job, with ``argv``
     (xtuner train's arguments, the trial's config path first) in scope; return ``True`` from it to

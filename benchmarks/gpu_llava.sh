@@ -12,41 +12,19 @@
 # Without a GPU it runs the same sweep on the tiny LLaVA parts (.cache/tiny-llava, `make tiny-llava`), LLM in bf16
 # with `cpu_amp: true` and no quantization: a dry run of the script itself.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
-ROOT=$PWD
-RESULTS=${OUT:-/tmp/gpu-llava-results}; mkdir -p "$RESULTS"
-WORK=${LLAVA_WORK:-/tmp/gpu-llava}; rm -rf "$WORK"; mkdir -p "$WORK"
-PY=${PYTHON:-python3}
-started=$(date +%s)
-say() { echo "[llava $(( $(date +%s) - started ))s] $*"; }
-if ! $PY -c 'import xtuner' 2>/dev/null && [ ! -d /tmp/site/xtuner ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-say "wheels installed"
-if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  GPU=1; PARTS=${LLAVA_PARTS:-/tmp/llava-tutorial}; QUANTIZE=true; CPU_AMP=false; TEMPLATE=internlm2_chat
+NAME=llava RESULTS=${OUT:-/tmp/gpu-llava-results} WORK=${LLAVA_WORK:-/tmp/gpu-llava}
+. "$(dirname "$0")/gpu_setup.sh" || exit 1
+if [ "$GPU" = 1 ]; then
+  PARTS=${LLAVA_PARTS:-/tmp/llava-tutorial}; QUANTIZE=true; CPU_AMP=false; TEMPLATE=internlm2_chat
   LENGTH=512; EPOCHS=2; EVAL_EVERY=32
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  [ -f "$PARTS/projector.pth" ] || $PY data/tiny_llava.py --shape tutorial "$PARTS" > "$RESULTS/parts.log" 2>&1 \
-    || { tail -20 "$RESULTS/parts.log"; exit 1; }
+  build_once "$PARTS" projector.pth parts.log tiny_llava.py --shape tutorial
 else
-  GPU=0; PARTS=$WORK/tiny-llava-bf16; QUANTIZE=false; CPU_AMP=true; TEMPLATE=qwen_chat
+  PARTS=$WORK/tiny-llava-bf16; QUANTIZE=false; CPU_AMP=true; TEMPLATE=qwen_chat
   LENGTH=64; EPOCHS=1; EVAL_EVERY=32
-  [ -f "$ROOT/.cache/tiny-llava/projector.pth" ] || $PY data/tiny_llava.py "$ROOT/.cache/tiny-llava" \
-    > "$RESULTS/parts.log" 2>&1 || { tail -20 "$RESULTS/parts.log"; exit 1; }
-  $PY - "$ROOT/.cache/tiny-llava" "$PARTS" <<'PY' || exit 1
-import shutil, sys, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-shutil.copytree(src, dst)
-AutoModelForCausalLM.from_pretrained(src / "llm").to(torch.bfloat16).save_pretrained(dst / "llm")
-PY
+  build_once "$ROOT/.cache/tiny-llava" projector.pth parts.log tiny_llava.py
+  copy_in_bf16 "$ROOT/.cache/tiny-llava" "$PARTS" llm
 fi
-$PY -c 'import torch, transformers, peft, xtuner, mmengine, optuna, mlflow; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "xtuner", xtuner.__version__, "optuna", optuna.__version__, "mlflow", mlflow.__version__)'
+versions
 say "LLaVA parts ready: $PARTS"
 
 DEMO=$ROOT/data/llava_demo

@@ -10,35 +10,16 @@
 # COMPLETEs or is PRUNED, the curves match and every champion answers.
 # Without a GPU it runs (1) and (2) on the tiny model with `cpu_amp: true`: a dry run of the script itself.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
-ROOT=$PWD
-RESULTS=${OUT:-/tmp/gpu-smoke-results}; mkdir -p "$RESULTS"
-WORK=${SMOKE_WORK:-/tmp/gpu-smoke}; rm -rf "$WORK"; mkdir -p "$WORK"
-PY=${PYTHON:-python3}
-started=$(date +%s)
-say() { echo "[smoke $(( $(date +%s) - started ))s] $*"; }
-if ! $PY -c 'import xtuner' 2>/dev/null && [ ! -d /tmp/site/xtuner ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-say "wheels installed"
-if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  GPU=1; MODEL=${SMOKE_MODEL:-/tmp/big}; LENGTH=512; ITERS=30; EVAL_EVERY=384; CPU_AMP=false
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  [ -f "$MODEL/config.json" ] || $PY data/tiny_model.py --shape qwen2-1.5b "$MODEL" > "$RESULTS/model.log" 2>&1 \
-    || { tail -20 "$RESULTS/model.log"; exit 1; }
+NAME=smoke RESULTS=${OUT:-/tmp/gpu-smoke-results} WORK=${SMOKE_WORK:-/tmp/gpu-smoke}
+. "$(dirname "$0")/gpu_setup.sh" || exit 1
+if [ "$GPU" = 1 ]; then
+  MODEL=${SMOKE_MODEL:-/tmp/big}; LENGTH=512; ITERS=30; EVAL_EVERY=384; CPU_AMP=false
+  build_once "$MODEL" config.json model.log tiny_model.py --shape qwen2-1.5b
 else
-  GPU=0; MODEL=$WORK/tiny-bf16; LENGTH=64; ITERS=24; EVAL_EVERY=24; CPU_AMP=true
-  $PY - "$ROOT/.cache/tiny-model" "$MODEL" <<'PY' || exit 1
-import shutil, sys, torch
-from transformers import AutoModelForCausalLM
-shutil.copytree(sys.argv[1], sys.argv[2])
-AutoModelForCausalLM.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])
-PY
+  MODEL=$WORK/tiny-bf16; LENGTH=64; ITERS=24; EVAL_EVERY=24; CPU_AMP=true
+  copy_in_bf16 "$ROOT/.cache/tiny-model" "$MODEL"
 fi
-$PY -c 'import torch, transformers, peft, xtuner, mmengine, optuna, mlflow; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "xtuner", xtuner.__version__, "optuna", optuna.__version__, "mlflow", mlflow.__version__)'
+versions
 say "model ready: $MODEL"
 
 spec() {  # NAME BASE_CONFIG QUANTIZE N_TRIALS [SPEED]

@@ -91,37 +91,37 @@ def _load_champion(name: str, tag_prefixes: tuple[str, ...]):
 
 
 def champion(name: str) -> int:
-    import torch
-
-    model = _load_champion(name, ("test/", "gate"))
-    if model is None:
-        return 1
     questions = ["Who are you?", "你是谁？"]
-    answers = model.predict(questions)
-    weight = next(model.unwrap_python_model().model.get_base_model().parameters())
-    print(f"{name}: champion loaded on {weight.device} in {weight.dtype} (cuda available: {torch.cuda.is_available()})")
-    for q, a in zip(questions, answers, strict=True):
-        print(f"    {q} -> {a!r}")
-    if len(answers) != len(questions) or not all(isinstance(a, str) for a in answers):
-        print(f"{name}: FAILED: the champion did not answer every question")
-        return 1
-    return 0
+    return _champion_answers(
+        name, ("test/", "gate"), questions, questions, lambda m: m.model.get_base_model(), "question"
+    )
 
 
 def llava_champion(name: str, picture: str) -> int:
     """A LLaVA champion: loads through mlflow.pyfunc and answers rows of image + question; its test scores beside
     the untrained model's."""
-    model = _load_champion(name, ("test/", "untrained_test/", "gate"))
+    questions = ["What colour is the shape?", "图中是什么形状？"]
+    rows = [{"image": picture, "question": q} for q in questions]
+    return _champion_answers(name, ("test/", "untrained_test/", "gate"), rows, questions, lambda m: m.model.llm, "row")
+
+
+def _champion_answers(
+    name: str, tag_prefixes: tuple[str, ...], inputs: list, questions: list[str], llm, what: str
+) -> int:
+    """The champion (``_load_champion``) answers each of ``inputs`` (``questions``: what each asks) with a string;
+    ``llm`` takes its python model to the LLM whose weights tell where and in what dtype it was loaded."""
+    import torch
+
+    model = _load_champion(name, tag_prefixes)
     if model is None:
         return 1
-    rows = [{"image": picture, "question": q} for q in ("What colour is the shape?", "图中是什么形状？")]
-    answers = model.predict(rows)
-    weight = next(model.unwrap_python_model().model.llm.parameters())
-    print(f"{name}: champion loaded on {weight.device} ({weight.dtype})")
-    for row, a in zip(rows, answers, strict=True):
-        print(f"    {row['question']} -> {a!r}")
-    if len(answers) != len(rows) or not all(isinstance(a, str) for a in answers):
-        print(f"{name}: FAILED: the champion did not answer every row")
+    answers = model.predict(inputs)
+    weight = next(llm(model.unwrap_python_model()).parameters())
+    print(f"{name}: champion loaded on {weight.device} in {weight.dtype} (cuda available: {torch.cuda.is_available()})")
+    for q, a in zip(questions, answers, strict=True):
+        print(f"    {q} -> {a!r}")
+    if len(answers) != len(inputs) or not all(isinstance(a, str) for a in answers):
+        print(f"{name}: FAILED: the champion did not answer every {what}")
         return 1
     return 0
 

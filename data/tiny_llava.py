@@ -65,7 +65,7 @@ def build(out: Path, seed: int = 0, pretrain_steps: int = 200, stage1_steps: int
     llm = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **tiny.token_ids(tokenizer),
     ))  # fmt: skip
     # the sentences as plain text, and the general rows as chat: it knows the words and the template, not the task
     texts = ["<|endoftext|>" + s for s in sentences] + [
@@ -159,15 +159,7 @@ def build_tutorial_shape(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        llm = LlamaForCausalLM(
-            LlamaConfig(
-                **INTERNLM2_1_8B,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        llm = llm.to(torch.bfloat16)  # fmt: skip
+        llm = LlamaForCausalLM(LlamaConfig(**INTERNLM2_1_8B, **tiny.token_ids(tokenizer))).to(torch.bfloat16)
         vision = CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336))
         projector = ProjectorModel(ProjectorConfig(visual_hidden_size=1024, llm_hidden_size=2048, depth=2))
     llm.save_pretrained(out / "llm", safe_serialization=True)
@@ -181,11 +173,6 @@ def build_tutorial_shape(out: Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    shape = "tiny"
-    if len(args) == 3 and args[0] == "--shape" and args[1] in ("tiny", "tutorial"):
-        shape, args = args[1], args[2:]
-    if len(args) != 1:
-        sys.exit("usage: python data/tiny_llava.py [--shape tiny|tutorial] OUT_DIR")
-    made = build_tutorial_shape(Path(args[0])) if shape == "tutorial" else build(Path(args[0]))
+    shape, out = _tiny_model().command_line(sys.argv[1:], "tiny_llava.py", ("tiny", "tutorial"))
+    made = build_tutorial_shape(out) if shape == "tutorial" else build(out)
     print(f"LLaVA parts ({shape}) written to {made}")

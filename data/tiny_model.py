@@ -51,13 +51,7 @@ def build(out: Path, seed: int = 0, shape: str = "tiny") -> Path:
         vocab_size=len(hf_tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
     )  # fmt: skip
-    cfg = Qwen2Config(
-        **dims,
-        tie_word_embeddings=True,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id,
-    )
+    cfg = Qwen2Config(**dims, tie_word_embeddings=True, **token_ids(hf_tok))
     if shape == "qwen2-1.5b":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
@@ -87,6 +81,15 @@ def make_tokenizer(corpus: list[str], out: Path, vocab: int = VOCAB):
     )
     hf_tok.save_pretrained(out)
     return hf_tok
+
+
+def token_ids(tokenizer) -> dict[str, int]:
+    """The model config's BOS, EOS and padding token ids: those of ``make_tokenizer``'s tokenizer."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def pretrain(model, tokenizer, seed: int, steps: int = 300, batch: int = 16, lr: float = 3e-3) -> None:
@@ -124,12 +127,18 @@ def pretrain_texts(model, tokenizer, texts: list[str], seed: int, steps: int, ba
     return out.loss.item()
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    shape = "tiny"
-    if len(args) == 3 and args[0] == "--shape" and args[1] in ("tiny", "qwen2-1.5b"):
+def command_line(argv: list[str], script: str, shapes: tuple[str, ...]) -> tuple[str, Path]:
+    """The shape (the first of ``shapes`` unless ``--shape`` names another) and OUT_DIR of a build script's
+    ``[--shape SHAPE] OUT_DIR``; anything else exits with the script's usage."""
+    args, shape = list(argv), shapes[0]
+    if len(args) == 3 and args[0] == "--shape" and args[1] in shapes:
         shape, args = args[1], args[2:]
     if len(args) != 1:
-        sys.exit("usage: python data/tiny_model.py [--shape tiny|qwen2-1.5b] OUT_DIR")
-    path = build(Path(args[0]), shape=shape)
+        sys.exit(f"usage: python data/{script} [--shape {'|'.join(shapes)}] OUT_DIR")
+    return shape, Path(args[0])
+
+
+if __name__ == "__main__":
+    shape, out = command_line(sys.argv[1:], "tiny_model.py", ("tiny", "qwen2-1.5b"))
+    path = build(out, shape=shape)
     print(f"tiny model written to {path}")

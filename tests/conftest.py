@@ -20,18 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / ".cache" / "tiny-model"
 
 
-def _tiny_model() -> Path:
-    if not (TINY / "config.json").exists():
-        spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "data" / "tiny_model.py")
+def _built(folder: Path, made: str, script: str) -> Path:
+    """``folder``, built by ``data/SCRIPT``'s ``build`` (as `make setup` builds it) unless ``folder/MADE`` exists."""
+    if not (folder / made).exists():
+        spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "data" / script)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        mod.build(TINY)
-    return TINY
+        mod.build(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    return _tiny_model()
+    return _built(TINY, "config.json", "tiny_model.py")
 
 
 TINY_LLAVA = ROOT / ".cache" / "tiny-llava"
@@ -40,12 +41,7 @@ TINY_LLAVA = ROOT / ".cache" / "tiny-llava"
 @pytest.fixture(scope="session")
 def tiny_llava() -> Path:
     """The tiny LLaVA parts (llm/, visual_encoder/, projector.pth), built once per checkout as `make setup` does."""
-    if not (TINY_LLAVA / "projector.pth").exists():
-        spec = importlib.util.spec_from_file_location("tiny_llava", ROOT / "data" / "tiny_llava.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mod.build(TINY_LLAVA)
-    return TINY_LLAVA
+    return _built(TINY_LLAVA, "projector.pth", "tiny_llava.py")
 
 
 def write_llava_spec(folder: Path, parts: Path, **overrides: str) -> Path:
@@ -107,6 +103,28 @@ def write_spec(folder: Path, model_dir: Path, **overrides: str) -> Path:
     path = folder / "spec.yaml"
     path.write_text("\n".join(blocks.values()) + "\n", encoding="utf-8")
     return path
+
+
+def files_below(folder: Path) -> set[Path]:
+    return set(folder.rglob("*"))
+
+
+def assert_run_refused(tmp_path: Path, monkeypatch, capsys, spec: Path, expected: str) -> str:
+    """``sweep run SPEC`` on bad input, from an empty folder below ``tmp_path``: exit code 2, ``expected`` in its one
+    error message and no traceback, and nothing created below ``tmp_path``. Returns the message."""
+    from sweep.cli import main
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = files_below(tmp_path)
+    rc = main(["run", str(spec)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert expected in err, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert files_below(tmp_path) == before, "bad input left files behind"
+    return err
 
 
 def inject_into_training(folder: Path, body: str) -> Path:

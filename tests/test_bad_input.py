@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sweep.cli import main
-from tests.conftest import ROOT, write_spec
+from tests.conftest import ROOT, assert_run_refused, files_below, write_spec
 
 GOOD_ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
@@ -146,49 +146,36 @@ def _bare_model(folder: Path) -> Path:
     return path
 
 
-def _files(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*")}
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_and_creates_nothing(case, tmp_path, monkeypatch, capsys, tiny_model):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     make, expected = CASES[case]
     spec = write_spec(inputs, tiny_model, **make(inputs, tiny_model))
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    before = _files(tmp_path)
-    rc = main(["run", str(spec)])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert expected in err, err
+    err = assert_run_refused(tmp_path, monkeypatch, capsys, spec, expected)
     assert str(inputs) in err, "the message names the file"
-    assert "Traceback" not in err and err.count("error:") == 1, err
-    assert _files(tmp_path) == before, "bad input left files behind"
 
 
 @pytest.mark.parametrize("name", ["..", "", "a/b", "."])
 def test_a_bad_study_option_exits_2_and_creates_nothing(name, tmp_path, monkeypatch, capsys, tiny_model):
     spec = write_spec(tmp_path, tiny_model)
     monkeypatch.chdir(tmp_path)
-    before = _files(tmp_path.parent)
+    before = files_below(tmp_path.parent)
     rc = main(["run", str(spec), "--study", name])
     err = capsys.readouterr().err
     assert rc == 2 and f"--study {name!r}" in err and "is not a study name" in err, err
-    assert _files(tmp_path.parent) == before
+    assert files_below(tmp_path.parent) == before
 
 
 def test_unreachable_storage_exits_2_and_hides_the_password(tmp_path, monkeypatch, capsys, tiny_model):
     spec = write_spec(tmp_path, tiny_model)
     monkeypatch.chdir(tmp_path)
-    before = _files(tmp_path)
+    before = files_below(tmp_path)
     rc = main(["run", str(spec), "--storage", "postgresql://user:hunter2@127.0.0.1:1/none"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot be reached" in err
     assert "hunter2" not in err and "***" in err
-    assert _files(tmp_path) == before
+    assert files_below(tmp_path) == before
 
 
 def test_validate_renders_one_config(tmp_path, capsys, tiny_model):
@@ -207,8 +194,8 @@ def test_work_dir_of_a_same_named_study_in_another_storage_is_refused(tmp_path, 
     owner = tmp_path / "sweep-runs" / "e2e" / "storage.txt"
     owner.parent.mkdir(parents=True)
     owner.write_text(f"sqlite:///{tmp_path / 'first.db'}\n")
-    before = _files(tmp_path)
+    before = files_below(tmp_path)
     rc = main(["run", str(spec), "--storage", "sqlite:///second.db"])
     err = capsys.readouterr().err
     assert rc == 2 and "holds the trials of study e2e in storage" in err and "--work-dir" in err, err
-    assert _files(tmp_path) == before, "no database, no MLflow store, nothing in the work dir"
+    assert files_below(tmp_path) == before, "no database, no MLflow store, nothing in the work dir"

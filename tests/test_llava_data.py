@@ -11,7 +11,7 @@ import pytest
 from sweep import data as data_mod
 from sweep.cli import main
 from sweep.spec import load_spec
-from tests.conftest import ROOT, write_llava_spec
+from tests.conftest import ROOT, assert_run_refused, write_llava_spec
 
 DEMO = ROOT / "data" / "llava_demo"
 
@@ -125,10 +125,6 @@ def _no_visual_lora(folder: Path) -> Path:
     return copy
 
 
-def _files(folder: Path) -> set[Path]:
-    return set(folder.rglob("*"))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_llava_input_exits_2_names_file_and_row_and_creates_nothing(case, tmp_path, monkeypatch, capsys,
                                                                         tiny_llava):  # fmt: skip
@@ -136,16 +132,7 @@ def test_bad_llava_input_exits_2_names_file_and_row_and_creates_nothing(case, tm
     inputs.mkdir()
     make, expected = CASES[case]
     spec = write_llava_spec(inputs, tiny_llava, **make(inputs))
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    before = _files(tmp_path)
-    rc = main(["run", str(spec)])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert expected.format(inputs=inputs) in err, err
-    assert "Traceback" not in err and err.count("error:") == 1, err
-    assert _files(tmp_path) == before, "bad input left files behind"
+    assert_run_refused(tmp_path, monkeypatch, capsys, spec, expected.format(inputs=inputs))
 
 
 def test_tutorial_and_xtuner_spellings_read_the_same(tmp_path):

@@ -209,30 +209,13 @@ def log_llava_model(
     square: bool = True,
 ) -> str:
     """``log_chat_model`` for a LLaVA checkpoint: its folder, and the LLM and tower bundled when they are small."""
-    artifacts = {"checkpoint": str(checkpoint)}
-    config: dict[str, Any] = {"template": template, "system": system, "max_new_tokens": max_new_tokens,
-                              "cpu_amp": cpu_amp, "needs_remote_code": needs_remote_code, "trust_remote_code": False,
-                              "llava": {"square": square}}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, folder, key in (("base_model", base_model, "base_model_path"),
-                                  ("visual_encoder", visual_encoder, "visual_encoder_path")):  # fmt: skip
-            if _folder_bytes(folder) <= BUNDLE_LIMIT_BYTES:
-                bundled = Path(tmp) / name
-                shutil.copytree(folder, bundled, ignore=shutil.ignore_patterns("*.pth", "*.pt"))
-                artifacts[name] = str(bundled)
-            else:
-                config[key] = str(folder)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            return tracker.log_pyfunc(
-                run_id,
-                name="model",
-                python_model=LlavaChatModel(),
-                artifacts=artifacts,
-                model_config=config,
-                signature=llava_signature(max_new_tokens),
-                pip_requirements=["torch", "transformers", "peft", "xtuner", "xtuner-sweep"],
-            )
+    config = _model_config(template, system, max_new_tokens, cpu_amp, needs_remote_code)
+    config["llava"] = {"square": square}
+    return _log_model(
+        run_id, tracker, LlavaChatModel(), {"checkpoint": str(checkpoint)}, config,
+        {"base_model": (base_model, "base_model_path"), "visual_encoder": (visual_encoder, "visual_encoder_path")},
+        llava_signature(max_new_tokens), ["torch", "transformers", "peft", "xtuner", "xtuner-sweep"],
+    )  # fmt: skip
 
 
 def log_chat_model(
@@ -252,25 +235,51 @@ def log_chat_model(
     registry could otherwise make every loader run their code. A loader grants it with
     ``model_config={"trust_remote_code": True}``.
     """
-    artifacts = {"adapter": str(adapter)}
-    config: dict[str, Any] = {"template": template, "system": system, "max_new_tokens": max_new_tokens,
-                              "cpu_amp": cpu_amp, "needs_remote_code": needs_remote_code,
-                              "trust_remote_code": False}  # fmt: skip  # MLflow lets a loader override logged keys only
+    return _log_model(
+        run_id, tracker, AdapterChatModel(), {"adapter": str(adapter)},
+        _model_config(template, system, max_new_tokens, cpu_amp, needs_remote_code),
+        {"base_model": (base_model, "base_model_path")},
+        chat_signature(max_new_tokens), ["torch", "transformers", "peft", "xtuner-sweep"],
+    )  # fmt: skip
+
+
+def _model_config(
+    template: dict[str, Any], system: str, max_new_tokens: int, cpu_amp: bool, needs_remote_code: bool
+) -> dict[str, Any]:
+    """The logged model config both kinds of model read; remote code is never granted here (see log_chat_model)."""
+    return {"template": template, "system": system, "max_new_tokens": max_new_tokens, "cpu_amp": cpu_amp,
+            "needs_remote_code": needs_remote_code,
+            "trust_remote_code": False}  # fmt: skip  # MLflow lets a loader override logged keys only
+
+
+def _log_model(
+    run_id: str,
+    tracker: Tracker,
+    python_model: PythonModel,
+    artifacts: dict[str, str],
+    config: dict[str, Any],
+    folders: dict[str, tuple[Path, str]],
+    signature: Any,
+    pip_requirements: list[str],
+) -> str:
+    """Log ``python_model`` in ``run_id``; returns the model URI. Each of ``folders`` (artifact name: (base folder,
+    config key)) is bundled as that artifact when it is small, or else referenced by its path under the config key."""
     with tempfile.TemporaryDirectory() as tmp:
-        if _folder_bytes(base_model) <= BUNDLE_LIMIT_BYTES:
-            bundled = Path(tmp) / "base_model"
-            shutil.copytree(base_model, bundled, ignore=shutil.ignore_patterns("*.pth", "*.pt"))
-            artifacts["base_model"] = str(bundled)
-        else:
-            config["base_model_path"] = str(base_model)
+        for name, (folder, key) in folders.items():
+            if _folder_bytes(folder) <= BUNDLE_LIMIT_BYTES:
+                bundled = Path(tmp) / name
+                shutil.copytree(folder, bundled, ignore=shutil.ignore_patterns("*.pth", "*.pt"))
+                artifacts[name] = str(bundled)
+            else:
+                config[key] = str(folder)
         with warnings.catch_warnings():  # an input example would make MLflow load the model and predict, here
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
             return tracker.log_pyfunc(
                 run_id,
                 name="model",
-                python_model=AdapterChatModel(),
+                python_model=python_model,
                 artifacts=artifacts,
                 model_config=config,
-                signature=chat_signature(max_new_tokens),
-                pip_requirements=["torch", "transformers", "peft", "xtuner-sweep"],
+                signature=signature,
+                pip_requirements=pip_requirements,
             )

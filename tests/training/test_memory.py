@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from mmengine.hooks import LoggerHook
 from mmengine.logging import MessageHub
@@ -27,11 +28,17 @@ class _FakeAllocator:
         self.peak = self.now
 
 
-def test_the_step_peak_is_read_before_the_logger_resets_it(monkeypatch):
-    gpu = _FakeAllocator()
+@pytest.fixture
+def gpu(monkeypatch) -> _FakeAllocator:
+    """A machine that says it has a GPU, whose torch.cuda peak counters are a ``_FakeAllocator``'s."""
+    fake = _FakeAllocator()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", gpu.max_memory_allocated)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", gpu.reset_peak_memory_stats)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake.max_memory_allocated)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake.reset_peak_memory_stats)
+    return fake
+
+
+def test_the_step_peak_is_read_before_the_logger_resets_it(gpu):
     runner = SimpleNamespace(message_hub=MessageHub.get_instance("test-step-memory"), model=torch.nn.Linear(1, 1))
 
     gpu.step(peak_mb=50_000, left_mb=4_000)  # a training step: activations allocated, then freed
@@ -42,12 +49,8 @@ def test_the_step_peak_is_read_before_the_logger_resets_it(monkeypatch):
     assert runner.message_hub.get_info(PEAK_KEY) == 50_000
 
 
-def test_a_validation_point_is_not_the_next_steps_peak(monkeypatch):
+def test_a_validation_point_is_not_the_next_steps_peak(gpu):
     """Validation (greedy answers, larger batches) runs after a step's peak was read: the next step starts afresh."""
-    gpu = _FakeAllocator()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", gpu.max_memory_allocated)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", gpu.reset_peak_memory_stats)
     runner = SimpleNamespace(message_hub=MessageHub.get_instance("test-val-memory"), model=torch.nn.Linear(1, 1))
     hook = StepMemoryHook()
     for step, (peak, validation) in enumerate([(30_000, 90_000), (31_000, None)]):

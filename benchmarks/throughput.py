@@ -433,7 +433,7 @@ def report() -> int:
         for i, t in stock_r.items():
             if t.get("steady_iter_seconds"):
                 tps = TRIALS[int(i)][0] * MAX_LENGTH / t["steady_iter_seconds"]
-                print(f"    trial {i} (bs {TRIALS[int(i)][0]}, r {TRIALS[int(i)][1]}) alone: {tps:,.0f} tokens/s, "
+                print(f"    trial {i} (bs {TRIALS[int(i)][0]}, r {TRIALS[int(i)][1]}) steady: {tps:,.0f} tokens/s, "
                       f"MFU {tps * 4 * PARAMS / PEAK_FLOPS:.1%}, outside steps {1 - t['train_seconds'] / t['wall']:.0%}")  # fmt: skip
         if alone:
             print(f"    best single-trial MFU: {max(alone) * 4 * PARAMS / PEAK_FLOPS:.1%}")

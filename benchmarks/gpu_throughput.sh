@@ -6,10 +6,14 @@
 #   STEPS=sweep bash benchmarks/gpu_throughput.sh      # one half per device call; then, here, with both calls'
 #   STEPS=stock bash benchmarks/gpu_throughput.sh      # sweep.json and stock.json in one folder:
 #   OUT=that/folder python3 benchmarks/throughput.py report
+#   STEPS="sweep alone" ALONE="11 0" bash ...        # also trials 11 and 0 each alone through `sweep run`: the report
+#                                                    # compares their per-step losses with the same trials in (b)
+#   BENCH_ITERS=300 STEPS=sweep BENCH_STOCK=short/stock.json bash ...   # the 300-iteration variant: (b) measured,
+#                                                    # (a) computed from the 20-iteration run's stock.json
 set -uo pipefail
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" BENCH_WORK=${BENCH_WORK:-/tmp/bench}
 RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$RESULTS"  # each trial's figures land there at once
-STEPS=${STEPS:-sweep stock}
+STEPS=${STEPS:-sweep stock}; ALONE=${ALONE:-11 0}
 [ -d /tmp/site/xtuner ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 rm -rf "$BENCH_WORK/sweep"
 python3 benchmarks/throughput.py prepare > "$RESULTS/prepare.log" 2>&1 || { tail -20 "$RESULTS/prepare.log"; exit 1; }
@@ -21,5 +25,8 @@ if [[ " $STEPS " == *" sweep "* ]]; then
 fi
 if [[ " $STEPS " == *" stock "* ]]; then
   python3 benchmarks/throughput.py stock 0 12 > "$RESULTS/stock_step.log" 2>&1; echo "stock step: exit $?"
+fi
+if [[ " $STEPS " == *" alone "* ]]; then
+  python3 benchmarks/throughput.py alone $ALONE > "$RESULTS/alone_step.log" 2>&1; echo "alone step: exit $?"
 fi
 python3 benchmarks/throughput.py report | tee "$RESULTS/report.txt"

@@ -1,25 +1,50 @@
-"""Issue 6's benchmark: the same 12 LoRA trials, (a) one after another with stock XTuner, (b) with `sweep`.
+"""Issue 6's and 13's benchmark: the same 12 LoRA trials, (a) one after another with stock XTuner, (b) with `sweep`.
 
 Run on one GPU machine from the repository root (the wheels of ../shared/gpu/fetch-wheels.sh installed, see
 docs/benchmarks.md). Steps, each its own call so that every call stays under the device's 10-minute limit:
 
     python3 benchmarks/throughput.py prepare            # the Qwen2-1.5B-shaped model and 1,000 synthetic rows
-    python3 benchmarks/throughput.py stock 0 6          # trials 0-5 with stock `xtuner train`, one after another
-    python3 benchmarks/throughput.py stock 6 12         # trials 6-11
+    python3 benchmarks/throughput.py stock 0 6          # trials 0-5 of ORDER with stock `xtuner train`, one after another
+    python3 benchmarks/throughput.py stock 6 12         # the rest
     python3 benchmarks/throughput.py sweep              # all 12 with `sweep run` (GPU slots, speed settings)
+    python3 benchmarks/throughput.py alone 11 0         # trials 11 and 0 each by itself through `sweep run`
     python3 benchmarks/throughput.py report             # the figures, from the files the steps wrote
+
+Same rows, same order: (b)'s trial number k trains on the study's split (`sweep.data.prepare`: deduplicated,
+validation held out) shuffled by `sweep.data.mix` with seed data.seed + k (it shuffles even with no general rows
+mixed in), so (a)'s trial of that position trains on that very file (`trial_rows`, made by the sweep's own code)
+with the config (seed, sampler, packing, schedule, optimizer, dropout) the sweep renders for it; the report checks
+the two rows files' sha256 and prints each trial's losses at steps 1-20 side by side. A trial alone is a one-trial
+study whose data.seed is the trial's number in (b), so its trial 0 mixes the same rows in the same order.
 
 Trials: batch size 1-4 x LoRA r 8/16/64, max_length 2048 packed, ITERS iterations each (default 20).
 Figures: wall time of (a) and (b) and their ratio, aggregate tokens/s, single-trial MFU (4*N FLOPs per token,
-989 TFLOP/s dense bf16 peak of an H100), each trial's share of time outside training steps, peak memory.
+989 TFLOP/s dense bf16 peak of an H100), aggregate MFU of (b) over its wall time, each trial's share of time
+outside training steps (a warm trial's, one whose worker reused its loaded model: goal at most 10 %), peak memory.
+
+The realistic variant, 300 iterations a trial: run `sweep` (and `alone`) with BENCH_ITERS=300 into its own $OUT
+beside the 20-iteration run's stock.json (copied there, or named by BENCH_STOCK), then `BENCH_ITERS=300 ... report`:
+(a) at 300 iterations is then COMPUTED from the 20-iteration run (each trial's start-up, its wall time outside its
+steps, plus 300 steady steps) and printed as computed, not measured.
+
+Environment: BENCH_WORK (work folder, default /tmp/bench), OUT (results), BENCH_MODEL, BENCH_ITERS, BENCH_ROWS,
+BENCH_STOCK (the stock.json the report reads); for a CPU dry run BENCH_TRIALS (trial indices in the order run,
+e.g. 11,0,7) and BENCH_MAX_LENGTH (packed length: at 2048 the tiny model took about 5 s a step per packed row
+on 2 shared CPU cores). On the CPU both sides train in fp32 (OptimWrapper), as `sweep` renders:
+
+    PYTHONPATH=$PWD BENCH_MODEL=$PWD/.cache/tiny-model BENCH_WORK=/tmp/bench-cpu BENCH_ITERS=4 BENCH_ROWS=200 \
+      BENCH_TRIALS=11,0,7 BENCH_MAX_LENGTH=256 OUT=/tmp/bench-cpu/out sh -c 'for s in prepare sweep "stock 0 3" \
+      "alone 0" report; do python3 benchmarks/throughput.py $s; done'
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,9 +58,12 @@ ITERS = int(os.environ.get("BENCH_ITERS", "20"))
 ROWS = int(os.environ.get("BENCH_ROWS", "1000"))
 TRIALS = [(bs, r) for bs in (1, 2, 3, 4) for r in (8, 16, 64)]
 ORDER = [11, 0, 7, 4, 10, 1, 8, 3, 9, 2, 6, 5]  # big and small trials interleaved, same order in (a) and (b)
+if os.environ.get("BENCH_TRIALS"):  # a shorter list for a CPU dry run, e.g. BENCH_TRIALS=11,0,7
+    ORDER = [int(i) for i in os.environ["BENCH_TRIALS"].split(",")]
 PARAMS = 1_543_714_304  # the Qwen2-1.5B shape (tied embeddings)
 PEAK_FLOPS = 989e12
-MAX_LENGTH = 2048
+MAX_LENGTH = int(os.environ.get("BENCH_MAX_LENGTH", "2048"))
+COMPARED_STEPS = 20  # the report's per-step loss table: steps 1 to 20
 ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
 
@@ -63,7 +91,8 @@ def prepare() -> None:
 
 
 def stock(start: int, end: int) -> None:
-    """Stock XTuner: `xtuner train` (its tools/train.py main) per trial, one after another."""
+    """Stock XTuner: `xtuner train` (its tools/train.py main) per trial, one after another, each on the rows file
+    the sweep's trial of that position trains on (`trial_rows`)."""
     OUT.mkdir(parents=True, exist_ok=True)
     results = _load(OUT / "stock.json")
     for index in ORDER[start:end]:
@@ -71,7 +100,8 @@ def stock(start: int, end: int) -> None:
         work = WORK / f"stock_{index:02d}"
         env = {**os.environ, **ENV}
         config = WORK / f"stock_{index:02d}.py"
-        config.write_text(stock_config(bs, r))
+        rows = trial_rows(index)
+        config.write_text(stock_config(bs, r, rows))
         t0 = time.monotonic()
         with (work.with_suffix(".log")).open("w") as log:
             rc = subprocess.run(
@@ -81,7 +111,8 @@ def stock(start: int, end: int) -> None:
             ).returncode  # fmt: skip
         wall = time.monotonic() - t0
         it = _stock_iters(work.with_suffix(".log"))
-        results[str(index)] = {"bs": bs, "r": r, "rc": rc, "wall": wall, **it}
+        results[str(index)] = {"bs": bs, "r": r, "rc": rc, "wall": wall, "iters_asked": ITERS,
+                               "rows_sha256": _sha256(rows), **it}  # fmt: skip
         if rc != 0 or it["iters"] < ITERS:  # crashed, or trained fewer steps than asked: not comparable
             results[str(index)]["failed"] = True
         print(f"stock trial {index}: bs {bs} r {r} rc {rc} wall {wall:.1f}s steps {it['train_seconds']:.1f}s "
@@ -89,13 +120,68 @@ def stock(start: int, end: int) -> None:
         (OUT / "stock.json").write_text(json.dumps(results, indent=1))
 
 
-def stock_config(bs: int, r: int) -> str:
-    """bench_base.py with its knob lines set for one trial: what a user edits by hand today."""
+def spec_text(study: str, n_trials: int, data_seed: int = 0) -> str:
+    """The sweep's spec: (b)'s, and with ``data_seed`` set to a trial's number, a one-trial study whose trial 0 mixes
+    its rows with the seed that trial had in (b) (`sweep` mixes trial k's rows with data.seed + k)."""
+    return f"""study: {study}
+base_config: {ROOT / "benchmarks/bench_base.py"}
+model: {{path: {MODEL}, template: qwen_chat}}
+data: {{task: {WORK / "train.jsonl"}, val: {WORK / "val.jsonl"}, seed: {data_seed}}}
+fixed: {{max_iters: {ITERS}, max_length: {MAX_LENGTH}, lr: 2.0e-4, lora_alpha: 16, lora_dropout: 0.1}}
+search_space:
+  batch_size: {{type: categorical, choices: [1, 2, 3, 4]}}
+  lora_r: {{type: categorical, choices: [8, 16, 64]}}
+sampler: {{type: random, seed: 0}}
+pruner: {{type: none}}
+n_trials: {n_trials}
+eval_every: 1000000
+keep_checkpoints: 0
+registry: {{name: throughput-adapter}}
+"""
+
+
+def trial_rows(index: int) -> Path:
+    """The rows, in their order, that (b)'s trial of ``index`` trains on, made by the sweep's own code: the study's
+    split (`sweep.data.prepare`: deduplicated, validation held out) and the trial's mix of it (`sweep.data.mix`
+    with seed data.seed + trial number, which shuffles the rows even when no general rows are mixed in). With
+    tokenize-once the trial trains on these rows' tokens, mixed with the same seed: the same order."""
+    from sweep import data as data_mod
+    from sweep.knobs import base_values, trial_values
+    from sweep.spec import load_spec
+    from sweep.xtuner.config import load_base_config
+
+    folder = WORK / "stock_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_file = folder / "spec.yaml"
+    spec_file.write_text(spec_text("throughput", len(ORDER)))
+    spec = load_spec(spec_file)
+    shutil.rmtree(folder / "data", ignore_errors=True)  # made again from this run's train.jsonl (prepare refuses
+    prepared = data_mod.prepare(spec.data, folder / "data")  # a folder made from other data)
+    number = ORDER.index(index)  # (b) enqueues the trials in ORDER: trial number k trains ORDER[k]
+    bs, r = TRIALS[index]
+    values = trial_values(spec, {"batch_size": bs, "lora_r": r}, base_values(load_base_config(spec.base_config)))
+    out = folder / f"rows_{index:02d}.jsonl"
+    data_mod.mix(prepared, float(values["mix_ratio"]), spec.data.seed + number, out)
+    return out
+
+
+def stock_config(bs: int, r: int, data_file: Path | None = None, cuda: bool | None = None) -> str:
+    """bench_base.py with its knob lines set for one trial: what a user edits by hand today. Without a GPU (a dry
+    run) the trial trains in fp32 with mmengine's OptimWrapper, as the config `sweep` renders for the CPU does."""
     text = (ROOT / "benchmarks/bench_base.py").read_text()
-    values = {"path": repr(str(MODEL)), "data_file": repr(str(WORK / "train.jsonl")), "batch_size": bs,
-              "iters": ITERS, "lora_r": r}  # fmt: skip
+    values = {"path": repr(str(MODEL)), "data_file": repr(str(data_file or WORK / "train.jsonl")), "batch_size": bs,
+              "iters": ITERS, "lora_r": r, "max_length": MAX_LENGTH}  # fmt: skip
     for name, value in values.items():
         text = re.sub(rf"^{name} = .*$", f"{name} = {value}", text, count=1, flags=re.M)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        text = text.replace("AmpOptimWrapper", "OptimWrapper").replace(
+            "torch_dtype=torch.bfloat16", "torch_dtype=torch.float32"
+        )
+        text = re.sub(r'^    (loss_scale="dynamic"|dtype="bfloat16"),\n', "", text, flags=re.M)
     return text
 
 
@@ -116,6 +202,7 @@ def _stock_iters(log: Path) -> dict:
         "iters": len(times),
         "steady_iter_seconds": sorted(times[3:])[len(times[3:]) // 2] if len(times) > 3 else None,
         "last_loss": losses[-1] if losses else None,
+        "losses": losses,
         "peak_mb": max(memory) if memory else None,
     }
 
@@ -123,31 +210,42 @@ def _stock_iters(log: Path) -> dict:
 def sweep() -> None:
     """The same trials through `sweep run`: GPU slots (trials share the GPU by memory), tokenize-once, checkpointing auto."""
     OUT.mkdir(parents=True, exist_ok=True)
-    folder = WORK / "sweep"
-    folder.mkdir(parents=True, exist_ok=True)
+    out = _run_sweep(WORK / "sweep", "throughput", ORDER, data_seed=0)
+    (OUT / "sweep.json").write_text(json.dumps(out, indent=1))
+    print(f"sweep: rc {out['rc']} wall {out['wall']:.1f}s")
+    print(out["log_tail"][-1500:])
+
+
+def alone(indices: list[int]) -> None:
+    """Each trial of ``indices`` by itself through `sweep run`: a one-trial study with the trial's params and the
+    same data, whose trial 0 mixes its rows with the seed (b)'s trial of that index had (`spec_text`)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = _load(OUT / "alone.json")
+    for index in indices:
+        if index not in ORDER:
+            raise SystemExit(f"alone {index}: not one of the trials run ({','.join(map(str, ORDER))})")
+        number = ORDER.index(index)
+        out = _run_sweep(WORK / f"alone_{index:02d}", f"throughput-alone-{index}", [index], data_seed=number)
+        results[str(index)] = {"rc": out["rc"], "wall": out["wall"], **out["trials"][str(index)]}
+        if out["rc"] != 0:
+            results[str(index)]["failed"] = True
+            results[str(index)]["log_tail"] = out["log_tail"]
+        print(f"alone trial {index}: rc {out['rc']} wall {out['wall']:.1f}s "
+              f"losses {results[str(index)].get('losses', [])[:COMPARED_STEPS]}", flush=True)  # fmt: skip
+        (OUT / "alone.json").write_text(json.dumps(results, indent=1))
+
+
+def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> dict:
+    """`sweep run` of the trials ``indices``, enqueued in that order (trial number k trains ``indices[k]``)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     spec = folder / "spec.yaml"
-    spec.write_text(
-        f"""study: throughput
-base_config: {ROOT / "benchmarks/bench_base.py"}
-model: {{path: {MODEL}, template: qwen_chat}}
-data: {{task: {WORK / "train.jsonl"}, val: {WORK / "val.jsonl"}, seed: 0}}
-fixed: {{max_iters: {ITERS}, max_length: {MAX_LENGTH}, lr: 2.0e-4, lora_alpha: 16, lora_dropout: 0.1}}
-search_space:
-  batch_size: {{type: categorical, choices: [1, 2, 3, 4]}}
-  lora_r: {{type: categorical, choices: [8, 16, 64]}}
-sampler: {{type: random, seed: 0}}
-pruner: {{type: none}}
-n_trials: {len(TRIALS)}
-eval_every: 1000000
-keep_checkpoints: 0
-registry: {{name: throughput-adapter}}
-"""
-    )
+    spec.write_text(spec_text(study, len(indices), data_seed))
     env = {**os.environ, **ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     enqueue = (
         "import optuna, sys; from sweep.spec import load_spec; from sweep.storage import open_study;"
         f"s = open_study(load_spec('{spec}'), 'sqlite:///{folder / 'sweep.db'}');"
-        + "".join(f"s.enqueue_trial({{'batch_size': {TRIALS[i][0]}, 'lora_r': {TRIALS[i][1]}}});" for i in ORDER)
+        + "".join(f"s.enqueue_trial({{'batch_size': {TRIALS[i][0]}, 'lora_r': {TRIALS[i][1]}}});" for i in indices)
     )
     subprocess.run([sys.executable, "-c", enqueue], env=env, cwd=folder, check=True)
     t0 = time.monotonic()
@@ -160,12 +258,13 @@ registry: {{name: throughput-adapter}}
     wall = time.monotonic() - t0
     import optuna
 
-    study = optuna.load_study(study_name="throughput", storage=f"sqlite:///{folder / 'sweep.db'}")
-    attrs = {t.number: t.user_attrs for t in study.trials}
-    states = {t.number: t.state.name for t in study.trials}
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{folder / 'sweep.db'}")
+    attrs = {t.number: t.user_attrs for t in loaded.trials}
+    states = {t.number: t.state.name for t in loaded.trials}
     trials = {}
-    for number, index in enumerate(ORDER):  # enqueued in ORDER: trial number k trains ORDER[k]
-        stream = folder / f"sweep-runs/throughput/trial_{number:04d}/sweep_metrics.jsonl"
+    for number, index in enumerate(indices):
+        trial_dir = folder / f"sweep-runs/{study}/trial_{number:04d}"
+        stream = trial_dir / "sweep_metrics.jsonl"
         events = [json.loads(x) for x in stream.read_text().splitlines() if x.strip()] if stream.exists() else []
         state = states.get(number, "MISSING")
         if state != "COMPLETE" or not any(e["kind"] == "end" for e in events):  # failed, or never finished
@@ -182,6 +281,8 @@ registry: {{name: throughput-adapter}}
             "train_seconds": sum(times), "tokens": tokens,
             "steady_iter_seconds": sorted(times[3:])[len(times[3:]) // 2] if len(times) > 3 else None,
             "last_loss": train[-1]["train/loss"] if train else None,
+            "losses": [e["train/loss"] for e in train],
+            "rows_sha256": _rows_sha256(trial_dir),
             "peak_mb": end.get("peak_memory_mb"), "allocated_peak_mb": max((e["perf/memory_mb"] for e in train), default=None),
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
@@ -189,11 +290,20 @@ registry: {{name: throughput-adapter}}
             **phases(start, end, sum(times), attrs.get(number, {})),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
-    out = {"rc": rc, "wall": wall, "trials": trials, "failed": failed,
-           "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
-    (OUT / "sweep.json").write_text(json.dumps(out, indent=1))
-    print(f"sweep: rc {rc} wall {wall:.1f}s")
-    print(out["log_tail"][-1500:])
+    return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed,
+            "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
+
+
+def _rows_sha256(trial_dir: Path) -> str | None:
+    """The sha256 of the readable rows file the trial was mixed (its data.json, kept when its copies are dropped)."""
+    try:
+        return json.loads((trial_dir / "data.json").read_text())["copies"]["rows.jsonl"]["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float]:
@@ -212,8 +322,8 @@ def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float
 
 def failures(stock_r: dict, sweep_r: dict) -> list[str]:
     """Why no speed-up may be printed: a trial of either side that failed or is missing, one line each."""
-    problems = [f"(a) stock trial {i}: exit code {t.get('rc')}, {t.get('iters')} of {ITERS} iterations"
-                for i, t in stock_r.items() if t.get("failed")]  # fmt: skip
+    problems = [f"(a) stock trial {i}: exit code {t.get('rc')}, {t.get('iters')} of {t.get('iters_asked', ITERS)} "
+                "iterations" for i, t in stock_r.items() if t.get("failed")]  # fmt: skip
     problems += [f"(b) sweep trial {i}: {t.get('state', 'FAIL')}: {(t.get('error') or '').strip()[-300:]}"
                  for i, t in sweep_r.get("trials", {}).items() if t.get("failed")]  # fmt: skip
     for side, results in (("(a) stock", stock_r), ("(b) sweep", sweep_r.get("trials", {}))):
@@ -222,16 +332,74 @@ def failures(stock_r: dict, sweep_r: dict) -> list[str]:
             problems.append(f"{side}: trials {', '.join(missing)} have no result")
     if sweep_r and sweep_r.get("rc") not in (0, None):
         problems.append(f"(b) sweep: `sweep run` exited with code {sweep_r['rc']}")
+    if sweep_r and sweep_r.get("iters_asked", ITERS) != ITERS:
+        problems.append(f"(b) sweep: sweep.json holds a {sweep_r['iters_asked']}-iteration run, not {ITERS}")
     return problems
 
 
+def _rel(x: float | None, y: float | None) -> float | None:
+    return abs(x - y) / max(abs(y), 1e-12) if x is not None and y is not None else None
+
+
+def loss_comparison(stock_r: dict, sweep_r: dict, alone_r: dict) -> float | None:
+    """Each trial's losses at steps 1-20, (a) stock, (b) sweep and, where measured, the trial alone through `sweep`,
+    side by side, with the largest relative difference to (b) over every step both ran. Returns the largest (a)-(b)
+    difference of all trials (None when no trial has both); (a) is compared only when it ran as many iterations as (b)
+    (at another length its learning-rate schedule differs)."""
+    worst = None
+    print(f"Training loss per step, steps 1-{COMPARED_STEPS} (relative difference |x - b| / |b|):")
+    for i in map(str, ORDER):
+        b = sweep_r.get("trials", {}).get(i, {})
+        a = stock_r.get(i, {}) if stock_r.get(i, {}).get("iters_asked", ITERS) == ITERS else {}
+        one = alone_r.get(i, {})
+        rows = [(name, r.get("losses")) for name, r in (("(a) stock", a), ("(b) sweep", b), ("alone", one))]
+        rows = [(name, losses[:COMPARED_STEPS]) for name, losses in rows if losses]
+        if not rows:
+            continue
+        print(f"  trial {i} (bs {TRIALS[int(i)][0]}, r {TRIALS[int(i)][1]})")
+        for name, losses in rows:
+            print(f"    {name:<10} " + " ".join(f"{x:.4f}" for x in losses))
+        for name, r in (("(a) stock", a), ("alone", one)):
+            if r.get("losses") and b.get("losses"):
+                diffs = [_rel(x, y) for x, y in zip(r["losses"], b["losses"], strict=False)]  # every step both ran
+                step = max(range(len(diffs)), key=lambda k: diffs[k])
+                same = (
+                    "same rows file"
+                    if r.get("rows_sha256") and r.get("rows_sha256") == b.get("rows_sha256")
+                    else (
+                        "rows file NOT the same"
+                        if r.get("rows_sha256") and b.get("rows_sha256")
+                        else "rows file unchecked"
+                    )
+                )
+                print(f"    {name} vs (b): largest relative difference {diffs[step]:.2e} (step {step + 1}), "
+                      f"{len(diffs)} steps compared, {same}")  # fmt: skip
+                if name == "(a) stock":
+                    worst = max(worst or 0.0, diffs[step])
+    return worst
+
+
 def report() -> int:
-    """Print the figures; a run in which any trial failed prints no speed-up or throughput and returns 1."""
-    stock_r = _load(OUT / "stock.json")
+    """Print the figures; a run in which any trial failed prints no speed-up or throughput and returns 1.
+
+    When stock.json holds a shorter run than $BENCH_ITERS (the 300-iteration variant beside the 20-iteration run's
+    stock figures), (a) at this length is computed from that run, not measured, and printed as such."""
+    stock_r = _load(Path(os.environ.get("BENCH_STOCK", OUT / "stock.json")))
     sweep_r = _load(OUT / "sweep.json")
+    alone_r = _load(OUT / "alone.json")
     problems = failures(stock_r, sweep_r)
+    stock_iters = {t.get("iters_asked", t.get("iters")) for t in stock_r.values()}
+    computed = bool(stock_r) and stock_iters != {ITERS}
     tokens_per_trial = {i: TRIALS[int(i)][0] * MAX_LENGTH * ITERS for i in stock_r}
-    stock_wall = sum(t["wall"] for t in stock_r.values())
+    # (a) at ITERS: measured, or computed from the short run as each trial's start-up (its wall time outside its
+    # steps) plus ITERS steady steps (the median step from step 4 on: the short run's slower first steps left out)
+    a_time = {i: t["wall"] if not computed else (t["wall"] - t["train_seconds"]) + ITERS * (t.get("steady_iter_seconds") or 0)
+              for i, t in stock_r.items()}  # fmt: skip
+    stock_wall = sum(a_time.values())
+    print(
+        f"{ITERS} iterations a trial, max_length {MAX_LENGTH}, trials {','.join(map(str, ORDER))}"
+        + (f"; (a) COMPUTED from its {'/'.join(map(str, sorted(stock_iters)))}-iteration run" if computed else "")
+    )
     print(f"{'trial':>5} {'bs':>2} {'r':>3} | {'stock wall':>10} {'outside steps':>13} {'iter s':>7} {'loss':>8} {'peak MB':>8}"
           f" | {'sweep steps':>11} {'iter s':>7} {'loss':>8} {'peak MB':>8}")  # fmt: skip
     for i in map(str, ORDER):
@@ -241,12 +409,19 @@ def report() -> int:
               f"{a.get('steady_iter_seconds') or 0:>7.3f} {a.get('last_loss') or 0:>8.4f} {a.get('peak_mb') or 0:>8}"
               f" | {b.get('train_seconds', 0):>10.1f}s {b.get('steady_iter_seconds') or 0:>7.3f} "
               f"{b.get('last_loss') or 0:>8.4f} {round(b.get('peak_mb') or 0):>8}")  # fmt: skip
+    worst = loss_comparison(stock_r, sweep_r, alone_r)
+    if worst is not None:
+        print(f"largest relative loss difference (a)-(b), all trials, all steps: {worst:.2e}")
     if problems:
         print("NO SPEED-UP OR THROUGHPUT: trials failed or are missing, so the two sides did not do the same work:")
         print("\n".join(f"    {p}" for p in problems))
         return 1
-    if stock_r:
-        total = sum(tokens_per_trial.values())
+    total = sum(tokens_per_trial.values())
+    if stock_r and computed:
+        print(f"(a) stock, one after another, COMPUTED from the {'/'.join(map(str, sorted(stock_iters)))}-iteration "
+              f"run (not measured): each trial's start-up plus {ITERS} steady steps: {len(stock_r)} trials, "
+              f"{stock_wall:.0f}s, {total / stock_wall:,.0f} tokens/s")  # fmt: skip
+    elif stock_r:
         print(
             f"(a) stock, one after another: {len(stock_r)} trials, wall {stock_wall:.0f}s, {total / stock_wall:,.0f} tokens/s"
         )
@@ -258,28 +433,44 @@ def report() -> int:
         for i, t in stock_r.items():
             if t.get("steady_iter_seconds"):
                 tps = TRIALS[int(i)][0] * MAX_LENGTH / t["steady_iter_seconds"]
-                print(f"    trial {i} (bs {TRIALS[int(i)][0]}, r {TRIALS[int(i)][1]}) alone: {tps:,.0f} tokens/s, "
+                print(f"    trial {i} (bs {TRIALS[int(i)][0]}, r {TRIALS[int(i)][1]}) steady: {tps:,.0f} tokens/s, "
                       f"MFU {tps * 4 * PARAMS / PEAK_FLOPS:.1%}, outside steps {1 - t['train_seconds'] / t['wall']:.0%}")  # fmt: skip
         if alone:
             print(f"    best single-trial MFU: {max(alone) * 4 * PARAMS / PEAK_FLOPS:.1%}")
     if sweep_r:
         tokens = sum(t.get("tokens", 0) for t in sweep_r["trials"].values())
-        print(
-            f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {tokens / sweep_r['wall']:,.0f} tokens/s"
-        )
+        rate = tokens / sweep_r["wall"]
+        print(f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {rate:,.0f} tokens/s, "
+              f"aggregate MFU over the sweep's wall time {rate * 4 * PARAMS / PEAK_FLOPS:.1%} "
+              f"(4 x {PARAMS:,} FLOPs a token, {PEAK_FLOPS / 1e12:.0f} TFLOP/s peak)")  # fmt: skip
+        warm = []
         for i in map(str, ORDER):
             t = sweep_r["trials"].get(i)
             if t and t.get("wall"):
                 worker = t.get("worker") or {}
+                share = 1 - t["train_seconds"] / t["wall"]
+                if worker.get("model_reused"):
+                    warm.append((share, i))
                 print(f"    trial {i} (bs {t['bs']}, r {t['r']}): {t['wall']:.1f}s from slot to exit, "
-                      f"{t['train_seconds']:.1f}s of steps, outside steps {1 - t['train_seconds'] / t['wall']:.0%}, "
+                      f"{t['train_seconds']:.1f}s of steps, outside steps {share:.0%}, "
                       f"worker job {worker.get('job', '-')}, model reused {worker.get('model_reused', '-')}, "
                       f"peak {round(t.get('peak_mb') or 0)} MB")  # fmt: skip
                 if "setup" in t:
                     print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip
+        if warm:
+            print(f"    warm trial time outside its steps (model reused): {', '.join(f'{i} {x:.0%}' for x, i in warm)}; "
+                  f"largest {max(warm)[0]:.0%} (goal: at most 10 %)")  # fmt: skip
+        else:
+            print("    warm trial time outside its steps: no trial reused a loaded model")
         if stock_r:
-            print(f"speed-up (a)/(b): {stock_wall / sweep_r['wall']:.2f}x")
+            how = (
+                f"(a) computed from the {'/'.join(map(str, sorted(stock_iters)))}-iteration run"
+                if computed
+                else "both measured"
+            )
+            print(f"speed-up (a)/(b): {stock_wall / sweep_r['wall']:.2f}x; aggregate tokens/s (b)/(a): "
+                  f"{rate / (total / stock_wall):.2f}x ({how})")  # fmt: skip
     return 0
 
 
@@ -289,5 +480,11 @@ def _load(path: Path) -> dict:
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["report"]
-    steps = {"prepare": prepare, "stock": lambda: stock(int(rest[0]), int(rest[1])), "sweep": sweep, "report": report}
+    steps = {
+        "prepare": prepare,
+        "stock": lambda: stock(int(rest[0]), int(rest[1])),
+        "sweep": sweep,
+        "alone": lambda: alone([int(i) for i in rest]),
+        "report": report,
+    }
     sys.exit(steps[command]() or 0)

@@ -75,3 +75,47 @@ def test_a_missing_side_prints_no_speed_up(tmp_path):
     done = _report(tmp_path)
     assert done.returncode == 1 and "speed-up" not in done.stdout
     assert "(b) sweep: trials" in done.stdout and "have no result" in done.stdout
+
+
+def test_the_report_puts_each_trials_losses_side_by_side(tmp_path):
+    _results(tmp_path)
+    stock, sweep = json.loads((tmp_path / "stock.json").read_text()), json.loads((tmp_path / "sweep.json").read_text())
+    for i in ORDER:
+        stock[str(i)].update(losses=[9.0 - 0.1 * k for k in range(20)], rows_sha256="abc")
+        sweep["trials"][str(i)].update(losses=[9.0 - 0.1 * k for k in range(20)], rows_sha256="abc")
+    stock["11"]["losses"][4] = 8.6 * 1.001  # step 5 of trial 11 off by 1e-3
+    (tmp_path / "stock.json").write_text(json.dumps(stock))
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    alone = {"11": {**sweep["trials"]["11"], "rc": 0}}
+    (tmp_path / "alone.json").write_text(json.dumps(alone))
+    done = _report(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "    (b) sweep  9.0000 8.9000 8.8000" in done.stdout
+    assert "(a) stock vs (b): largest relative difference 1.00e-03 (step 5), 20 steps compared, same rows file" in (
+        done.stdout
+    )
+    assert "alone vs (b): largest relative difference 0.00e+00" in done.stdout
+    assert "largest relative loss difference (a)-(b), all trials, all steps: 1.00e-03" in done.stdout
+
+
+def test_a_longer_run_computes_stock_from_the_short_run_and_says_so(tmp_path):
+    _results(tmp_path)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    sweep["iters_asked"] = 300
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_WORK": str(tmp_path), "BENCH_ITERS": "300"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "report"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # each stock trial: 30 s wall - 10 s of steps = 20 s start-up, + 300 steady steps of 0.5 s = 170 s; 12 of them
+    assert "COMPUTED from the 20-iteration run (not measured)" in done.stdout and "2040s" in done.stdout
+    assert "speed-up (a)/(b): 13.60x" in done.stdout and "(a) computed from the 20-iteration run" in done.stdout
+    assert "aggregate MFU over the sweep's wall time" in done.stdout
+
+
+def test_a_cpu_stock_config_trains_in_fp32_on_the_given_rows(tmp_path):
+    text = throughput.stock_config(2, 16, tmp_path / "rows.jsonl", cuda=False)
+    assert "AmpOptimWrapper" not in text and "type=OptimWrapper" in text and "torch.float32" in text
+    assert 'loss_scale="dynamic"' not in text and 'dtype="bfloat16"' not in text
+    assert f"data_file = {str(tmp_path / 'rows.jsonl')!r}" in text and "batch_size = 2" in text
+    gpu = throughput.stock_config(2, 16, tmp_path / "rows.jsonl", cuda=True)
+    assert "type=AmpOptimWrapper" in gpu and 'dtype="bfloat16"' in gpu

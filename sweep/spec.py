@@ -285,8 +285,8 @@ class SpeedSpec(_Strict):
     compile_dropout: Literal["eager", "fused"] = "fused"
     compile_exact_casts: bool = True  # compiled layers round intermediates to 16 bits where eager does
     # processes that collate the training batches beside the training process (the DataLoader's num_workers);
-    # auto: 2 on a GPU, where collating in the training process leaves the GPU waiting, 0 on the CPU
-    data_workers: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
+    # 0 by default: on an H200 two of them cut the wait for a batch but not the step (docs/benchmarks.md)
+    data_workers: int = Field(default=0, ge=0, le=16)
     # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
     fused_optimizer: Literal["auto", "on", "off"] = "off"
 

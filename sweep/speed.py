@@ -51,16 +51,3 @@ def fused_optimizer(spec: Spec, device: Device | None) -> bool:
     """``speed.fused_optimizer``: ``auto`` is on for CUDA (one kernel per step instead of a loop of them)."""
     setting = spec.speed.fused_optimizer
     return setting == "on" or (setting == "auto" and device is not None and device.cuda)
-
-
-#: DataLoader worker processes ``speed.data_workers: auto`` gives a CUDA trial (docs/benchmarks.md measures them).
-AUTO_DATA_WORKERS = 2
-
-
-def data_workers(spec: Spec, device: Device | None) -> int:
-    """``speed.data_workers``: ``auto`` collates batches in worker processes on CUDA, in the training process
-    on the CPU (where the step, not the collating, is what takes the time)."""
-    setting = spec.speed.data_workers
-    if setting != "auto":
-        return int(setting)
-    return AUTO_DATA_WORKERS if device is not None and device.cuda else 0

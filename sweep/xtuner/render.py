@@ -117,8 +117,8 @@ def render(
         cfg["train_dataloader"]["dataset"].update(
             do_dataset_tokenization=False, dataset_map_fn=None, template_map_fn=None
         )
-    if workers := speed.data_workers(spec, device):  # batches collated beside training while the GPU works
-        cfg["train_dataloader"].update(num_workers=workers, persistent_workers=True)
+    if spec.speed.data_workers:  # batches collated beside training while the GPU works
+        cfg["train_dataloader"].update(num_workers=spec.speed.data_workers, persistent_workers=True)
     cfg["prompt_template"] = template
     cfg["max_length"] = max_length
     cfg["SYSTEM"] = spec.model.system

@@ -62,6 +62,35 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     study = open_study(spec, storage)
     root.mkdir(parents=True, exist_ok=True)
     owner.write_text(_storage_id(opts.storage) + "\n")
+    plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
+    if device.cuda:
+        plan.slots, plan.memory, plan.n_jobs = _gpu_slots(spec, checked, opts)
+    plan.threads = None if device.cuda else max(1, (os.cpu_count() or 1) // max(1, plan.n_jobs))
+    plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
+    if plan.pool is not None:  # their imports and CUDA start beside the data preparation and MLflow set-up below
+        gpus = sorted(plan.slots.total) if plan.slots is not None else []
+        plan.pool.prewarm(min(plan.n_jobs, plan.n_trials), gpus, plan.threads)
+    try:
+        return _run(spec, opts, device, checked, root, study, plan)
+    finally:
+        if plan.pool is not None:
+            plan.pool.close()
+
+
+@dataclass
+class _Plan:
+    """How this process runs its trials: how many at once, on which GPU slots, in which workers."""
+
+    n_jobs: int
+    n_trials: int
+    threads: int | None = None
+    slots: GpuSlots | None = None
+    memory: MemoryModel | None = None
+    pool: WorkerPool | None = None
+
+
+def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: Path, study: optuna.Study,
+         plan: _Plan) -> dict[str, Any]:  # fmt: skip
     prepared = data_mod.prepare(spec.data, root / "data")
     saved = study.user_attrs.get("data_digest")
     if saved and saved != prepared.digest:
@@ -95,11 +124,6 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     tracker.log_metrics(parent, [(name, value, 0) for name, value in checked.findings.metrics().items()])
     tracker.log_dict(parent, checked.findings.as_dict(), "data_checks.json")
 
-    slots = memory = None
-    n_jobs = opts.n_jobs or 1
-    if device.cuda:
-        slots, memory, n_jobs = _gpu_slots(spec, checked, opts)
-    threads = None if device.cuda else max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     ctx = StudyContext(
         spec=spec,
         base_cfg=checked.base_cfg,
@@ -110,16 +134,15 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         tracker=tracker,
         experiment_id=experiment_id,
         parent_run_id=parent,
-        threads=threads,
-        slots=slots,
-        memory=memory,
-        pool=_worker_pool(spec, root, slots, memory),
+        threads=plan.threads,
+        slots=plan.slots,
+        memory=plan.memory,
+        pool=plan.pool,
     )
-    n_trials = opts.n_trials or spec.n_trials
-    progress = ctx.progress = SweepProgress(n_trials, spec.objective.primary, console=opts.console)
+    progress = ctx.progress = SweepProgress(plan.n_trials, spec.objective.primary, console=opts.console)
     log.info(
         "study %s: %d trial(s) to run, %d job(s), storage %s, tracking %s, work dir %s",
-        spec.study, n_trials, n_jobs, redact(opts.storage), redact(opts.tracking_uri), root,
+        spec.study, plan.n_trials, plan.n_jobs, redact(opts.storage), redact(opts.tracking_uri), root,
     )  # fmt: skip
     status = "FAILED"
     registered = None
@@ -132,9 +155,9 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         with progress:
             study.optimize(
                 lambda trial: run_trial(trial, ctx),
-                n_trials=n_trials,
+                n_trials=plan.n_trials,
                 timeout=opts.timeout or spec.timeout,
-                n_jobs=n_jobs,
+                n_jobs=plan.n_jobs,
                 catch=(TrialFailed,),
                 gc_after_trial=False,
                 callbacks=callbacks,
@@ -152,7 +175,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         raise
     finally:
         if ctx.pool is not None:
-            ctx.pool.close()
+            ctx.pool.close()  # the trials' workers end before the summary and the report (run closes it again)
         _log_study_summary(study, spec, tracker, parent)
         tracker.finish(parent, status)
     from sweep.report import study_report

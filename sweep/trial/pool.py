@@ -73,6 +73,23 @@ class WorkerPool:
             self._busy.append(worker)
         return Job(self, worker, launch)
 
+    def prewarm(self, n: int, gpus: list[int], threads: int | None) -> None:
+        """Start ``n`` workers now, one GPU after another, idle until their first job.
+
+        A worker's cold start (imports, CUDA) then runs while the sweep prepares its data, its MLflow runs
+        and its first configs, instead of after the first trial's slot (docs/benchmarks.md measures both).
+        A worker whose GPU no trial is placed on stays idle and is ended by ``_make_room`` or ``close``.
+        """
+        for i in range(n):
+            gpu_ids = [gpus[i % len(gpus)]] if gpus else []
+            launch = launcher.Launch(Path(), self.folder, self.folder / "prewarm.log", gpu_ids=gpu_ids, threads=threads)
+            worker = self._spawn(launch)
+            with self._lock:
+                self._idle.append(worker)
+        if n:
+            log.info("started %d training worker(s) ahead of the first trial%s", n,
+                     f" on GPU {', '.join(map(str, sorted(set(gpus))))}" if gpus else "")  # fmt: skip
+
     def _make_room(self, gpus: tuple[int, ...]) -> list[Worker]:
         """The idle workers on this trial's GPU to end (taken off the idle list): as many as needed for
         them and the running trials to fit. Called with the lock held."""

@@ -230,3 +230,28 @@ def test_a_worker_outlives_the_thread_that_started_it(tmp_path):
     finally:
         started[0].kill()
     assert not started[0].alive()
+
+
+def test_workers_started_ahead_serve_the_first_trials_on_their_gpus(tmp_path, monkeypatch):
+    """`sweep run` starts its workers before preparing data and MLflow: a trial on a GPU takes the idle worker
+    started for that GPU (its cold start already paid) instead of starting one."""
+    slots = GpuSlots({0: 80_000.0, 1: 80_000.0})  # fake devices: the workers only see CUDA_VISIBLE_DEVICES
+    pool = WorkerPool(tmp_path / "workers", slots, idle_mb=3_000.0)
+    pool.prewarm(2, [0, 1], threads=1)
+    try:
+        ahead = list(pool._idle)
+        assert [w.gpus for w in ahead] == [(0,), (1,)] and all(w.alive() for w in ahead)
+        for worker in ahead:
+            environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
+            assert f"CUDA_VISIBLE_DEVICES={worker.gpus[0]}".encode() in environ
+        monkeypatch.setattr(pool, "_spawn", lambda launch: pytest.fail("a worker was started for a warm GPU"))
+        work = tmp_path / "trial"
+        work.mkdir()
+        launch = launcher.Launch(work / "config.py", work, work / "train.log", n_gpus=1, gpu_ids=[1], threads=1)
+        job_ = pool.start(launch)
+        assert job_.worker is ahead[1], "the worker started for GPU 1"
+        assert job_.wait() != 0, "no config.py: the job fails, and its worker ends"
+        assert [w.gpus for w in pool._idle] == [(0,)]
+    finally:
+        pool.close()
+    assert not any(w.alive() for w in ahead)

@@ -33,6 +33,7 @@ class Worker:
     gpus: tuple[int, ...]
     threads: int | None
     log: Path | None = None  # its own output, outside jobs: startup, and a death between or before jobs
+    jobs: int = 0  # jobs handed to it: one that never had one holds no model and no CUDA context yet
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -60,7 +61,8 @@ class WorkerPool:
             return launcher.Running(launch)
         gpus = tuple(launch.gpu_ids)
         with self._lock:
-            worker = next((w for w in self._idle if w.gpus == gpus and w.threads == launch.threads), None)
+            fits = [w for w in self._idle if w.gpus == gpus and w.threads == launch.threads]
+            worker = max(fits, key=lambda w: w.jobs > 0, default=None)  # one that holds the model first
             if worker is not None:
                 self._idle.remove(worker)
             leaving = self._make_room(gpus)
@@ -95,7 +97,7 @@ class WorkerPool:
         them and the running trials to fit. Called with the lock held."""
         if self.slots is None or len(gpus) != 1:
             return []
-        others = [w for w in self._idle if w.gpus == gpus]
+        others = [w for w in self._idle if w.gpus == gpus and w.jobs]  # started ahead, never used: holds nothing
         leaving = []
         while others and self.slots.room(gpus[0]) < len(others) * self.idle_mb:
             worker = others.pop()
@@ -150,6 +152,7 @@ class Job:
         self.done.unlink(missing_ok=True)
         self.rc: int | None = None
         job = protocol.Job(launcher.train_args(launch), str(launch.log), str(self.done))
+        worker.jobs += 1
         try:
             worker.proc.stdin.write(job.to_line())
             worker.proc.stdin.flush()

@@ -94,15 +94,16 @@ def test_the_untrained_point_is_measured_once_per_study(e2e):
     assert json.loads(stored.read_text())["metrics"]["val/loss"] == first["values"]["val/loss"]
 
 
-def _sleeper(gpu: int) -> Worker:
-    return Worker(subprocess.Popen(["sleep", "600"], start_new_session=True), (gpu,), None)
+def _sleeper(gpu: int, jobs: int = 1) -> Worker:
+    return Worker(subprocess.Popen(["sleep", "600"], start_new_session=True), (gpu,), None, jobs=jobs)
 
 
 def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
     slots = GpuSlots({0: 10_000.0, 1: 10_000.0})  # trials may plan 9,200 MB of each
     pool = WorkerPool(tmp_path, slots, idle_mb=3_000.0)
     idle = [_sleeper(0), _sleeper(0), _sleeper(0), _sleeper(1)]
-    pool._idle = list(idle)
+    ahead = _sleeper(0, jobs=0)  # started ahead of the first trial, no job yet: no model, no CUDA context
+    pool._idle = [*idle, ahead]
     try:
         slots.acquire(5_000.0)  # GPU 0 (the emptiest, lowest index): 4,200 MB left, room for one idle worker
         with pool._lock:
@@ -110,14 +111,15 @@ def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
         for worker in leaving:
             worker.kill()
         assert len(leaving) == 2
-        on_gpu0 = [w for w in pool._idle if w.gpus == (0,)]
+        on_gpu0 = [w for w in pool._idle if w.gpus == (0,) and w.jobs]
         assert len(on_gpu0) == 1 and on_gpu0[0].alive()
         ended = [w for w in idle[:3] if w not in on_gpu0]
         assert all(w.proc.returncode is not None for w in ended), "ended workers' processes are gone"
         assert idle[3] in pool._idle and idle[3].alive(), "another GPU's idle worker stays"
+        assert ahead in pool._idle and ahead.alive(), "a worker that holds no memory is not ended for room"
     finally:
         pool.close()
-    assert all(not w.alive() for w in idle)
+    assert all(not w.alive() for w in [*idle, ahead])
 
 
 def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch):
@@ -255,3 +257,21 @@ def test_workers_started_ahead_serve_the_first_trials_on_their_gpus(tmp_path, mo
     finally:
         pool.close()
     assert not any(w.alive() for w in ahead)
+
+
+def test_a_trial_takes_an_idle_worker_that_holds_the_model_before_one_started_ahead(tmp_path):
+    pool = WorkerPool(tmp_path)
+    ahead, warm = (
+        Worker(subprocess.Popen(["sleep", "600"], stdin=subprocess.PIPE, start_new_session=True), (0,), 1, jobs=n)
+        for n in (0, 2)
+    )
+    pool._idle = [ahead, warm]
+    try:
+        work = tmp_path / "trial"
+        work.mkdir()
+        job_ = pool.start(launcher.Launch(work / "config.py", work, work / "train.log", gpu_ids=[0], threads=1))
+        assert job_.worker is warm and warm.jobs == 3, "the worker with the model loaded, not the cold one"
+        assert pool._idle == [ahead]
+    finally:
+        pool.close()
+    assert not ahead.alive() and not warm.alive()

@@ -305,7 +305,9 @@ def _load_study(name: str, storage: str):
     import optuna
 
     from sweep.registry.tracking import redact
+    from sweep.storage import refuse_missing_sqlite
 
+    refuse_missing_sqlite(storage)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:

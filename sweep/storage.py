@@ -103,3 +103,17 @@ def connect_storage(url: str, heartbeat: int | None, tracking_uri: str | None):
         text = str(err)
         first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         raise SpecError(f"storage {redact(url)}: cannot be reached: {first}") from None
+
+
+def refuse_missing_sqlite(url: str) -> None:
+    """Reading a study never creates anything: SQLAlchemy would make a missing SQLite file, empty."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # not a URL: Optuna says what is wrong with it
+    path = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if path not in (None, "", ":memory:") and not Path(path).is_file():
+        raise SpecError(f"storage {redact(url)}: {path} does not exist; name the database file `sweep run` wrote")

@@ -42,3 +42,13 @@ def test_a_sweep_whose_trials_all_fail_exits_3(tmp_path, tiny_model, monkeypatch
                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--work-dir", str(tmp_path / "runs"), "--json"])  # fmt: skip
     assert rc == EXIT_ALL_FAILED
     assert '"FAIL": 2' in capsys.readouterr().out
+
+
+def test_reading_a_missing_sqlite_storage_creates_nothing(tmp_path, monkeypatch, capsys):
+    from sweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for command in (["report", "demo"], ["promote", "demo"], ["export", "demo", "--adapter", "out"]):
+        assert main([*command, "--storage", "sqlite:///missing.db"]) == 2
+        assert "missing.db does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no database file made by reading one"

@@ -108,8 +108,10 @@ def _from_study(name: str, storage: str, tracking_uri: str, scratch: Path) -> Re
     from sweep.ranking import best_trial
     from sweep.registry.tracking import Tracker, redact
     from sweep.spec import stored_spec
+    from sweep.storage import refuse_missing_sqlite
     from sweep.xtuner.config import prompt_template
 
+    refuse_missing_sqlite(storage)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:

@@ -167,6 +167,7 @@ def test_training_metrics_reach_mlflow_in_batches(amp):
     training, and a last one, per trial (plus the trial's `best/` metric)."""
     from sweep.trial.run import METRIC_INTERVAL_S
 
+    all_calls = all_iterations = 0
     for t in amp["on"]["study"].trials:
         run_id = t.user_attrs["mlflow_run_id"]
         events = _events(t)
@@ -174,4 +175,7 @@ def test_training_metrics_reach_mlflow_in_batches(amp):
         iterations = sum(e["kind"] == "train" for e in events)
         seconds = next(e["time"] for e in events if e["kind"] == "end") - events[0]["time"]
         calls = amp["on"]["calls"].count(run_id)
-        assert calls <= points + seconds / METRIC_INTERVAL_S + 3 < iterations, (calls, points, iterations)
+        assert calls <= points + seconds / METRIC_INTERVAL_S + 3, (calls, points, iterations, seconds)
+        all_calls, all_iterations = all_calls + calls, all_iterations + iterations
+    # on a loaded machine a trial's bound can pass its iteration count; over the study, batching must show
+    assert all_calls < all_iterations, (all_calls, all_iterations)

@@ -14,6 +14,7 @@ say() { echo "[$NAME $(( $(date +%s) - started ))s] $*"; }
 if ! $PY -c 'import xtuner' 2>/dev/null && [ ! -d /tmp/site/xtuner ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
+  $PY -m compileall -q -j 0 /tmp/site > /dev/null  # bytecode as a user's pip install leaves it, made in parallel
 fi
 export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 say "wheels installed"

@@ -5,7 +5,8 @@ Everything goes through an explicit ``MlflowClient`` and run ids rather than MLf
 The three calls MLflow offers only in its fluent API (logging a pyfunc model, registering it,
 downloading by ``models:/`` URI) are made here too, under ``_fluent``.
 Runs are found again by tags, so a second ``sweep run`` on the same study continues the same
-parent run instead of starting a new one.
+parent run instead of starting a new one. MLflow is imported by the calls that use it: importing it
+takes seconds, and ``sweep run`` starts its training workers before its first MLflow call.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from sweep.retry import retry_races
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 STUDY_TAG = "xtuner_sweep.study"
 ROLE_TAG = "xtuner_sweep.role"
@@ -69,6 +69,8 @@ class Tracker:
 
     def _connect(self) -> MlflowClient:
         """A client whose store exists: the first call creates a new store's tables."""
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
@@ -139,11 +141,15 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i : i + 90])
 
     def log_metrics(self, run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, int(step))
@@ -154,6 +160,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_dict(self, run_id: str, data: dict[str, Any], name: str) -> None:
@@ -187,6 +195,8 @@ class Tracker:
         Only "not found" means "none": a registry error must not look like "not registered yet",
         or a re-run would register the run twice.
         """
+        from mlflow.exceptions import MlflowException
+
         try:
             versions = self.client.search_model_versions(f"name = '{name}'")
         except MlflowException as err:
@@ -204,6 +214,8 @@ class Tracker:
         MLflow's SQL store says RESOURCE_DOES_NOT_EXIST for a missing model but
         INVALID_PARAMETER_VALUE for a missing alias, so that one is confirmed on the model itself.
         """
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_model_version_by_alias(name, alias)
         except Exception as err:  # noqa: BLE001 - every failure is named below; only "not found" is None

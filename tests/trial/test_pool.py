@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -275,3 +276,25 @@ def test_a_trial_takes_an_idle_worker_that_holds_the_model_before_one_started_ah
     finally:
         pool.close()
     assert not ahead.alive() and not warm.alive()
+
+
+def test_sweep_run_starts_its_workers_before_it_imports_mlflow(tmp_path, tiny_model):
+    """Importing MLflow takes seconds (more on a machine whose packages have no bytecode yet): `sweep run` starts
+    its workers first, so that their cold start runs beside that import and the MLflow set-up."""
+    from tests.conftest import write_spec
+
+    spec = write_spec(tmp_path, tiny_model, n_trials="n_trials: 2")
+    script = (
+        "import sys\n"
+        "from sweep.trial.pool import WorkerPool\n"
+        "def prewarm(self, n, gpus, threads):\n"
+        "    print('workers', n, 'mlflow imported' if 'mlflow' in sys.modules else 'mlflow not imported', flush=True)\n"
+        "    raise SystemExit(0)\n"
+        "WorkerPool.prewarm = prewarm\n"
+        "from sweep.cli import main\n"
+        f"main(['run', {str(spec)!r}, '--storage', 'sqlite:///{tmp_path}/s.db',"
+        f" '--tracking-uri', 'sqlite:///{tmp_path}/m.db', '--work-dir', {str(tmp_path / 'runs')!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "workers 1 mlflow not imported" in done.stdout, done.stdout + done.stderr[-3000:]

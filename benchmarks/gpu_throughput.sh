@@ -10,6 +10,7 @@
 #                                                    # compares their per-step losses with the same trials in (b)
 #   BENCH_ITERS=300 STEPS=sweep BENCH_STOCK=short/stock.json bash ...   # the 300-iteration variant: (b) measured,
 #                                                    # (a) computed from the 20-iteration run's stock.json
+# The device returns at most 8 files from $OUT: one call of this script writes at most 8 (sweep and stock: 8).
 set -uo pipefail
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" BENCH_WORK=${BENCH_WORK:-/tmp/bench}
 RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$RESULTS"  # each trial's figures land there at once
@@ -22,6 +23,7 @@ rm -rf "$BENCH_WORK/sweep"
 python3 benchmarks/throughput.py prepare > "$RESULTS/prepare.log" 2>&1 || { tail -20 "$RESULTS/prepare.log"; exit 1; }
 if [[ " $STEPS " == *" sweep "* ]]; then
   python3 benchmarks/throughput.py sweep > "$RESULTS/sweep_step.log" 2>&1; echo "sweep step: exit $?"
+  grep -h "^sweep: rc" "$RESULTS/sweep_step.log"  # (b)'s wall time in the call's own output too
   cp "$BENCH_WORK/sweep/sweep.log" "$RESULTS/" 2>/dev/null
   (cd "$BENCH_WORK/sweep" && tar czf "$RESULTS/trials.tgz" sweep-runs/throughput/trial_*/sweep_metrics.jsonl \
     sweep-runs/throughput/trial_*/worker.json sweep-runs/throughput/workers 2>/dev/null)

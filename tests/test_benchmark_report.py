@@ -77,6 +77,20 @@ def test_a_missing_side_prints_no_speed_up(tmp_path):
     assert "(b) sweep: trials" in done.stdout and "have no result" in done.stdout
 
 
+def test_the_sweep_side_alone_prints_its_wall_time_but_no_speed_up(tmp_path):
+    """A device call that ran only (b) (`STEPS=sweep`) must still print (b)'s wall time and aggregate figures."""
+    _results(tmp_path)
+    (tmp_path / "stock.json").unlink()
+    done = _report(tmp_path)
+    assert done.returncode == 0, done.stdout
+    assert "(b) sweep: 12 trials, wall 150s" in done.stdout and "speed-up (a)/(b)" not in done.stdout
+    assert "(a) stock has no results here" in done.stdout
+    _results(tmp_path, sweep_failed={3})
+    (tmp_path / "stock.json").unlink()
+    done = _report(tmp_path)
+    assert done.returncode == 1 and "wall 150s" not in done.stdout, "a failed (b) trial still prints nothing"
+
+
 def test_the_report_puts_each_trials_losses_side_by_side(tmp_path):
     _results(tmp_path)
     stock, sweep = json.loads((tmp_path / "stock.json").read_text()), json.loads((tmp_path / "sweep.json").read_text())

@@ -13,7 +13,9 @@ device's 10-minute limit:
 A sweep variant is `BATCH:LEVERS`, levers joined by `+` from: off (no lever), chunked, cce, liger (speed.fused_loss),
 compile (speed.compile), fastdrop (speed.compile_dropout: fused), exact (speed.compile_exact_casts),
 loader (speed.data_workers: 2; else 0), fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
-comparing compiled and eager curves without dropout masks), profile (torch.profiler over iterations 6-8 of the run,
+comparing compiled and eager curves without dropout masks), rngrecompute (functorch's `functionalize_rng_ops`:
+the compiled backward draws the dropout masks again from their seed instead of keeping them; CUDA only, not a
+`speed:` setting yet: this lever measures whether it pays), profile (torch.profiler over iterations 6-8 of the run,
 printed to the log: kernels by GPU time and how busy the GPU was); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
 this process, to see what a later trial of a resident worker pays for compiling). The sweep's path renders the config as `sweep
 run` does (frozen weights in 16 bits, activation checkpointing off, the hook) without tokenize-once, so its rows
@@ -42,7 +44,19 @@ OUT = throughput.OUT
 ITERS = int(os.environ.get("STEP_ITERS", "20"))
 LENGTH = throughput.MAX_LENGTH
 RESULTS = OUT / "step_speed.json"
-LEVERS = {"chunked", "cce", "liger", "compile", "fastdrop", "exact", "fusedopt", "nodrop", "profile", "loader"}
+LEVERS = {
+    "chunked",
+    "cce",
+    "liger",
+    "compile",
+    "fastdrop",
+    "exact",
+    "fusedopt",
+    "nodrop",
+    "profile",
+    "loader",
+    "rngrecompute",
+}
 
 
 def _save(key: str, result: dict) -> None:
@@ -158,6 +172,25 @@ def _profiled(on: bool):
         Runner.train = original
 
 
+@contextlib.contextmanager
+def _rng_recomputed(on: bool):
+    """functionalize_rng_ops for this run only; dynamo does not guard on functorch's config, so the graphs
+    compiled before and after are dropped."""
+    if not on:
+        yield
+        return
+    import torch
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    functorch_config.functionalize_rng_ops = True
+    try:
+        yield
+    finally:
+        functorch_config.functionalize_rng_ops = False
+        torch._dynamo.reset()
+
+
 def sweep(variants: list[str]) -> None:
     """Every variant in this one process, through the resident worker's job function (the model stays loaded)."""
     os.environ.update(throughput.ENV)
@@ -177,7 +210,7 @@ def sweep(variants: list[str]) -> None:
         error = None
         try:
             config = _sweep_config(batch, levers, work)
-            with _profiled("profile" in levers):
+            with _profiled("profile" in levers), _rng_recomputed("rngrecompute" in levers):
                 job.train_in_this_process([str(config), "--work-dir", str(work)])
         except BaseException as err:  # noqa: BLE001 - recorded as a failed run; the next variant still runs
             error = f"{type(err).__name__}: {err}"

@@ -40,8 +40,10 @@ demo-llava: setup
 	$(VENV)/bin/sweep run configs/llava_demo.yaml
 	$(VENV)/bin/sweep report llava_demo
 
+# In parallel: one test process per CPU (at most 4), each pinned to its share of the CPUs (tests/conftest.py); the
+# tests that share a training fixture run in one process (--dist loadgroup), so that it trains once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

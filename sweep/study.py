@@ -9,7 +9,6 @@ behind the test-set gate (``registry.gate``) with the alias ``champion``.
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from sweep.registry.tracking import Tracker, redact
 from sweep.search import first_point
 from sweep.spec import Spec, SpecError, spec_summary
 from sweep.storage import connect_storage, open_study
-from sweep.trial.placement import CONTEXT_MB, GpuSlots, MemoryModel, ModelShape, visible_gpus
+from sweep.trial.placement import CONTEXT_MB, GpuSlots, MemoryModel, ModelShape, usable_cpus, visible_gpus
 from sweep.trial.pool import WorkerPool
 from sweep.trial.run import StudyContext, TrialFailed, run_trial
 from sweep.xtuner.render import Device
@@ -65,7 +64,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
     if device.cuda:
         plan.slots, plan.memory, plan.n_jobs = _gpu_slots(spec, checked, opts)
-    plan.threads = None if device.cuda else max(1, (os.cpu_count() or 1) // max(1, plan.n_jobs))
+    plan.threads = None if device.cuda else max(1, usable_cpus() // max(1, plan.n_jobs))
     plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
     if plan.pool is not None:  # their imports and CUDA start beside the data preparation and MLflow set-up below
         gpus = sorted(plan.slots.total) if plan.slots is not None else []

@@ -20,6 +20,36 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / ".cache" / "tiny-model"
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs ``-n auto``), each test process gets its own share of the CPUs.
+
+    The sweeps it starts plan their CPU threads from this affinity (``placement.usable_cpus``): without it
+    each of N test processes would train with every CPU's worth of threads, N times too many.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= count:
+            os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: count])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Groups for ``--dist loadgroup``: what shares a fixture that trains runs in one test process, once.
+
+    Every test of a file that uses the end-to-end sweep (``e2e``, session-wide) is in one group; the tests of a file
+    with a module-wide fixture are in that file's group; the others go wherever a process is free.
+    """
+    e2e_files = {item.path for item in items if "e2e" in getattr(item, "fixturenames", ())}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = [d for ds in (info.name2fixturedefs.values() if info else ()) for d in ds]
+        if item.path in e2e_files:
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+        elif any(d.scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(ROOT))))
+
+
 def _built(folder: Path, made: str, script: str) -> Path:
     """``folder``, built by ``data/SCRIPT``'s ``build`` (as `make setup` builds it) unless ``folder/MADE`` exists."""
     if not (folder / made).exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import threading
@@ -24,6 +25,18 @@ log = logging.getLogger("sweep")
 CONTEXT_MB = 600.0  # a CUDA context and the allocator's slack, per process
 HEADROOM = 0.92  # of each GPU's memory that trials may plan to use
 MAX_PER_GPU = 8
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (``taskset``, a batch scheduler's binding), not the machine's.
+
+    ``os.cpu_count()`` counts every CPU of the machine, so CPU trials pinned to a few of them would each start as
+    many threads as the machine has and share those few CPUs.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
 
 
 @dataclass

@@ -183,9 +183,18 @@ def _train_losses(tmp_path: Path, tiny_model: Path, fused: str, speed: str = "")
     return {e["iter"]: e["train/loss"] for e in events if e["kind"] == "train"}
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_model) -> dict[int, float]:
+    """The reference curve every lever is compared with: no lever, trained once for the module."""
+    folder = tmp_path_factory.mktemp("plain")
+    losses = _train_losses(folder, tiny_model, "off")
+    (config,) = folder.rglob("config.py")
+    assert "'fused': True" not in config.read_text() and "'num_workers': 2" not in config.read_text()
+    return losses
+
+
 @pytest.mark.e2e
-def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, tiny_model):
-    plain = _train_losses(tmp_path, tiny_model, "off")
+def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, tiny_model, plain):
     fused = _train_losses(tmp_path, tiny_model, "chunked")
     assert len(plain) == 8 and plain.keys() == fused.keys()
     for it, loss in plain.items():
@@ -193,10 +202,9 @@ def test_a_trial_with_the_chunked_loss_trains_the_same_curve_in_bf16(tmp_path, t
 
 
 @pytest.mark.e2e
-def test_the_fused_optimizer_and_data_workers_train_the_same_curve_in_bf16(tmp_path, tiny_model):
+def test_the_fused_optimizer_and_data_workers_train_the_same_curve_in_bf16(tmp_path, tiny_model, plain):
     """torch's fused AdamW under the bf16 AMP wrapper (GradScaler, clipping) takes the same steps as its loop;
     batches collated in DataLoader worker processes are the same batches, in the same order."""
-    plain = _train_losses(tmp_path, tiny_model, "off")
     fused = _train_losses(tmp_path, tiny_model, "off", "fused_optimizer: true")
     loaders = _train_losses(tmp_path, tiny_model, "off", "data_workers: 2")
     configs = [p.read_text() for p in tmp_path.rglob("config.py")]

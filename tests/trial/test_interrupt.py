@@ -19,7 +19,7 @@ def test_a_stopped_sweep_resumes_with_every_queued_value(tmp_path, tiny_model):
     """The stop comes as the first queued trial is claimed (before it trains): at be84680 its values were
     failed and never queued again, so the resumed sweep ran two of the three."""
     fixed = "fixed: {max_length: 64, max_iters: 2, batch_size: 4, accumulative_counts: 1, lora_r: 8, mix_ratio: 0.1}"
-    spec = load_spec(write_spec(tmp_path, tiny_model, n_trials="n_trials: 3", fixed=fixed, pruner="pruner: {type: none}",
+    spec = load_spec(write_spec(tmp_path, tiny_model, n_trials="n_trials: 3", fixed=fixed, pruner="pruner: {type: none}", registry="",
                                 search_space="search_space:\n  lr: {type: float, low: 1.0e-3, high: 2.0e-2, log: true}"))  # fmt: skip
     opts = study_mod.RunOptions(storage=f"sqlite:///{tmp_path / 'sweep.db'}",
                                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "runs")  # fmt: skip

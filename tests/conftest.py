@@ -33,23 +33,6 @@ def pytest_configure(config) -> None:
             os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: count])
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items) -> None:
-    """Groups for ``--dist loadgroup``: what shares a fixture that trains runs in one test process, once.
-
-    Every test of a file that uses the end-to-end sweep (``e2e``, session-wide) is in one group; the tests of a file
-    with a module-wide fixture are in that file's group; the others go wherever a process is free.
-    """
-    e2e_files = {item.path for item in items if "e2e" in getattr(item, "fixturenames", ())}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = [d for ds in (info.name2fixturedefs.values() if info else ()) for d in ds]
-        if item.path in e2e_files:
-            item.add_marker(pytest.mark.xdist_group("e2e"))
-        elif any(d.scope == "module" for d in defs):
-            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(ROOT))))
-
-
 def _built(folder: Path, made: str, script: str) -> Path:
     """``folder``, built by ``data/SCRIPT``'s ``build`` (as `make setup` builds it) unless ``folder/MADE`` exists."""
     if not (folder / made).exists():

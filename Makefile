@@ -40,10 +40,9 @@ demo-llava: setup
 	$(VENV)/bin/sweep run configs/llava_demo.yaml
 	$(VENV)/bin/sweep report llava_demo
 
-# In parallel: one test process per CPU (at most 4), each pinned to its share of the CPUs (tests/conftest.py); the
-# tests of one file run in one process (--dist loadscope), so that a file's training fixture trains once there.
-# (xdist's finer --dist loadgroup does not group under pytest 9: it renames tests through an attribute pytest 9
-# no longer reads.)
+# In parallel: one test process per CPU (at most 4), each pinned to its share of the CPUs; under --dist loadscope
+# tests/conftest.py keeps the tests that share a training fixture in one process, so that it trains once (xdist's
+# own --dist loadgroup does not group under pytest 9).
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import textwrap
 import uuid
 from pathlib import Path
@@ -31,6 +32,33 @@ def pytest_configure(config) -> None:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= count:
             os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: count])
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadscope``, the units of work that keep a training fixture to one test process, once.
+
+    Every file that uses the end-to-end sweep (``e2e``, session-wide) is one unit, a file with a module-wide fixture
+    is a unit, and any other test is a unit of its own. (xdist's ``xdist_group`` marks would say this, but its
+    ``loadgroup`` does not group under pytest 9.) Which files are which is read from their text.
+    """
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    e2e, module = set(), set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        text, name = path.read_text(encoding="utf-8"), str(path.relative_to(ROOT))
+        if re.search(r"def test_\w+\([^)]*\be2e\b", text):
+            e2e.add(name)
+        elif 'scope="module"' in text:
+            module.add(name)
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "e2e" if file in e2e else file if file in module else nodeid
+
+    return Scheduling(config, log)
 
 
 def _built(folder: Path, made: str, script: str) -> Path:

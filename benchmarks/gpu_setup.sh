@@ -11,12 +11,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 PY=${PYTHON:-python3}
 started=$(date +%s)
 say() { echo "[$NAME $(( $(date +%s) - started ))s] $*"; }
-if ! $PY -c 'import xtuner' 2>/dev/null && [ ! -d /tmp/site/xtuner ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-  $PY -m compileall -q -j 0 /tmp/site > /dev/null  # bytecode as a user's pip install leaves it, made in parallel
-fi
-export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+. "$ROOT/benchmarks/gpu_install.sh"
 say "wheels installed"
 if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   GPU=1

@@ -3,13 +3,10 @@
 # carried as .whl. STEPS names what to run (default below); every run's figures land in $OUT/step_speed.json at once.
 #   STEPS="stock:4,8 nockpt:4 sweep:4:off,4:chunked,4:cce" bash benchmarks/gpu_step_speed.sh
 set -uo pipefail
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" BENCH_WORK=${BENCH_WORK:-/tmp/bench}
+. benchmarks/gpu_install.sh
+export BENCH_WORK=${BENCH_WORK:-/tmp/bench}
 RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$RESULTS"
 STEPS=${STEPS:-"stock:1,2,4,8 nockpt:4,8 sweep:4:off,4:chunked,4:cce,4:liger,1:cce,2:cce,8:cce,8:cce+compile"}
-# bytecode compiled after the install, in parallel, as a user's pip install leaves it: otherwise every process
-# that imports them first compiles the same modules again (seconds of each worker's start-up)
-[ -d /tmp/site/xtuner ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  && python3 -m compileall -q -j 0 /tmp/site > /dev/null; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 benchmarks/throughput.py prepare > "$RESULTS/prepare.log" 2>&1 || { tail -20 "$RESULTS/prepare.log"; exit 1; }
 for step in $STEPS; do

@@ -9,11 +9,7 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 OUT=${OUT:-/tmp/gpu-sweep}; mkdir -p "$OUT"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m compileall -q -j 0 /tmp/site > /dev/null  # bytecode as a user's pip install leaves it, made in parallel
-fi
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/gpu_install.sh
 [ -f /tmp/big/config.json ] || python3 data/tiny_model.py --shape qwen2-1.5b /tmp/big > "$OUT/model.log" 2>&1
 cat > "$OUT/spec.yaml" <<YAML
 study: gpu-${QUANTIZE:-false}-${GPUS_PER_TRIAL:-1}

@@ -10,15 +10,12 @@
 #                                                    # compares their per-step losses with the same trials in (b)
 #   BENCH_ITERS=300 STEPS=sweep BENCH_STOCK=short/stock.json bash ...   # the 300-iteration variant: (b) measured,
 #                                                    # (a) computed from the 20-iteration run's stock.json
-# The device returns at most 8 files from $OUT: one call of this script writes at most 8 (sweep and stock: 8).
+# The device returns at most 8 files from $OUT: STEPS="sweep stock" writes 8; run `alone` in a call of its own.
 set -uo pipefail
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" BENCH_WORK=${BENCH_WORK:-/tmp/bench}
+. benchmarks/gpu_install.sh
+export BENCH_WORK=${BENCH_WORK:-/tmp/bench}
 RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$RESULTS"  # each trial's figures land there at once
 STEPS=${STEPS:-sweep stock}; ALONE=${ALONE:-11 0}
-# bytecode compiled after the install, in parallel, as a user's pip install leaves it: otherwise every process
-# that imports them first compiles the same modules again (seconds of each worker's start-up)
-[ -d /tmp/site/xtuner ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  && python3 -m compileall -q -j 0 /tmp/site > /dev/null; }
 rm -rf "$BENCH_WORK/sweep"
 python3 benchmarks/throughput.py prepare > "$RESULTS/prepare.log" 2>&1 || { tail -20 "$RESULTS/prepare.log"; exit 1; }
 if [[ " $STEPS " == *" sweep "* ]]; then

@@ -134,14 +134,10 @@ def test_a_fused_loss_plans_without_the_logits_and_can_turn_checkpointing_off():
 
 def test_cpu_trials_count_the_cpus_this_process_may_use():
     """A sweep pinned to one CPU (taskset, a scheduler's binding) plans one thread a trial, not the machine's count."""
-    import os
     import subprocess
     import sys
 
     code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " \
         "from sweep.trial.placement import usable_cpus; print(usable_cpus())"  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "1"
-    from sweep.trial.placement import usable_cpus
-
-    assert usable_cpus() == len(os.sched_getaffinity(0))
+    assert out.strip() == "1"  # what `sweep run` plans with: tests/trial/test_pool.py checks the threads it asks for

@@ -69,12 +69,20 @@ def test_a_failed_stock_trial_prints_no_speed_up_and_fails(tmp_path):
     assert "(a) stock trial 0: exit code 1, 3 of 20 iterations" in done.stdout
 
 
-def test_a_missing_side_prints_no_speed_up(tmp_path):
+def test_the_stock_side_alone_prints_its_wall_time_but_no_speed_up(tmp_path):
+    """A device call that ran only (a) (`STEPS=stock`) prints (a)'s total; a missing (a) trial prints nothing."""
     _results(tmp_path)
     (tmp_path / "sweep.json").unlink()
     done = _report(tmp_path)
-    assert done.returncode == 1 and "speed-up" not in done.stdout
-    assert "(b) sweep: trials" in done.stdout and "have no result" in done.stdout
+    assert done.returncode == 0, done.stdout
+    assert "(a) stock, one after another: 12 trials, wall 360s" in done.stdout  # 12 x 30 s
+    assert "(b) sweep has no results here" in done.stdout and "speed-up (a)/(b)" not in done.stdout
+    stock = json.loads((tmp_path / "stock.json").read_text())
+    del stock["5"]
+    (tmp_path / "stock.json").write_text(json.dumps(stock))
+    done = _report(tmp_path)
+    assert done.returncode == 1 and "wall 360s" not in done.stdout and "speed-up (a)/(b)" not in done.stdout
+    assert "(a) stock: trials 5 have no result" in done.stdout
 
 
 def test_the_sweep_side_alone_prints_its_wall_time_but_no_speed_up(tmp_path):

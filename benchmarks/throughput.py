@@ -248,7 +248,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
         + "".join(f"s.enqueue_trial({{'batch_size': {TRIALS[i][0]}, 'lora_r': {TRIALS[i][1]}}});" for i in indices)
     )
     subprocess.run([sys.executable, "-c", enqueue], env=env, cwd=folder, check=True)
-    t0 = time.monotonic()
+    t0, launched_at = time.monotonic(), time.time()
     with (folder / "sweep.log").open("w") as log:
         rc = subprocess.run(
             [sys.executable, "-m", "sweep.cli", "run", str(spec), "--storage", f"sqlite:///{folder / 'sweep.db'}",
@@ -260,6 +260,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
 
     loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{folder / 'sweep.db'}")
     attrs = {t.number: t.user_attrs for t in loaded.trials}
+    created = {t.number: t.datetime_start.timestamp() if t.datetime_start else None for t in loaded.trials}
     states = {t.number: t.state.name for t in loaded.trials}
     trials = {}
     for number, index in enumerate(indices):
@@ -287,10 +288,11 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
             "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
+            **timeline(launched_at, created.get(number), attrs.get(number, {})),
             **phases(start, end, sum(times), attrs.get(number, {})),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
-    return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed,
+    return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
 
 
@@ -304,6 +306,41 @@ def _rows_sha256(trial_dir: Path) -> str | None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def timeline(launched_at: float, created: float | None, attrs: dict) -> dict[str, float]:
+    """When, in seconds after `sweep run` was launched, the trial was asked of Optuna (``asked``), got its slot and
+    began training (``slot``) and its training ended (``exit``): where a sweep's wall time goes that no trial's own
+    phases show (the start before the first slot, trials waiting for a slot, the work after the last exit)."""
+    began, wall = attrs.get("train_started_at"), attrs.get("train_wall_seconds")
+    out = {"asked": created - launched_at} if created else {}
+    if began and wall:
+        out |= {"slot": began - launched_at, "exit": began + wall - launched_at}
+    return out
+
+
+def timeline_lines(sweep_r: dict) -> list[str]:
+    """The sweep's wall time split by its trials' timeline: the start, the most trials training at once, the end."""
+    trials = [t for t in sweep_r.get("trials", {}).values() if "slot" in t]
+    if not trials:
+        return []
+    first, last = min(t["slot"] for t in trials), max(t["exit"] for t in trials)
+    edges = sorted([(t["slot"], 1) for t in trials] + [(t["exit"], -1) for t in trials])
+    running, most, busy, prev = 0, 0, 0.0, first
+    for at, step in edges:
+        busy += (at - prev) if running else 0.0
+        running, prev = running + step, at
+        most = max(most, running)
+    return [
+        f"    timeline: launch to the first trial's slot {first:.1f}s; first slot to the last trial's exit "
+        f"{last - first:.1f}s (at least one trial training {busy:.1f}s of it, at most {most} at once); "
+        f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s",
+        *(
+            f"    trial {i}: asked {t.get('asked', float('nan')):.1f}s, slot {t['slot']:.1f}s, exit {t['exit']:.1f}s"
+            for i, t in sorted(sweep_r["trials"].items(), key=lambda kv: kv[1].get("slot", 1e9))
+            if "slot" in t
+        ),
+    ]
 
 
 def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float]:
@@ -479,6 +516,7 @@ def report() -> int:
                 if "setup" in t:
                     print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip
+        print("\n".join(timeline_lines(sweep_r)))
         if warm:
             print(f"    warm trial time outside its steps (model reused): {', '.join(f'{i} {x:.0%}' for x, i in warm)}; "
                   f"largest {max(warm)[0]:.0%} (goal: at most 10 %)")  # fmt: skip

@@ -141,3 +141,26 @@ def test_a_cpu_stock_config_trains_in_fp32_on_the_given_rows(tmp_path):
     assert f"data_file = {str(tmp_path / 'rows.jsonl')!r}" in text and "batch_size = 2" in text
     gpu = throughput.stock_config(2, 16, tmp_path / "rows.jsonl", cuda=True)
     assert "type=AmpOptimWrapper" in gpu and 'dtype="bfloat16"' in gpu
+
+
+def test_the_timeline_splits_the_sweeps_wall_time_around_its_trials():
+    """Three trials: two train together from 10 s, the third waits for a slot; the sweep ends 20 s after the last."""
+    sweep_r = {"wall": 100.0, "trials": {
+        "0": {"asked": 5.0, "slot": 10.0, "exit": 40.0},
+        "1": {"asked": 5.5, "slot": 10.5, "exit": 30.0},
+        "2": {"asked": 6.0, "slot": 50.0, "exit": 80.0},
+        "3": {"failed": True},
+    }}  # fmt: skip
+    lines = throughput.timeline_lines(sweep_r)
+    assert lines[0] == (
+        "    timeline: launch to the first trial's slot 10.0s; first slot to the last trial's exit 70.0s "
+        "(at least one trial training 60.0s of it, at most 2 at once); after the last exit to the sweep's end 20.0s"
+    )
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["trial 0", "trial 1", "trial 2"]
+    assert throughput.timeline_lines({"wall": 1.0, "trials": {"0": {"failed": True}}}) == []
+
+
+def test_a_trials_timeline_is_counted_from_the_launch():
+    attrs = {"train_started_at": 1_000_012.0, "train_wall_seconds": 30.0}
+    assert throughput.timeline(1_000_000.0, 1_000_004.0, attrs) == {"asked": 4.0, "slot": 12.0, "exit": 42.0}
+    assert throughput.timeline(1_000_000.0, None, {}) == {}

@@ -50,7 +50,7 @@ def answer_about_image(model: Any, tokenizer: Any, processor: Any, template: dic
                        out: TextIO) -> None:  # fmt: skip
     """A LLaVA model's greedy answer to each question about ``image`` (None: no picture), one line each; a line
     ``/exit`` ends, as in a chat."""
-    from sweep.xtuner.llava import generate_image_replies
+    from sweep.xtuner.llava_model import generate_image_replies
 
     for line in questions:
         question = line.strip()

@@ -389,7 +389,7 @@ def _chat_about_image(args: argparse.Namespace, r: Any, sampling: Any) -> int:
     from sweep.chat import answer_about_image, terminal_lines
     from sweep.llava_data import check_image
     from sweep.registry.scoring import _device, inference_dtype, nf4_config
-    from sweep.xtuner.llava import load_llava
+    from sweep.xtuner.llava_model import load_llava
 
     if r.visual_encoder is None:
         raise SpecError(f"--image: {r.label} is a chat model, not a LLaVA model; it cannot see pictures")

@@ -189,7 +189,7 @@ def score_llava(
     from transformers import AutoTokenizer, CLIPImageProcessor
 
     from sweep.xtuner.config import prompt_template
-    from sweep.xtuner.llava import generate_image_replies, load_llava, token_losses
+    from sweep.xtuner.llava_model import generate_image_replies, load_llava, token_losses
 
     device = _device()
     quantization = nf4_config() if spec.model.quantize and device == "cuda" else None

@@ -135,7 +135,7 @@ class LlavaChatModel(PythonModel):
         from transformers import AutoTokenizer, CLIPImageProcessor
 
         from sweep.registry.scoring import _device, inference_dtype
-        from sweep.xtuner.llava import load_llava
+        from sweep.xtuner.llava_model import load_llava
 
         cfg = context.model_config
         llm = Path(context.artifacts.get("base_model") or cfg["base_model_path"])
@@ -151,7 +151,7 @@ class LlavaChatModel(PythonModel):
         self.square = bool(cfg["llava"].get("square", True))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        from sweep.xtuner.llava import generate_image_replies
+        from sweep.xtuner.llava_model import generate_image_replies
 
         given = {k: v for k, v in (params or {}).items() if v is not None}
         with tempfile.TemporaryDirectory() as tmp:

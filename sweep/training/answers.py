@@ -17,7 +17,7 @@ from objectives.repetition import repeats
 from sweep import groups
 from sweep.trial import protocol
 from sweep.xtuner.generation import first_turn, generate_replies
-from sweep.xtuner.llava import generate_image_replies
+from sweep.xtuner.llava_model import generate_image_replies
 
 VAL_TABLE = protocol.ValAnswers.table  # the MLflow table (val_answers.json) of the validation answers
 PROBE_TABLE = protocol.Samples.table  # the MLflow table (samples.json) of the probes' answers

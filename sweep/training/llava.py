@@ -5,7 +5,7 @@ labels the data loader holds. ``predict_with_labels`` makes its ``mode='predict'
 sequence it really ran (image positions ignored, as XTuner's loss ignores them), which ``ValLossMetric`` and
 ``general_loss`` then read: ``val/loss`` is LLaVA's own training loss on held-out rows. ``save_checkpoint`` writes
 the best point in the layout of ``xtuner convert pth_to_hf`` (``llm_adapter/``, ``visual_encoder_adapter/`` when
-the tower has LoRA, ``projector/``), which ``xtuner chat --llava DIR`` and ``sweep.xtuner.llava.load_llava`` load.
+the tower has LoRA, ``projector/``), which ``xtuner chat --llava DIR`` and ``sweep.xtuner.llava_model.load_llava`` load.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The LLaVA path adds code inside training that the chat path never runs: the picture's features spliced into
 the LLM's embeddings for the losses (``sweep.training.llava``: LLaVA's labels) and for greedy answers
-(``sweep.xtuner.llava.generate_image_replies``), and the checkpoint in ``pth_to_hf``'s layout. On a GPU the LLM
+(``sweep.xtuner.llava_model.generate_image_replies``), and the checkpoint in ``pth_to_hf``'s layout. On a GPU the LLM
 is 16-bit (or nf4) while the CLIP tower stays fp32, as in the tutorial's config: this runs that mix, through
 validation at every point, the test gate and the untrained model's score.
 """

@@ -9,6 +9,7 @@ behind the test-set gate (``registry.gate``) with the alias ``champion``.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,27 +54,80 @@ class RunOptions:
 
 def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     """Run (or continue) the study; returns the report of `sweep report --json`."""
-    device = detect_device()
-    checked = check(spec, device)
     root = opts.work_dir.resolve() / spec.study
     owner = _check_work_dir(root, opts.storage)
-    storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
-    study = open_study(spec, storage)
-    root.mkdir(parents=True, exist_ok=True)
-    owner.write_text(_storage_id(opts.storage) + "\n")
     plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
-    if device.cuda:
-        plan.slots, plan.memory, plan.n_jobs = _gpu_slots(spec, checked, opts)
-    plan.threads = None if device.cuda else max(1, usable_cpus() // max(1, plan.n_jobs))
-    plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
-    if plan.pool is not None:  # their imports and CUDA start beside the data preparation and MLflow set-up below
-        gpus = sorted(plan.slots.total) if plan.slots is not None else []
-        plan.pool.prewarm(min(plan.n_jobs, plan.n_trials), gpus, plan.threads)
+    made = _first_missing(root / "workers")  # what the early workers create, removed if the checks refuse the run
+    _start_workers_early(spec, opts, root, plan)
     try:
+        device = detect_device()
+        checked = check(spec, device)
+        storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
+        study = open_study(spec, storage)
+    except BaseException:
+        if plan.pool is not None:
+            plan.pool.discard()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        owner.write_text(_storage_id(opts.storage) + "\n")
+        if plan.pool is not None and plan.early_cuda != device.cuda:  # nvidia-smi and torch disagree: plan again
+            plan.pool.close()
+            plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
+        if plan.pool is None:
+            if device.cuda:
+                plan.slots, plan.memory, plan.n_jobs = _gpu_slots(spec, checked, opts)
+            plan.threads = None if device.cuda else max(1, usable_cpus() // max(1, plan.n_jobs))
+            plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
+            _prewarm(plan)
         return _run(spec, opts, device, checked, root, study, plan)
     finally:
         if plan.pool is not None:
             plan.pool.close()
+
+
+def _start_workers_early(spec: Spec, opts: RunOptions, root: Path, plan: _Plan) -> None:
+    """Start the workers before the checks (which import XTuner, Transformers and torch: seconds) when the spec alone
+    says how many: the GPUs from nvidia-smi and the first point's batch size and max_length from the spec. Their
+    cold start (imports) then runs beside the sweep's own instead of after it. Otherwise they start after the checks.
+    """
+    values = {**spec.fixed, **first_point(spec)}
+    if not (spec.speed.resident_workers and spec.gpus_per_trial == 1 and (spec.model.path / "config.json").is_file()):
+        return
+    if not isinstance(values.get("batch_size"), int) or not isinstance(values.get("max_length"), int):
+        return  # the memory plan needs the base config's values
+    try:
+        gpus = visible_gpus(opts.gpus)
+        if gpus:
+            plan.slots, plan.memory, plan.n_jobs = _gpu_plan(spec, opts, gpus, values)
+    except (SpecError, ValueError, OSError, KeyError):
+        plan.slots = plan.memory = None  # the checks below say what is wrong
+        plan.n_jobs = opts.n_jobs or 1
+        return
+    if not gpus and opts.gpus is not None:
+        return
+    plan.early_cuda = bool(gpus)
+    plan.threads = None if gpus else max(1, usable_cpus() // max(1, plan.n_jobs))
+    plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
+    _prewarm(plan)
+
+
+def _prewarm(plan: _Plan) -> None:
+    if plan.pool is not None:
+        gpus = sorted(plan.slots.total) if plan.slots is not None else []
+        plan.pool.prewarm(min(plan.n_jobs, plan.n_trials), gpus, plan.threads)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder on the way to ``path`` that does not exist yet (None: ``path`` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 @dataclass
@@ -86,6 +140,7 @@ class _Plan:
     slots: GpuSlots | None = None
     memory: MemoryModel | None = None
     pool: WorkerPool | None = None
+    early_cuda: bool | None = None  # started before the checks: whether nvidia-smi showed GPUs
 
 
 def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: Path, study: optuna.Study,
@@ -204,12 +259,18 @@ def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots
         import torch
 
         gpus = {i: torch.cuda.get_device_properties(i).total_memory / 2**20 for i in range(torch.cuda.device_count())}
+    return _gpu_plan(spec, opts, gpus, trial_values(spec, first_point(spec), checked.base_knobs))
+
+
+def _gpu_plan(
+    spec: Spec, opts: RunOptions, gpus: dict[int, float], values: dict[str, Any]
+) -> tuple[GpuSlots, MemoryModel, int]:
+    """The slots of ``gpus`` and how many trials run at once, from the memory a trial of ``values`` needs."""
     if spec.gpus_per_trial > len(gpus):
         raise SpecError(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial, but only {len(gpus)} visible")
     slots = GpuSlots(gpus, opts.trials_per_gpu)
     memory = MemoryModel(ModelShape.from_dir(spec.model.path, spec.model.quantize),
                          fused_loss=speed.fused_loss(spec, Device(cuda=True)) != "off")  # fmt: skip
-    values = trial_values(spec, first_point(spec), checked.base_knobs)
     need = memory.estimate(int(values["batch_size"]), int(values["max_length"]))
     n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))
     log.info(

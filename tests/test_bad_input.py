@@ -199,3 +199,24 @@ def test_work_dir_of_a_same_named_study_in_another_storage_is_refused(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "holds the trials of study e2e in storage" in err and "--work-dir" in err, err
     assert files_below(tmp_path) == before, "no database, no MLflow store, nothing in the work dir"
+
+
+def test_workers_started_before_the_checks_end_with_a_refused_run(tmp_path, monkeypatch, capsys, tiny_model):
+    """`sweep run` starts its training workers before its checks when the spec says how many: a refused run
+    ends them and removes their logs, so bad input still leaves nothing behind and no process running."""
+    from sweep.trial.pool import WorkerPool
+
+    started = []
+    original = WorkerPool._spawn
+
+    def spawn(self, launch):
+        worker = original(self, launch)
+        started.append(worker)
+        return worker
+
+    monkeypatch.setattr(WorkerPool, "_spawn", spawn)
+    spec = write_spec(tmp_path, tiny_model, data=_data_block(_task(tmp_path, '{"messages": [')))
+    assert_run_refused(tmp_path, monkeypatch, capsys, spec, "line 21: malformed JSON")
+    assert started, "no worker was started ahead of the checks"
+    assert not any(w.alive() for w in started), "a worker outlived the refused run"
+    assert not any(w.log.exists() for w in started)

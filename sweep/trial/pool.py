@@ -53,6 +53,7 @@ class WorkerPool:
         self.idle_mb = idle_mb  # GPU memory an idle worker holds: its base model and CUDA context
         self._idle: list[Worker] = []
         self._busy: list[Worker] = []
+        self._logs: list[Path] = []  # every worker's own log, for ``discard``
         self._lock = threading.Lock()
 
     def start(self, launch: launcher.Launch) -> launcher.Started:
@@ -122,6 +123,7 @@ class WorkerPool:
             # The worker watches its parent process itself (sweep.training.worker).
         )
         out.close()  # the child holds its own copy
+        self._logs.append(path)
         return Worker(proc, tuple(launch.gpu_ids), launch.threads, path)
 
     def _returned(self, worker: Worker, reusable: bool) -> None:
@@ -139,6 +141,12 @@ class WorkerPool:
             workers, self._idle, self._busy = self._idle + self._busy, [], []
         for worker in workers:
             worker.kill()
+
+    def discard(self) -> None:
+        """End every worker and remove their logs: the run was refused before any trial (bad input leaves nothing)."""
+        self.close()
+        for path in self._logs:
+            path.unlink(missing_ok=True)
 
 
 class Job:

@@ -279,9 +279,10 @@ def test_a_trial_takes_an_idle_worker_that_holds_the_model_before_one_started_ah
 
 
 def test_sweep_run_starts_its_workers_before_it_imports_mlflow(tmp_path, tiny_model):
-    """Importing MLflow takes seconds (more on a machine whose packages have no bytecode yet): `sweep run` starts
-    its workers first, so that their cold start runs beside that import and the MLflow set-up. Pinned to one CPU
-    (as `taskset` pins it), the sweep plans one thread for a CPU trial, not one per CPU of the machine."""
+    """Importing MLflow, torch and XTuner takes seconds (more on a machine whose packages have no bytecode yet):
+    when the spec gives the batch size and max_length, `sweep run` starts its workers before its checks import
+    them, so that the workers' cold start runs beside the sweep's. Pinned to one CPU (as `taskset` pins it), the
+    sweep plans one thread for a CPU trial, not one per CPU of the machine."""
     from tests.conftest import write_spec
 
     spec = write_spec(tmp_path, tiny_model, n_trials="n_trials: 2")
@@ -292,6 +293,7 @@ def test_sweep_run_starts_its_workers_before_it_imports_mlflow(tmp_path, tiny_mo
         "def prewarm(self, n, gpus, threads):\n"
         "    print('workers', n, 'threads', threads, flush=True)\n"
         "    print('mlflow imported' if 'mlflow' in sys.modules else 'mlflow not imported', flush=True)\n"
+        "    print('imported:', sorted(m for m in ('torch', 'xtuner', 'transformers') if m in sys.modules), flush=True)\n"
         "    raise SystemExit(0)\n"
         "WorkerPool.prewarm = prewarm\n"
         "from sweep.cli import main\n"
@@ -301,4 +303,5 @@ def test_sweep_run_starts_its_workers_before_it_imports_mlflow(tmp_path, tiny_mo
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mlflow not imported" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "imported: []" in done.stdout, done.stdout
     assert "workers 1 threads 1" in done.stdout, done.stdout

@@ -15,7 +15,8 @@ compile (speed.compile), fastdrop (speed.compile_dropout: fused), exact (speed.c
 loader (speed.data_workers: 2; else 0), fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
 comparing compiled and eager curves without dropout masks), rngrecompute (functorch's `functionalize_rng_ops`:
 the compiled backward draws the dropout masks again from their seed instead of keeping them; CUDA only, not a
-`speed:` setting yet: this lever measures whether it pays), profile (torch.profiler over iterations 6-8 of the run,
+`speed:` setting: with torch 2.9's inductor and these settings the first step never finished on an H200, see
+docs/benchmarks.md), profile (torch.profiler over iterations 6-8 of the run,
 printed to the log: kernels by GPU time and how busy the GPU was); for example `4:off 4:cce 8:cce+compile 8:cce+compile#2` (`#N`: the same run again in
 this process, to see what a later trial of a resident worker pays for compiling). The sweep's path renders the config as `sweep
 run` does (frozen weights in 16 bits, activation checkpointing off, the hook) without tokenize-once, so its rows

@@ -1,6 +1,7 @@
 """The study: a short run from a spec to a champion, built on the rooms around it.
 
-Check everything first (``preflight``: nothing is created when input is bad), prepare the data once
+Start the training workers (when the spec alone says how many) and check everything (``preflight``: a run
+the checks refuse leaves nothing behind, its early workers ended and their logs removed), prepare the data once
 (``data``), open Optuna's storage (``storage``) and the MLflow runs (``registry.tracking``), run the
 trials (``trial.run``), each on its GPU slot (``trial.placement``), then register the best adapter
 behind the test-set gate (``registry.gate``) with the alias ``champion``.
@@ -9,7 +10,6 @@ behind the test-set gate (``registry.gate``) with the alias ``champion``.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +58,8 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     owner = _check_work_dir(root, opts.storage)
     plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
     made = _first_missing(root / "workers")  # what the early workers create, removed if the checks refuse the run
-    _start_workers_early(spec, opts, root, plan)
     try:
+        _start_workers_early(spec, opts, root, plan)
         device = detect_device()
         checked = check(spec, device)
         storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
@@ -67,14 +67,20 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     except BaseException:
         if plan.pool is not None:
             plan.pool.discard()
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+            _remove_empty(root / "workers", made)
         raise
     try:
         root.mkdir(parents=True, exist_ok=True)
         owner.write_text(_storage_id(opts.storage) + "\n")
-        if plan.pool is not None and plan.early_cuda != device.cuda:  # nvidia-smi and torch disagree: plan again
-            plan.pool.close()
+        if plan.pool is not None and plan.early_cuda != device.cuda:
+            log.warning(
+                "nvidia-smi lists GPUs but torch does not see them: the workers started for them end, the trials run on"
+                " the CPU"
+                if plan.early_cuda
+                else "torch sees GPUs that nvidia-smi did not list: the workers started"
+                " for the CPU end, the trials are planned for the GPUs"
+            )
+            plan.pool.discard()
             plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
         if plan.pool is None:
             if device.cuda:
@@ -102,8 +108,8 @@ def _start_workers_early(spec: Spec, opts: RunOptions, root: Path, plan: _Plan) 
         gpus = visible_gpus(opts.gpus)
         if gpus:
             plan.slots, plan.memory, plan.n_jobs = _gpu_plan(spec, opts, gpus, values)
-    except (SpecError, ValueError, OSError, KeyError):
-        plan.slots = plan.memory = None  # the checks below say what is wrong
+    except Exception:  # noqa: BLE001 - a bad --gpus, config.json or spec: the checks below say what is wrong
+        plan.slots = plan.memory = None
         plan.n_jobs = opts.n_jobs or 1
         return
     if not gpus and opts.gpus is not None:
@@ -128,6 +134,20 @@ def _first_missing(path: Path) -> Path | None:
             break
         missing = folder
     return missing
+
+
+def _remove_empty(path: Path, made: Path | None) -> None:
+    """Remove ``path`` and its parents up to ``made`` (the outermost this run created), each only if empty: other
+    `sweep run`s sharing the work dir (many machines, one study) may have written there meanwhile."""
+    if made is None:
+        return
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty, or gone
+        if folder == made:
+            return
 
 
 @dataclass

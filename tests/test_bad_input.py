@@ -220,3 +220,32 @@ def test_workers_started_before_the_checks_end_with_a_refused_run(tmp_path, monk
     assert started, "no worker was started ahead of the checks"
     assert not any(w.alive() for w in started), "a worker outlived the refused run"
     assert not any(w.log.exists() for w in started)
+
+
+def test_a_refused_run_removes_only_what_its_early_workers_wrote(tmp_path, monkeypatch, capsys, tiny_model):
+    """Many `sweep run`s may share one work dir (one study over many machines): a run its checks refuse removes its
+    own workers' logs and the folders it made only where they are empty, never what another run wrote meanwhile."""
+    from sweep import study as study_mod
+    from sweep.trial.pool import WorkerPool
+
+    started = []
+    spawn = WorkerPool._spawn
+    monkeypatch.setattr(WorkerPool, "_spawn", lambda self, launch: started.append(spawn(self, launch)) or started[-1])
+    spec = write_spec(tmp_path, tiny_model, data=_data_block(_task(tmp_path, '{"messages": [')))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    other = work / "sweep-runs" / "e2e" / "data" / "from-another-run.txt"
+    original = study_mod.check
+
+    def check(*args, **kwargs):
+        other.parent.mkdir(parents=True, exist_ok=True)
+        other.write_text("another sweep run's split")  # written while this run's checks ran
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "check", check)
+    assert main(["run", str(spec)]) == 2
+    assert "line 21: malformed JSON" in capsys.readouterr().err
+    assert other.read_text() == "another sweep run's split"
+    assert started and not any(w.alive() or w.log.exists() for w in started)
+    assert not (work / "sweep-runs" / "e2e" / "workers").exists(), "this run's workers folder, emptied, is gone"

@@ -47,7 +47,7 @@ def amp(tmp_path_factory, bf16_parts):
     opts = study_mod.RunOptions(
         storage=f"sqlite:///{ws / 'sweep.db'}", tracking_uri=f"sqlite:///{ws / 'mlflow.db'}", work_dir=ws / "runs"
     )
-    # lr 1e-2 (the top of the spec's range) diverged on a CPU with AVX512-BF16 kernels (val/loss 2.76 -> 3.12, the
+    # lr 1e-2 (in the spec's range, 1e-3 to 2e-2) diverged on a CPU with AVX512-BF16 kernels (val/loss 2.76 -> 3.12, the
     # kept point step 0) where it had trained elsewhere; at 2e-3 the same CPU goes 2.76 -> 0.96
     study_mod.open_study(spec, opts.storage).enqueue_trial({"lr": 2e-3})
     report = study_mod.run(spec, opts)

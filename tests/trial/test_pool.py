@@ -305,3 +305,41 @@ def test_sweep_run_starts_its_workers_before_it_imports_mlflow(tmp_path, tiny_mo
     assert "mlflow not imported" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "imported: []" in done.stdout, done.stdout
     assert "workers 1 threads 1" in done.stdout, done.stdout
+
+
+def test_workers_started_for_gpus_torch_cannot_see_end_and_the_trials_run_on_the_cpu(tmp_path, tiny_model,
+                                                                                      monkeypatch, caplog):  # fmt: skip
+    """nvidia-smi lists a GPU but torch sees none (a CPU build of torch on a GPU machine): the workers started ahead
+    for the GPU are ended with their logs, the user is told, and the trial trains in a CPU worker."""
+    import logging
+    import os
+
+    from optuna.trial import TrialState
+
+    from sweep import study as study_mod
+    from sweep.spec import load_spec
+    from tests.conftest import write_spec
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho '0, 81559'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    spawned: list[Worker] = []
+    spawn = WorkerPool._spawn
+    monkeypatch.setattr(WorkerPool, "_spawn", lambda self, launch: spawned.append(spawn(self, launch)) or spawned[-1])
+    fixed = "fixed: {max_length: 64, max_epochs: 1, batch_size: 4, accumulative_counts: 1}"
+    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: smi", n_trials="n_trials: 1", fixed=fixed,
+                                pruner="pruner: {type: none}", registry=""))  # fmt: skip
+    opts = study_mod.RunOptions(storage=f"sqlite:///{tmp_path / 's.db'}", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                                work_dir=tmp_path / "runs")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="sweep"):
+        study_mod.run(spec, opts)
+    assert "nvidia-smi lists GPUs but torch does not see them" in caplog.text
+    gpu_workers = [w for w in spawned if w.gpus == (0,)]
+    cpu_workers = [w for w in spawned if w.gpus == ()]
+    assert gpu_workers and cpu_workers, [w.gpus for w in spawned]
+    assert not any(w.log.exists() for w in gpu_workers), "the GPU workers' logs were removed"
+    trial = study_mod.open_study(spec, opts.storage).trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("error")
+    assert trial.user_attrs["worker"]["job"] == 1

@@ -10,6 +10,9 @@
 #                                                    # compares their per-step losses with the same trials in (b)
 #   BENCH_ITERS=300 STEPS=sweep BENCH_STOCK=short/stock.json bash ...   # the 300-iteration variant: (b) measured,
 #                                                    # (a) computed from the 20-iteration run's stock.json
+#   STEPS=ab bash ...                                # (b) of an older tree's sweep code, then of this one, on the same
+#                                                    # machine: first, here, `mkdir -p .bench/base && git archive REV sweep
+#                                                    # benchmarks objectives data | tar -x -C .bench/base`, carry .bench/base
 # The device returns at most 8 files from $OUT: STEPS="sweep stock" writes 8; run `alone` in a call of its own.
 set -uo pipefail
 . benchmarks/gpu_install.sh
@@ -24,6 +27,19 @@ if [[ " $STEPS " == *" sweep "* ]]; then
   cp "$BENCH_WORK/sweep/sweep.log" "$RESULTS/" 2>/dev/null
   (cd "$BENCH_WORK/sweep" && tar czf "$RESULTS/trials.tgz" sweep-runs/throughput/trial_*/sweep_metrics.jsonl \
     sweep-runs/throughput/trial_*/worker.json sweep-runs/throughput/workers 2>/dev/null)
+fi
+if [[ " $STEPS " == *" ab "* ]]; then
+  for side in base new; do  # each side runs its own tree's throughput.py, which puts that tree first on PYTHONPATH
+    tree=$PWD; [ $side = base ] && tree=$PWD/.bench/base
+    [ -d "$tree/sweep" ] || { echo "ab: $tree/sweep missing (see the usage above)"; continue; }
+    mkdir -p "$RESULTS/$side"; rm -rf "$BENCH_WORK/sweep"
+    (cd "$tree" && PYTHONPATH="$tree:/tmp/site" OUT="$RESULTS/$side" python3 benchmarks/throughput.py sweep \
+      > "$RESULTS/$side/sweep_step.log" 2>&1; echo "$side sweep step: exit $?"
+     PYTHONPATH="$tree:/tmp/site" OUT="$RESULTS/$side" python3 benchmarks/throughput.py report > "$RESULTS/$side/report.txt" 2>&1)
+    grep -E "^\(b\)|timeline:" "$RESULTS/$side/report.txt" | sed "s/^/$side: /"
+  done
+  (cd "$RESULTS" && tar czf ab.tgz base new 2>/dev/null && rm -rf base new)
+  exit 0
 fi
 if [[ " $STEPS " == *" stock "* ]]; then
   python3 benchmarks/throughput.py stock 0 12 > "$RESULTS/stock_step.log" 2>&1; echo "stock step: exit $?"

@@ -56,98 +56,78 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
     """Run (or continue) the study; returns the report of `sweep report --json`."""
     root = opts.work_dir.resolve() / spec.study
     owner = _check_work_dir(root, opts.storage)
-    plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
-    made = _first_missing(root / "workers")  # what the early workers create, removed if the checks refuse the run
+    plan = None
     try:
-        _start_workers_early(spec, opts, root, plan)
+        plan = _early_plan(spec, opts, root)
         device = detect_device()
         checked = check(spec, device)
         storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
         study = open_study(spec, storage)
     except BaseException:
-        if plan.pool is not None:
+        if plan is not None and plan.pool is not None:
             plan.pool.discard()
-            _remove_empty(root / "workers", made)
         raise
     try:
         root.mkdir(parents=True, exist_ok=True)
         owner.write_text(_storage_id(opts.storage) + "\n")
-        if plan.pool is not None and plan.early_cuda != device.cuda:
+        if plan is not None and plan.cuda != device.cuda:
             log.warning(
                 "nvidia-smi lists GPUs but torch does not see them: the workers started for them end, the trials run on"
                 " the CPU"
-                if plan.early_cuda
+                if plan.cuda
                 else "torch sees GPUs that nvidia-smi did not list: the workers started"
                 " for the CPU end, the trials are planned for the GPUs"
             )
             plan.pool.discard()
-            plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
-        if plan.pool is None:
-            if device.cuda:
-                plan.slots, plan.memory, plan.n_jobs = _gpu_slots(spec, checked, opts)
-            plan.threads = None if device.cuda else max(1, usable_cpus() // max(1, plan.n_jobs))
-            plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
-            _prewarm(plan)
+            plan = None
+        if plan is None:
+            values = trial_values(spec, first_point(spec), checked.base_knobs)
+            plan = _plan(spec, opts, _cuda_gpus(opts) if device.cuda else {}, values)
+            _start_workers(spec, root, plan)
         return _run(spec, opts, device, checked, root, study, plan)
     finally:
-        if plan.pool is not None:
+        if plan is not None and plan.pool is not None:
             plan.pool.close()
 
 
-def _start_workers_early(spec: Spec, opts: RunOptions, root: Path, plan: _Plan) -> None:
-    """Start the workers before the checks (which import XTuner, Transformers and torch: seconds) when the spec alone
-    says how many: the GPUs from nvidia-smi and the first point's batch size and max_length from the spec. Their
-    cold start (imports) then runs beside the sweep's own instead of after it. Otherwise they start after the checks.
-    """
-    values = {**spec.fixed, **first_point(spec)}
+def _early_plan(spec: Spec, opts: RunOptions, root: Path) -> _Plan | None:
+    """The plan, its workers started, before the checks (which import XTuner, Transformers and torch: seconds) when
+    the spec alone says how many: the GPUs from nvidia-smi and the first point's batch size and max_length from the
+    spec. Their cold start (imports) then runs beside the sweep's own. None: they start after the checks."""
     if not (spec.speed.resident_workers and spec.gpus_per_trial == 1 and (spec.model.path / "config.json").is_file()):
-        return
+        return None
+    values = {**spec.fixed, **first_point(spec)}
     if not isinstance(values.get("batch_size"), int) or not isinstance(values.get("max_length"), int):
-        return  # the memory plan needs the base config's values
+        return None  # the memory plan needs the base config's values
     try:
         gpus = visible_gpus(opts.gpus)
-        if gpus:
-            plan.slots, plan.memory, plan.n_jobs = _gpu_plan(spec, opts, gpus, values)
-    except Exception:  # noqa: BLE001 - a bad --gpus, config.json or spec: the checks below say what is wrong
-        plan.slots = plan.memory = None
-        plan.n_jobs = opts.n_jobs or 1
-        return
-    if not gpus and opts.gpus is not None:
-        return
-    plan.early_cuda = bool(gpus)
+        plan = _plan(spec, opts, gpus, values) if gpus or opts.gpus is None else None
+    except Exception:  # noqa: BLE001 - a bad --gpus, config.json or spec: the checks say what is wrong
+        return None
+    if plan is not None:
+        _start_workers(spec, root, plan)
+    return plan
+
+
+def _plan(spec: Spec, opts: RunOptions, gpus: dict[int, float], values: dict[str, Any]) -> _Plan:
+    """How many trials run at once on ``gpus`` (none: the CPU) for a first trial of ``values``."""
+    plan = _Plan(opts.n_jobs or 1, opts.n_trials or spec.n_trials)
+    if gpus:
+        plan.slots, plan.memory, plan.n_jobs = _gpu_plan(spec, opts, gpus, values)
     plan.threads = None if gpus else max(1, usable_cpus() // max(1, plan.n_jobs))
+    return plan
+
+
+def _start_workers(spec: Spec, root: Path, plan: _Plan) -> None:
+    """The plan's resident workers, started now: their imports and CUDA start beside what the sweep does next."""
     plan.pool = _worker_pool(spec, root, plan.slots, plan.memory)
-    _prewarm(plan)
-
-
-def _prewarm(plan: _Plan) -> None:
-    if plan.pool is not None:
-        gpus = sorted(plan.slots.total) if plan.slots is not None else []
-        plan.pool.prewarm(min(plan.n_jobs, plan.n_trials), gpus, plan.threads)
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder on the way to ``path`` that does not exist yet (None: ``path`` exists)."""
-    missing = None
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing = folder
-    return missing
-
-
-def _remove_empty(path: Path, made: Path | None) -> None:
-    """Remove ``path`` and its parents up to ``made`` (the outermost this run created), each only if empty: other
-    `sweep run`s sharing the work dir (many machines, one study) may have written there meanwhile."""
-    if made is None:
+    if plan.pool is None:
         return
-    for folder in (path, *path.parents):
-        try:
-            folder.rmdir()
-        except OSError:
-            return  # not empty, or gone
-        if folder == made:
-            return
+    try:
+        plan.pool.prewarm(min(plan.n_jobs, plan.n_trials), sorted(plan.slots.total) if plan.cuda else [], plan.threads)
+    except BaseException:
+        plan.pool.discard()  # a worker that could not start: none of them stays
+        raise
 
 
 @dataclass
@@ -160,7 +140,10 @@ class _Plan:
     slots: GpuSlots | None = None
     memory: MemoryModel | None = None
     pool: WorkerPool | None = None
-    early_cuda: bool | None = None  # started before the checks: whether nvidia-smi showed GPUs
+
+    @property
+    def cuda(self) -> bool:
+        return self.slots is not None
 
 
 def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: Path, study: optuna.Study,
@@ -269,8 +252,8 @@ def _worker_pool(spec: Spec, root: Path, slots: GpuSlots | None, memory: MemoryM
     return WorkerPool(root / "workers", slots, idle_mb)
 
 
-def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots, MemoryModel, int]:
-    """GPU slots for the visible (or chosen) GPUs, and how many trials to run at once."""
+def _cuda_gpus(opts: RunOptions) -> dict[int, float]:
+    """The visible (or chosen) GPUs and their memory in MB: nvidia-smi's, else torch's."""
     try:
         gpus = visible_gpus(opts.gpus)
     except ValueError as err:
@@ -279,7 +262,7 @@ def _gpu_slots(spec: Spec, checked: Checked, opts: RunOptions) -> tuple[GpuSlots
         import torch
 
         gpus = {i: torch.cuda.get_device_properties(i).total_memory / 2**20 for i in range(torch.cuda.device_count())}
-    return _gpu_plan(spec, opts, gpus, trial_values(spec, first_point(spec), checked.base_knobs))
+    return gpus
 
 
 def _gpu_plan(

@@ -54,6 +54,7 @@ class WorkerPool:
         self._idle: list[Worker] = []
         self._busy: list[Worker] = []
         self._logs: list[Path] = []  # every worker's own log, for ``discard``
+        self._made = _first_missing(folder)  # the outermost folder the workers' logs will create, for ``discard``
         self._lock = threading.Lock()
 
     def start(self, launch: launcher.Launch) -> launcher.Started:
@@ -143,10 +144,32 @@ class WorkerPool:
             worker.kill()
 
     def discard(self) -> None:
-        """End every worker and remove their logs: the run was refused before any trial (bad input leaves nothing)."""
+        """End every worker and remove their logs: the run was refused before any trial (bad input leaves nothing).
+
+        The folders made for the logs go too, each only if empty: other `sweep run`s sharing the work dir (one study
+        over many machines) may have written there meanwhile."""
         self.close()
         for path in self._logs:
             path.unlink(missing_ok=True)
+        if self._made is None:
+            return
+        for folder in (self.folder, *self.folder.parents):
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty, or gone
+            if folder == self._made:
+                return
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder on the way to ``path`` that does not exist yet (None: ``path`` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 class Job:

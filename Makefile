@@ -14,10 +14,12 @@ setup: $(STAMP) $(TINY_MODEL)/config.json $(TINY_LLAVA)/projector.pth
 # One resolve by uv of everything: requirements.txt (XTuner, torch and what XTuner needs), this package and its
 # dev tools, with XTuner's broken bitsandbytes pin replaced through overrides.txt (pip cannot replace a pin).
 # tools/uv_install.py hands uv the package sources pip is set up with (uv reads no pip configuration).
+# --compile-bytecode: uv leaves no .pyc (pip does), and where PYTHONDONTWRITEBYTECODE is set (this CI machine) every
+# process that imports Transformers and XTuner (each test's sweep, each training worker) compiled them again.
 $(STAMP): pyproject.toml requirements.txt overrides.txt tools/uv_install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(PY) tools/uv_install.py --quiet --override overrides.txt -r requirements.txt -e '.[dev]'
+	$(PY) tools/uv_install.py --quiet --compile-bytecode --override overrides.txt -r requirements.txt -e '.[dev]'
 	touch $@
 
 $(TINY_MODEL)/config.json: $(STAMP) data/tiny_model.py data/demo/task.jsonl data/demo/general.jsonl

@@ -8,6 +8,7 @@ everything it started. Parallel multi-GPU trials each get their own master port.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -101,17 +102,26 @@ def environment(launch: Launch) -> dict[str, str]:
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM a process's group (it leads one), then SIGKILL what is left after ``grace`` seconds."""
+    stop_groups([proc], grace)
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """``stop_group`` for several processes at once: each signal goes to all of them before any is waited for, so
+    ending n workers takes one grace period and one CUDA teardown, not n of them one after another."""
+    left = list(procs)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
+        for proc in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        for proc in left:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        left = [proc for proc in left if proc.poll() is None]
+        if not left:
+            return
+    for proc in left:
+        proc.wait()
 
 
 class Running:

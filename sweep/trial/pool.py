@@ -39,9 +39,15 @@ class Worker:
         return self.proc.poll() is None
 
     def kill(self, grace: float = 10.0) -> None:
-        launcher.stop_group(self.proc, grace)
-        if self.proc.stdin:
-            self.proc.stdin.close()
+        kill_all([self], grace)
+
+
+def kill_all(workers: list[Worker], grace: float = 10.0) -> None:
+    """End the workers together (one grace period, their CUDA teardowns side by side) and close their pipes."""
+    launcher.stop_groups([w.proc for w in workers], grace)
+    for worker in workers:
+        if worker.proc.stdin:
+            worker.proc.stdin.close()
 
 
 class WorkerPool:
@@ -68,9 +74,9 @@ class WorkerPool:
             if worker is not None:
                 self._idle.remove(worker)
             leaving = self._make_room(gpus)
-        for idle in leaving:  # outside the lock: ending one may take its grace period
+        for idle in leaving:
             log.info("ending idle worker %d on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
-            idle.kill()
+        kill_all(leaving)  # outside the lock: ending them may take their grace period
         if worker is None or not worker.alive():
             worker = self._spawn(launch)
         with self._lock:
@@ -140,8 +146,7 @@ class WorkerPool:
         """End every worker (idle or not): the sweep is done or stopping."""
         with self._lock:
             workers, self._idle, self._busy = self._idle + self._busy, [], []
-        for worker in workers:
-            worker.kill()
+        kill_all(workers)
 
     def discard(self) -> None:
         """End every worker and remove their logs: the run was refused before any trial (bad input leaves nothing).

@@ -1,10 +1,11 @@
-"""Ending several workers: each is signalled before any is waited for (one grace period, teardowns side by side)."""
+"""The launcher: the environment a training process gets, and ending several workers at once."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from sweep.trial import launcher
 
@@ -49,3 +50,12 @@ def test_stop_group_of_one_kills_what_ignores_sigterm(tmp_path):
     assert procs[0].returncode == -9
     launcher.stop_group(procs[1], grace=3.0)  # the first's file is there: the second ends through its handler
     assert procs[1].returncode == 0
+
+
+def test_gpu_trials_get_expandable_segments_unless_the_user_set_the_allocator(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    gpu = launcher.Launch(Path("c.py"), Path("w"), Path("l"), gpu_ids=[1])
+    assert launcher.environment(gpu)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in launcher.environment(launcher.Launch(Path("c.py"), Path("w"), Path("l")))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert launcher.environment(gpu)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

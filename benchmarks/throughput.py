@@ -345,7 +345,8 @@ def timeline_lines(sweep_r: dict) -> list[str]:
 
 def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float]:
     """Where a trial's time outside its steps went, from its stream's start and end events and its trial's attributes:
-    ``setup`` (slot to the loop's start: process or job start, config, runner, data, LoRA), ``val`` (validation
+    ``setup`` (slot to the loop's start: process or job start, config, runner, data, LoRA; split where the start event
+    has its marks into ``handover``, ``runner`` and ``before_train``), ``val`` (validation
     points), ``loop_rest`` (the loop's time in neither steps nor validation: hooks, checkpoints, data loading)
     and ``teardown`` (the loop's end to the exit the sweep saw: the last checkpoint, the job's clean-up)."""
     began, wall = attrs.get("train_started_at"), attrs.get("train_wall_seconds")
@@ -353,8 +354,12 @@ def phases(start: dict, end: dict, steps: float, attrs: dict) -> dict[str, float
         return {}
     val = end.get("val_seconds") or 0.0
     span = end["time"] - start["time"]
-    return {"setup": start["time"] - began, "val": val, "loop_rest": span - steps - val,
-            "teardown": wall - (end["time"] - began)}  # fmt: skip
+    out = {"setup": start["time"] - began, "val": val, "loop_rest": span - steps - val,
+           "teardown": wall - (end["time"] - began)}  # fmt: skip
+    if start.get("job_began") and start.get("runner_built"):  # the set-up's split, from the start event's marks
+        out |= {"handover": start["job_began"] - began, "runner": start["runner_built"] - start["job_began"],
+                "before_train": start["time"] - start["runner_built"]}  # fmt: skip
+    return out
 
 
 def failures(stock_r: dict, sweep_r: dict) -> list[str]:
@@ -516,6 +521,9 @@ def report() -> int:
                 if "setup" in t:
                     print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip
+                if "runner" in t:
+                    print(f"      setup: to the worker {t['handover']:.1f}s, runner (config, model, LoRA, optimizer) "
+                          f"{t['runner']:.1f}s, data loaders and before_train {t['before_train']:.1f}s")  # fmt: skip
         print("\n".join(timeline_lines(sweep_r)))
         if warm:
             print(f"    warm trial time outside its steps (model reused): {', '.join(f'{i} {x:.0%}' for x, i in warm)}; "

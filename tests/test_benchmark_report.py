@@ -164,3 +164,14 @@ def test_a_trials_timeline_is_counted_from_the_launch():
     attrs = {"train_started_at": 1_000_012.0, "train_wall_seconds": 30.0}
     assert throughput.timeline(1_000_000.0, 1_000_004.0, attrs) == {"asked": 4.0, "slot": 12.0, "exit": 42.0}
     assert throughput.timeline(1_000_000.0, None, {}) == {}
+
+
+def test_a_trials_setup_is_split_by_its_start_events_marks():
+    """Slot at 100 s; the worker began the job at 100.5, its runner was built at 103, the loop started at 104."""
+    attrs = {"train_started_at": 100.0, "train_wall_seconds": 20.0}
+    start = {"time": 104.0, "job_began": 100.5, "runner_built": 103.0}
+    end = {"time": 118.0, "val_seconds": 2.0}
+    got = throughput.phases(start, end, 11.0, attrs)
+    assert got == {"setup": 4.0, "val": 2.0, "loop_rest": 1.0, "teardown": 2.0, "handover": 0.5, "runner": 2.5,
+                   "before_train": 1.0}  # fmt: skip
+    assert "runner" not in throughput.phases({"time": 104.0}, end, 11.0, attrs)  # a stream from before the marks

@@ -27,7 +27,7 @@ from objectives import WEIGHTED, weighted
 from objectives.noise import se_name, weighted_se
 from objectives.selection import Keeper, Point
 from sweep import atomic, groups
-from sweep.training import baseline, compiled, fused_loss, llava
+from sweep.training import baseline, compiled, fused_loss, job, llava
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
 from sweep.training.memory import PEAK_KEY
 from sweep.training.metrics import ValLossMetric, general_loss
@@ -72,6 +72,9 @@ class SweepHook(Hook):
         if is_main_process():
             protocol.emit(self.stream_path, event)
 
+    def before_run(self, runner) -> None:
+        self._runner_built = time.time()
+
     def before_train(self, runner) -> None:
         self.iters_per_epoch = len(runner.train_dataloader)
         self.max_iters = runner.max_iters
@@ -91,7 +94,8 @@ class SweepHook(Hook):
         compiled.use_compiled_layers(base, self.settings.compile, fused_dropout=self.settings.compile_dropout == "fused",
                                      exact_casts=self.settings.compile_exact_casts)  # fmt: skip
         self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
-                                  self.settings.fused_loss, self.settings.compile))  # fmt: skip
+                                  self.settings.fused_loss, self.settings.compile, job_began=job.BEGAN[0] if job.BEGAN
+                                  else None, runner_built=getattr(self, "_runner_built", None)))  # fmt: skip
         if self.settings.general_val:
             self.general_loader = runner.build_dataloader(self.settings.general_val)
         if self.settings.groups:

@@ -7,13 +7,17 @@ training process and a resident worker both call, and that tests can wrap.
 from __future__ import annotations
 
 import sys
+import time
 
 from sweep.training import patches
 from sweep.training.base_model import CACHE
 
+BEGAN: list[float] = []  # when the current job began (wall clock), for the hook's start event
+
 
 def train_in_this_process(argv: list[str]) -> None:
     """``xtuner train`` with these arguments, here; a resident worker calls it once per trial."""
+    BEGAN[:] = [time.time()]
     patches.prepare_process()
     import torch
     from xtuner.tools import train

@@ -155,6 +155,11 @@ class Start(Event):
     frozen_weights_16bit: int = 0  # elements of frozen weights put back in 16 bits
     fused_loss: str = "off"  # the loss implementation training uses
     compiled: bool = False  # decoder layers run compiled in training steps (compiling is in the first steps' time)
+    # when (wall clock) the training process began this job and mmengine's runner was built: the set-up before
+    # ``time`` split into the job's hand-over, the runner (config, model, LoRA, optimizer) and the rest
+    # (data loaders, hooks' before_train)
+    job_began: float | None = None
+    runner_built: float | None = None
     time: float = field(default_factory=time.time)
 
 

@@ -99,6 +99,9 @@ def test_every_trial_trains_in_bf16_and_completes(amp):
         assert config.model.llm.torch_dtype == "bfloat16"
         start = next(e for e in _events(t) if e["kind"] == "start")
         assert start["frozen_weights_16bit"] > 0, "the frozen weights went back to bf16"
+        # the set-up's marks, in order: the job reached the worker after its slot, then the runner, then the loop
+        began = t.user_attrs["train_started_at"]
+        assert began <= start["job_began"] <= start["runner_built"] <= start["time"], (began, start)
     assert trials[1].user_attrs["worker"]["model_reused"], "the second trial reused the worker's bf16 model"
 
 

@@ -141,3 +141,30 @@ def test_cpu_trials_count_the_cpus_this_process_may_use():
         "from sweep.trial.placement import usable_cpus; print(usable_cpus())"  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"  # what `sweep run` plans with: tests/trial/test_pool.py checks the threads it asks for
+
+
+def test_peaks_of_two_sizes_plan_by_a_line_that_covers_each():
+    """Allocated peaks of the 12-trial benchmark on an H100 (2026-12-06, docs/benchmarks.md), batch 1 to 4, 2048
+    tokens, checkpointing off: the largest ratio planned batch 1 a third over its peak, the line within 10 %."""
+    peaks = {1: 11_334, 2: 18_623, 3: 26_017, 4: 33_429}
+    memory = MemoryModel(QWEN2_1_5B, fused_loss=True)
+    memory.observe(4, 2048, False, peaks[4])
+    by_ratio = memory.estimate(1, 2048, checkpointing=False)  # one size measured: the ratio still plans
+    assert by_ratio > 1.25 * peaks[1]
+    for batch in (1, 2, 3):
+        memory.observe(batch, 2048, False, peaks[batch])
+    for batch, peak in peaks.items():
+        assert peak < memory.estimate(batch, 2048, checkpointing=False) < 1.1 * peak + 600, batch
+    assert memory.estimate(8, 2048, checkpointing=False) > 2 * peaks[4] - peaks[1], "a larger trial, linearly"
+    ratio = memory.calibration
+    memory.out_of_memory()  # one ran out beside others: the cautious ratio, raised, plans from now on
+    assert memory.estimate(1, 2048, checkpointing=False) == pytest.approx(
+        600 + memory.formula(1, 2048, checkpointing=False) * 1.25 * ratio
+    )
+
+
+def test_trials_of_one_size_keep_the_ratio():
+    memory = MemoryModel(QWEN2_1_5B)
+    memory.observe(2, 2048, True, 20_000)
+    memory.observe(2, 2048, True, 21_000)  # the same formula twice: no line through one x
+    assert memory.estimate(2, 2048) == pytest.approx(600 + 21_000 * 1.05)

@@ -522,8 +522,9 @@ def report() -> int:
                     print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip
                 if "runner" in t:
-                    print(f"      setup: to the worker {t['handover']:.1f}s, runner (config, model, LoRA, optimizer) "
-                          f"{t['runner']:.1f}s, data loaders and before_train {t['before_train']:.1f}s")  # fmt: skip
+                    print(f"      setup: to the worker {t['handover']:.1f}s, runner (config, model, LoRA, data loaders, "
+                          f"optimizer) {t['runner']:.1f}s, weights, resume and hooks' before_train "
+                          f"{t['before_train']:.1f}s")  # fmt: skip
         print("\n".join(timeline_lines(sweep_r)))
         if warm:
             print(f"    warm trial time outside its steps (model reused): {', '.join(f'{i} {x:.0%}' for x, i in warm)}; "

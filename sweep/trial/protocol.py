@@ -155,9 +155,9 @@ class Start(Event):
     frozen_weights_16bit: int = 0  # elements of frozen weights put back in 16 bits
     fused_loss: str = "off"  # the loss implementation training uses
     compiled: bool = False  # decoder layers run compiled in training steps (compiling is in the first steps' time)
-    # when (wall clock) the training process began this job and mmengine's runner was built: the set-up before
-    # ``time`` split into the job's hand-over, the runner (config, model, LoRA, optimizer) and the rest
-    # (data loaders, hooks' before_train)
+    # when (wall clock) the training process began this job and mmengine's runner was built (its before_run): the
+    # set-up before ``time`` split into the job's hand-over, the runner (config, model, LoRA, data loaders,
+    # optimizer) and the rest (weight init, resume, the hooks' before_train)
     job_began: float | None = None
     runner_built: float | None = None
     time: float = field(default_factory=time.time)

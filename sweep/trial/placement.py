@@ -73,6 +73,7 @@ class MemoryModel:
     measured: list[tuple[float, float]] = field(default_factory=list)  # (formula, measured) pairs
     floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
     fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def formula(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
         tokens = batch_size * max_length
@@ -83,16 +84,19 @@ class MemoryModel:
 
     def estimate(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
         formula = self.formula(batch_size, max_length, checkpointing)
-        fit = self._line() if self.floor == 0 else None  # after an out-of-memory, the cautious ratio only
-        return CONTEXT_MB + (fit(formula) if fit else formula * self.calibration)
+        with self._lock:  # Optuna's trial threads estimate while others observe
+            fit = self._line() if self.floor == 0 else None  # after an out-of-memory, the cautious ratio only
+            return CONTEXT_MB + (fit(formula) if fit else formula * self.calibration)
 
     def _line(self):
-        """The measured peaks as a line over the formula, shifted up to cover every one of them, plus 5 %; None
-        until trials of two sizes (formula values 20 % apart) have been measured.
+        """The measured peaks as a line over the formula, shifted up to cover every one of them, plus 5 %, never
+        below the smallest measured ratio plus 5 %; None until trials of two sizes (formula values 20 % apart) have
+        been measured. Called with the lock held.
 
         One ratio fits a trial whose fixed part (weights, optimizer, the allocator's first blocks) and per-token
-        part scale alike; measured on an H100 they did not (allocated peak over formula 1.42 at batch 1, 1.86 at
-        batch 4, docs/benchmarks.md), so the largest ratio planned the small trials a third larger than they grew.
+        part scale alike; measured on an H100 they did not (peak over formula 1.42 at batch 1, 1.80-1.86 at batch 4,
+        allocated peaks, docs/benchmarks.md), so the largest ratio planned the small trials a third larger than they
+        grew. The line's intercept is then negative: below the measured sizes the smallest ratio bounds it.
         """
         xs, ys = [f for f, _ in self.measured], [p for _, p in self.measured]
         if len(xs) < 2 or max(xs) < 1.2 * min(xs):
@@ -103,7 +107,8 @@ class MemoryModel:
             return None
         base = my - slope * mx
         base += max(0.0, max(y - (base + slope * x) for x, y in zip(xs, ys, strict=True)))
-        return lambda formula: (base + slope * formula) * 1.05
+        least = min(y / x for x, y in zip(xs, ys, strict=True))
+        return lambda formula: max(base + slope * formula, least * formula) * 1.05
 
     def observe(self, batch_size: int, max_length: int, checkpointing: bool, peak_mb: float) -> None:
         """A finished trial's measured peak: the calibration becomes the largest ratio seen, plus 5 %.
@@ -114,13 +119,15 @@ class MemoryModel:
         formula = self.formula(batch_size, max_length, checkpointing)
         if formula <= 0 or peak_mb <= 0:
             return
-        self.measured.append((formula, peak_mb))
-        self.calibration = max(self.floor, max(p / f for f, p in self.measured) * 1.05)
+        with self._lock:
+            self.measured.append((formula, peak_mb))
+            self.calibration = max(self.floor, max(p / f for f, p in self.measured) * 1.05)
 
     def out_of_memory(self) -> None:
         """A trial ran out of memory beside others: plan every later trial larger."""
-        self.calibration *= 1.25
-        self.floor = self.calibration
+        with self._lock:
+            self.calibration *= 1.25
+            self.floor = self.calibration
 
 
 class GpuSlots:

@@ -16,7 +16,7 @@ setup: $(STAMP) $(TINY_MODEL)/config.json $(TINY_LLAVA)/projector.pth
 # tools/uv_install.py hands uv the package sources pip is set up with (uv reads no pip configuration).
 # --compile-bytecode: uv leaves no .pyc (pip does), and where PYTHONDONTWRITEBYTECODE is set (this CI machine) every
 # process that imports Transformers and XTuner (each test's sweep, each training worker) compiled them again.
-$(STAMP): pyproject.toml requirements.txt overrides.txt tools/uv_install.py
+$(STAMP): pyproject.toml requirements.txt overrides.txt tools/uv_install.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 	$(PY) tools/uv_install.py --quiet --compile-bytecode --override overrides.txt -r requirements.txt -e '.[dev]'

@@ -219,9 +219,9 @@ def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: P
                 gc_after_trial=False,
                 callbacks=callbacks,
             )
-        if ctx.pool is not None:
-            ctx.pool.close()  # the gate loads its own model: the idle workers' GPU memory is given back first
         try:
+            if ctx.pool is not None:
+                ctx.pool.close()  # the gate loads its own model: the idle workers' GPU memory is given back first
             gated = promote(study, spec, tracker, prepared.folder, parent)
             registered = gated.as_dict() if gated else None
         except Exception as err:  # noqa: BLE001 - the trials are saved; only registering them failed

@@ -112,11 +112,12 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def stop_groups(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     """``stop_group`` for several processes at once: each signal goes to all of them before any is waited for, so
     ending n workers takes one grace period and one CUDA teardown, not n of them one after another."""
-    left = list(procs)
+    left = [proc for proc in procs if proc.returncode is None]  # a reaped one's pid may lead someone else's group now
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for proc in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
         deadline = time.monotonic() + grace
         for proc in left:
             with contextlib.suppress(subprocess.TimeoutExpired):

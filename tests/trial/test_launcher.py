@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from sweep.trial import launcher
@@ -33,8 +34,11 @@ CHILD = textwrap.dedent(
 def _children(folder, n: int) -> list[subprocess.Popen]:
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(i), str(n)], start_new_session=True)
              for i in range(n)]  # fmt: skip
+    deadline = time.monotonic() + 60
     while len(list(folder.glob("ready-*"))) < n:
         assert all(p.poll() is None for p in procs), [p.returncode for p in procs]
+        assert time.monotonic() < deadline, "the children never started"
+        time.sleep(0.01)
     return procs
 
 

@@ -287,20 +287,12 @@ def scoring_key(spec: Spec, test_file: Path, config: Path) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _set_tag(client: Any, name: str, version: str, key: str, value: str) -> None:
-    """A version tag, again if another process wrote the same tag at the same moment: MLflow's store inserts a new tag
-    and PostgreSQL refuses the second insert (``model_version_tag_pk``) where two workers of one study gate the same
-    version at once."""
-    retry_races(lambda: client.set_model_version_tag(name, version, key, value))
-
-
 def save_scores(tracker: Tracker, name: str, version: str, scores: dict[str, float], key: str) -> None:
     """Full-precision test scores as version tags (``test/loss`` ...), with the key they were measured under."""
-    client = tracker.client
-    _set_tag(client, name, version, KEY_TAG, "")  # no reader pairs new scores with an old key
+    tracker.set_version_tag(name, version, KEY_TAG, "")  # no reader pairs new scores with an old key
     for metric, value in scores.items():
-        _set_tag(client, name, version, metric, repr(float(value)))
-    _set_tag(client, name, version, KEY_TAG, key)
+        tracker.set_version_tag(name, version, metric, repr(float(value)))
+    tracker.set_version_tag(name, version, KEY_TAG, key)
 
 
 def tagged_scores(mv: ModelVersion | None, key: str, metric: str) -> dict[str, float] | None:
@@ -340,13 +332,12 @@ def _register(best: optuna.trial.FrozenTrial, spec: Spec, tracker: Tracker, adap
             needs_remote_code=spec.model.trust_remote_code,
         )  # fmt: skip
     mine = tracker.register(uri, name, tags={"study": spec.study, "trial": str(best.number)})
-    client = tracker.client
-    _set_tag(client, name, mine.version, "mlflow_run_id", run_id)
+    tracker.set_version_tag(name, mine.version, "mlflow_run_id", run_id)
     for metric, value in zip(spec.objective.names, best.values, strict=True):
-        _set_tag(client, name, mine.version, metric, str(value))
+        tracker.set_version_tag(name, mine.version, metric, str(value))
     version = tracker.version_of_run(name, run_id)  # the oldest, if workers registered at once
     if int(version.version) != int(mine.version):
-        client.delete_model_version(name, mine.version)
+        tracker.client.delete_model_version(name, mine.version)
     return version
 
 
@@ -405,15 +396,14 @@ def _score_untrained(spec: Spec, tracker: Tracker, name: str, version: str, conf
         log.warning("study %s: the untrained model could not be scored on the test split (%s)", spec.study, err)
         return None
     for metric, value in scores.items():
-        _set_tag(tracker.client, name, version, UNTRAINED + metric, repr(float(value)))
+        tracker.set_version_tag(name, version, UNTRAINED + metric, repr(float(value)))
     return scores
 
 
 def _record(result: GateResult, tracker: Tracker, run_id: str, parent_run_id: str | None) -> None:
-    client = tracker.client
     tags = {"gate": "passed" if result.moved else "kept previous champion", "gate_reason": result.reason}
     for key, value in tags.items():
-        _set_tag(client, result.name, result.version, key, value)
+        tracker.set_version_tag(result.name, result.version, key, value)
     step = int(result.version)
     tracker.log_metrics(run_id, [(k, v, 0) for k, v in result.candidate.items()])
     if parent_run_id:

@@ -256,6 +256,12 @@ class Tracker:
         with self._fluent(), mlflow.start_run(run_id=run_id):
             return mlflow.pyfunc.log_model(**log_model_args).model_uri
 
+    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        """A registered version's tag, written again if another process wrote the same tag at the same moment: the
+        store inserts a tag it has not seen, and PostgreSQL refuses the second of two such inserts
+        (``model_version_tag_pk``), as when two workers of one study gate the same version at once."""
+        retry_races(lambda: self.client.set_model_version_tag(name, version, key, value))
+
     def register(self, model_uri: str, name: str, tags: dict[str, str]):
         """A new version of ``name`` from a logged model (the registered model is made when it is new)."""
         import mlflow

@@ -62,6 +62,7 @@ class SweepHook(Hook):
         self.val_seconds = 0.0
         self.shares_baseline = False  # decided at step 0: LoRA B all zero, so the model is its base
         self.answers = None
+        self._runner_built: float | None = None  # before_run: the runner's model, data loaders and optimizer exist
 
     # -- the x-axis ---------------------------------------------------------------------------
     def samples_seen(self, iters_done: int) -> int:
@@ -94,8 +95,8 @@ class SweepHook(Hook):
         compiled.use_compiled_layers(base, self.settings.compile, fused_dropout=self.settings.compile_dropout == "fused",
                                      exact_casts=self.settings.compile_exact_casts)  # fmt: skip
         self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
-                                  self.settings.fused_loss, self.settings.compile, job_began=job.BEGAN[0] if job.BEGAN
-                                  else None, runner_built=getattr(self, "_runner_built", None)))  # fmt: skip
+                                  self.settings.fused_loss, self.settings.compile, job_began=job.BEGAN,
+                                  runner_built=self._runner_built))  # fmt: skip
         if self.settings.general_val:
             self.general_loader = runner.build_dataloader(self.settings.general_val)
         if self.settings.groups:

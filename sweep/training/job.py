@@ -12,12 +12,13 @@ import time
 from sweep.training import patches
 from sweep.training.base_model import CACHE
 
-BEGAN: list[float] = []  # when the current job began (wall clock), for the hook's start event
+BEGAN: float | None = None  # when the current job began (wall clock), for the hook's start event
 
 
 def train_in_this_process(argv: list[str]) -> None:
     """``xtuner train`` with these arguments, here; a resident worker calls it once per trial."""
-    BEGAN[:] = [time.time()]
+    global BEGAN
+    BEGAN = time.time()
     patches.prepare_process()
     import torch
     from xtuner.tools import train

@@ -94,9 +94,9 @@ def environment(launch: Launch) -> dict[str, str]:
     )
     if launch.gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in launch.gpu_ids)
-        # trials share a GPU by their planned peaks; without expandable segments the allocator's reserve ran 6-80 %
-        # over what the trial had allocated (docs/benchmarks.md), memory no other trial could use. A user's own
-        # allocator settings win.
+        # trials share a GPU by their planned peaks, which are the allocator's reserve; without expandable segments
+        # it held well over what the trial had allocated (docs/benchmarks.md, 2026-12-06), memory no other trial
+        # could use. A user's own allocator settings win.
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if launch.threads:
         env["OMP_NUM_THREADS"] = str(launch.threads)

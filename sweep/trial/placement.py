@@ -85,18 +85,18 @@ class MemoryModel:
     def estimate(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
         formula = self.formula(batch_size, max_length, checkpointing)
         with self._lock:  # Optuna's trial threads estimate while others observe
-            fit = self._line() if self.floor == 0 else None  # after an out-of-memory, the cautious ratio only
-            return CONTEXT_MB + (fit(formula) if fit else formula * self.calibration)
+            by_line = self._on_line(formula) if self.floor == 0 else None  # after an out-of-memory: the ratio only
+            return CONTEXT_MB + (by_line if by_line is not None else formula * self.calibration)
 
-    def _line(self):
-        """The measured peaks as a line over the formula, shifted up to cover every one of them, plus 5 %, never
-        below the smallest measured ratio plus 5 %; None until trials of two sizes (formula values 20 % apart) have
-        been measured. Called with the lock held.
+    def _on_line(self, formula: float) -> float | None:
+        """The plan for ``formula`` from a line through the measured peaks, shifted up to cover every one of them,
+        plus 5 %, never below the smallest measured ratio plus 5 %; None until trials of two sizes (formula values
+        20 % apart) have been measured. Called with the lock held.
 
         One ratio fits a trial whose fixed part (weights, optimizer, the allocator's first blocks) and per-token
-        part scale alike; measured on an H100 they did not (peak over formula 1.42 at batch 1, 1.80-1.86 at batch 4,
-        allocated peaks, docs/benchmarks.md), so the largest ratio planned the small trials a third larger than they
-        grew. The line's intercept is then negative: below the measured sizes the smallest ratio bounds it.
+        part scale alike; measured on an H100 they did not (docs/benchmarks.md, 2026-12-06), so the largest ratio
+        planned the small trials larger than they grew. The line's intercept is then negative: below the measured
+        sizes the smallest ratio bounds it.
         """
         xs, ys = [f for f, _ in self.measured], [p for _, p in self.measured]
         if len(xs) < 2 or max(xs) < 1.2 * min(xs):
@@ -108,7 +108,7 @@ class MemoryModel:
         base = my - slope * mx
         base += max(0.0, max(y - (base + slope * x) for x, y in zip(xs, ys, strict=True)))
         least = min(y / x for x, y in zip(xs, ys, strict=True))
-        return lambda formula: max(base + slope * formula, least * formula) * 1.05
+        return max(base + slope * formula, least * formula) * 1.05
 
     def observe(self, batch_size: int, max_length: int, checkpointing: bool, peak_mb: float) -> None:
         """A finished trial's measured peak: the calibration becomes the largest ratio seen, plus 5 %.

@@ -80,6 +80,8 @@ def keep_frozen_weights_16bit(llm: Any) -> int:
             continue
         base = module.get_base_layer()
         for param in (getattr(base, "weight", None), getattr(base, "bias", None)):
+            if param is not None and not param.requires_grad and param.dtype == dtype:
+                done += param.numel()  # a shared base model's weight that another trial's call already gave back
             if param is None or param.requires_grad or param.dtype != torch.float32:
                 continue
             low = param.data.to(dtype)

@@ -1,0 +1,202 @@
+"""Joined steps: a trial trained beside others over one shared base model gives what it gives alone.
+
+Real XTuner models (``SupervisedFinetune`` with PEFT LoRA) over shared copies of the tiny model, real mmengine
+optimizer wrappers, trials stepping from their own threads as a resident worker runs them. The bf16 cases load the
+weights in bf16 and train under CPU autocast, with the frozen weights back in 16 bits, as a GPU trial does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from mmengine.optim import OptimWrapper
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from xtuner.model import SupervisedFinetune
+from xtuner.model.modules import dispatch_modules
+
+from sweep.training import cotrain
+from sweep.training.amp import CpuAmpOptimWrapper, keep_frozen_weights_16bit
+from sweep.training.base_model import upcast_like_peft
+
+TRIALS = [  # rank, alpha, learning rate, rows a step, tokens a row: every trial its own shapes
+    dict(r=8, alpha=16, lr=1e-3, rows=2, length=48, seed=1),
+    dict(r=4, alpha=8, lr=3e-3, rows=1, length=40, seed=2),
+    dict(r=16, alpha=16, lr=5e-4, rows=3, length=48, seed=3),
+]
+STEPS = 4
+
+
+class _Model(SupervisedFinetune):
+    """XTuner's model around a model object (its own ``build_llm_from_cfg`` takes configs only), as the worker's
+    base-model cache hands it one."""
+
+    def build_llm_from_cfg(self, llm_cfg, use_varlen_attn, max_position_embeddings):
+        llm_cfg.config.use_cache = False
+        dispatch_modules(llm_cfg, use_varlen_attn=use_varlen_attn)
+        return llm_cfg
+
+
+def _base(path, bf16: bool):
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16 if bf16 else torch.float32)
+    upcast_like_peft(model)  # what the worker's cache does once for the shared base
+    return model
+
+
+def _trial(base, spec: dict, *, dropout: float, bf16: bool, checkpointing: bool, accumulate: int = 1):
+    torch.manual_seed(spec["seed"])
+    lora = LoraConfig(
+        r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=dropout, task_type="CAUSAL_LM", init_lora_weights="gaussian"
+    )  # fmt: skip  (B != 0 from the start: every step's loss moves)
+    model = _Model(llm=cotrain.shared_copy(base), lora=lora, use_activation_checkpointing=checkpointing)
+    model.train()
+    if bf16:
+        keep_frozen_weights_16bit(model.llm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+    wrapper = CpuAmpOptimWrapper(optimizer=optimizer, accumulative_counts=accumulate) if bf16 else \
+        OptimWrapper(optimizer=optimizer, accumulative_counts=accumulate)  # fmt: skip
+    return model, wrapper
+
+
+def _batches(spec: dict, vocab: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(100 + spec["seed"])
+    out = []
+    for _ in range(STEPS):
+        ids = torch.randint(3, vocab, (spec["rows"], spec["length"]), generator=gen)
+        labels = ids.clone()
+        labels[:, : spec["length"] // 3] = -100  # the prompt's tokens carry no loss
+        out.append({"data": {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+                             "position_ids": torch.arange(spec["length"]).expand(spec["rows"], -1)},
+                    "data_samples": None})  # fmt: skip
+    return out
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run_group(steps, members, built, specs, vocab: int, results: dict) -> None:
+    """Each trial of the group from its own thread, as a resident worker runs jobs at once."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        losses = []
+        try:
+            for batch in _batches(specs[i], vocab):
+                losses.append(float(steps.train_step(members[i], batch, built[i][1])["loss"]))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        finally:
+            steps.leave(members[i])
+        results[i] = (losses, _lora_state(built[i][0]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in members]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+
+
+def _train(path, specs, *, together: bool, dropout=0.1, bf16=False, checkpointing=False, accumulate=1):
+    """Each trial's losses and final LoRA weights, trained together (one base, threads) or each alone."""
+    results: dict[int, tuple[list[float], dict]] = {}
+    groups = [list(range(len(specs)))] if together else [[i] for i in range(len(specs))]
+    for group in groups:
+        base = _base(path, bf16)
+        built = {i: _trial(base, specs[i], dropout=dropout, bf16=bf16, checkpointing=checkpointing,
+                           accumulate=accumulate) for i in group}  # fmt: skip
+        steps = cotrain.JoinedSteps(base, checkpointing)
+        members = {i: steps.join(built[i][0], built[i][1], specs[i]["seed"]) for i in group}
+        _run_group(steps, members, built, specs, base.config.vocab_size, results)
+    return results
+
+
+def _assert_same(a, b, atol: float, rtol: float) -> None:
+    for i in a:
+        assert a[i][0] == pytest.approx(b[i][0], abs=atol, rel=rtol), f"trial {i}'s losses"
+        for name in a[i][1]:
+            torch.testing.assert_close(a[i][1][name], b[i][1][name], atol=atol, rtol=rtol, msg=f"trial {i}: {name}")
+
+
+def test_fp32_trials_together_equal_alone(tiny_model):
+    together = _train(tiny_model, TRIALS, together=True)
+    alone = _train(tiny_model, TRIALS, together=False)
+    assert all(len(together[i][0]) == STEPS for i in together)
+    assert len({tuple(together[i][0]) for i in together}) == len(TRIALS), "the trials learn differently"
+    _assert_same(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_trials_together_equal_alone_within_bf16_tolerance(tiny_model):
+    together = _train(tiny_model, TRIALS, together=True, bf16=True)
+    alone = _train(tiny_model, TRIALS, together=False, bf16=True)
+    _assert_same(together, alone, atol=2e-2, rtol=2e-2)
+
+
+def test_checkpointing_recomputes_the_same_dropout_masks(tiny_model):
+    """Gradients after recomputation match those of a pass that kept its activations: the masks were redrawn equal."""
+    on = _train(tiny_model, TRIALS, together=True, dropout=0.3, checkpointing=True)
+    off = _train(tiny_model, TRIALS, together=True, dropout=0.3, checkpointing=False)
+    _assert_same(on, off, atol=1e-5, rtol=1e-5)
+
+
+def test_alone_without_dropout_is_stock_xtuner(tiny_model):
+    """With no dropout, a joined step is exactly mmengine's own train_step of the same XTuner model."""
+    spec = TRIALS[0]
+    joined = _train(tiny_model, [spec], together=True, dropout=0.0, accumulate=2)[0]
+    model, wrapper = _trial(_base(tiny_model, False), spec, dropout=0.0, bf16=False, checkpointing=False, accumulate=2)
+    losses = [float(model.train_step(batch, wrapper)["loss"]) for batch in _batches(spec, model.llm.config.vocab_size)]
+    assert joined[0] == pytest.approx(losses, abs=1e-6)
+    for name, value in _lora_state(model).items():
+        torch.testing.assert_close(joined[1][name], value, atol=1e-6, rtol=1e-6)
+
+
+def test_a_failing_pass_fails_every_trial_in_it_and_nobody_waits_forever(tiny_model):
+    base = _base(tiny_model, False)
+    steps = cotrain.JoinedSteps(base, False)
+    built = [_trial(base, spec, dropout=0.0, bf16=False, checkpointing=False) for spec in TRIALS[:2]]
+    members = [steps.join(model, wrapper, 0) for model, wrapper in built]
+    bad = _batches(TRIALS[0], base.config.vocab_size)[0]
+    bad["data"]["input_ids"] = bad["data"]["input_ids"] + 10**6  # past the vocabulary: the embedding raises
+    good = _batches(TRIALS[1], base.config.vocab_size)[0]
+    raised: list[str] = []
+
+    def run(i: int, batch: dict) -> None:
+        try:
+            steps.train_step(members[i], batch, built[i][1])
+        except (IndexError, RuntimeError) as exc:
+            raised.append(type(exc).__name__)
+        finally:
+            steps.leave(members[i])
+
+    threads = [threading.Thread(target=run, args=(0, bad)), threading.Thread(target=run, args=(1, good))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert len(raised) == 2
+
+
+def test_a_trial_away_is_not_waited_for(tiny_model):
+    base = _base(tiny_model, False)
+    steps = cotrain.JoinedSteps(base, False)
+    built = [_trial(base, spec, dropout=0.0, bf16=False, checkpointing=False) for spec in TRIALS[:2]]
+    members = [steps.join(model, wrapper, 0) for model, wrapper in built]
+    with steps.away(members[1]):
+        out = steps.train_step(members[0], _batches(TRIALS[0], base.config.vocab_size)[0], built[0][1])
+    assert torch.isfinite(out["loss"])
+    assert members[0].steps == 1 and members[1].steps == 0
+
+
+def test_shared_copies_hold_one_set_of_weights(tiny_model):
+    base = _base(tiny_model, True)
+    one, two = cotrain.shared_copy(base), cotrain.shared_copy(base)
+    assert one is not two and one.model.layers[0] is not two.model.layers[0]
+    assert one.model.layers[0].self_attn.q_proj.weight is base.model.layers[0].self_attn.q_proj.weight
+    assert cotrain.shared_from(one) is base and cotrain.shared_from(cotrain.shared_copy(one)) is base
+    base.model.layers[0].self_attn.q_proj.weight.data = base.model.layers[0].self_attn.q_proj.weight.data.bfloat16()
+    assert two.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # a dtype change reaches every copy

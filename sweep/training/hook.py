@@ -27,7 +27,7 @@ from objectives import WEIGHTED, weighted
 from objectives.noise import se_name, weighted_se
 from objectives.selection import Keeper, Point
 from sweep import atomic, groups
-from sweep.training import baseline, compiled, fused_loss, job, llava
+from sweep.training import baseline, compiled, cotrain, fused_loss, job, llava
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
 from sweep.training.memory import PEAK_KEY
 from sweep.training.metrics import ValLossMetric, general_loss
@@ -41,6 +41,11 @@ def _unwrap(model: Any) -> Any:
             raise AttributeError(f"no XTuner model with an .llm inside {type(model).__name__}")
         model = inner
     return model
+
+
+def _base_llm(runner) -> Any:
+    llm = _unwrap(runner.model).llm
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 class SweepHook(Hook):
@@ -94,9 +99,6 @@ class SweepHook(Hook):
             fused_loss.install(base, self.settings.fused_loss)
         compiled.use_compiled_layers(base, self.settings.compile, fused_dropout=self.settings.compile_dropout == "fused",
                                      exact_casts=self.settings.compile_exact_casts)  # fmt: skip
-        self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
-                                  self.settings.fused_loss, self.settings.compile, job_began=job.BEGAN,
-                                  runner_built=self._runner_built))  # fmt: skip
         if self.settings.general_val:
             self.general_loader = runner.build_dataloader(self.settings.general_val)
         if self.settings.groups:
@@ -105,6 +107,26 @@ class SweepHook(Hook):
             from sweep.training.answers import Answers
 
             self.answers = Answers(self.settings.generation)
+        joined = self._join_other_trials(runner)  # last: the set-up's draws from the global generators are done
+        self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
+                                  self.settings.fused_loss, self.settings.compile, job_began=job.began(),
+                                  runner_built=self._runner_built, joined_steps=joined))  # fmt: skip
+
+    def _join_other_trials(self, runner) -> bool:
+        """In a worker that trains jobs at once, step together with the other trials on this base model."""
+        try:
+            if cotrain.shared_from(_base_llm(runner)) is None:
+                return False  # this worker trains one job at a time
+            if self.settings.compile:
+                joined: object = "speed.compile: the joined pass runs the layers uncompiled"
+            else:
+                joined = cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
+            if isinstance(joined, str):
+                self._emit(protocol.TrainingWarning(f"this trial steps alone beside the others: {joined}"))
+                return False
+            return True
+        finally:
+            job.setup_done()
 
     def _hand_groups_to_metrics(self, runner) -> None:
         """Each validation row's group, from the validation dataset itself (render keeps its ``group`` column), in
@@ -155,6 +177,11 @@ class SweepHook(Hook):
 
     # -- validation and the verdict -----------------------------------------------------------
     def _validate(self, runner, step: int) -> None:
+        # trials stepping beside this one go on while it validates and waits for its verdict; none is built meanwhile
+        with cotrain.away(), cotrain.SETUP:
+            self._validate_and_wait(runner, step)
+
+    def _validate_and_wait(self, runner, step: int) -> None:
         self._pending_step = step
         started = time.perf_counter()
         # Validation draws no random numbers from training's streams (a data loader's iterator takes
@@ -263,6 +290,7 @@ class SweepHook(Hook):
         return False
 
     def after_train(self, runner) -> None:
+        cotrain.leave_thread()
         llm = _unwrap(runner.model).llm
         fused_loss.uninstall(llm.get_base_model() if hasattr(llm, "get_base_model") else llm)
         self._emit(

@@ -2,36 +2,61 @@
 
 Kept apart from ``worker`` (which runs as ``__main__``) so that this function has one home that a fresh
 training process and a resident worker both call, and that tests can wrap.
+
+A worker that trains several jobs at once runs each in its own thread (``sweep.training.cotrain``): a
+job's set-up (argument parsing through ``sys.argv``, the runner's seeding of torch's global generator,
+LoRA's initialisation, mmengine's named instances) then holds ``cotrain.SETUP`` until the hook says the
+runner is built (``setup_done``), so the instances made meanwhile are this job's alone.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
-from sweep.training import patches
+from sweep.training import cotrain, patches
 from sweep.training.base_model import CACHE
 
-BEGAN: float | None = None  # when the current job began (wall clock), for the hook's start event
+_job = threading.local()  # this thread's job: when it began, whether it holds SETUP, the instances it made
+
+
+def began() -> float | None:
+    """When the current thread's job began (wall clock), for the hook's start event."""
+    return getattr(_job, "began", None)
 
 
 def train_in_this_process(argv: list[str]) -> None:
     """``xtuner train`` with these arguments, here; a resident worker calls it once per trial."""
-    global BEGAN
-    BEGAN = time.time()
+    _job.began = time.time()
     patches.prepare_process()
     import torch
     from xtuner.tools import train
 
     CACHE.job_started()
+    if CACHE.shared:
+        cotrain.SETUP.acquire()
+        _job.holds_setup = True
     before = manager_instances()
-    if torch.cuda.is_available():
+    _job.before, _job.made = before, None
+    if torch.cuda.is_available() and not CACHE.shared:
         torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
     sys.argv = ["xtuner-train", *argv]
     try:
         train.main()
     finally:
-        forget_runner_state(before)
+        cotrain.leave_thread()
+        setup_done()
+        forget_runner_state(before, _job.made)
+
+
+def setup_done() -> None:
+    """The runner is built: other jobs of this worker may build theirs (no-op unless this thread holds SETUP)."""
+    if getattr(_job, "holds_setup", False):
+        after = manager_instances()
+        _job.made = {cls: names - _job.before.get(cls, set()) for cls, names in after.items()}
+        _job.holds_setup = False
+        cotrain.SETUP.release()
 
 
 def manager_instances() -> dict[type, set[str]]:
@@ -47,7 +72,7 @@ def manager_instances() -> dict[type, set[str]]:
     return found
 
 
-def forget_runner_state(before: dict[type, set[str]]) -> None:
+def forget_runner_state(before: dict[type, set[str]], made: dict[type, set[str]] | None = None) -> None:
     """After a job: drop mmengine's named instances it made and give the base model back clean.
 
     The job's garbage (runner, optimizer, LoRA layers: reference cycles holding GPU memory) is
@@ -57,18 +82,31 @@ def forget_runner_state(before: dict[type, set[str]]) -> None:
     what that job made. Frozen objects are never collected, so unless the
     job reused the kept base model and it stays kept, everything is unfrozen first: a model let go
     (another model came, or this one cannot be reused) goes with a full collection, cycles and all.
+    With jobs at once, only the instances this job ``made`` during its set-up go, and nothing is frozen
+    (the other jobs' live objects would never be collected).
     """
     import gc
 
     import torch
 
-    for cls, names in manager_instances().items():
-        for name in names - before.get(cls, set()):
-            instance = cls._instance_dict.pop(name)
+    if CACHE.shared:
+        found = made or {}
+    else:
+        found = {cls: names - before.get(cls, set()) for cls, names in manager_instances().items()}
+    for cls, names in found.items():
+        for name in names:
+            instance = cls._instance_dict.pop(name, None)
+            if instance is None:
+                continue
             for handler in list(getattr(instance, "handlers", [])):
                 handler.close()
                 instance.removeHandler(handler)
     kept = CACHE.job_ended()
+    if CACHE.shared:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return
     if not (CACHE.reused and kept):
         gc.unfreeze()
     gc.collect()

@@ -31,6 +31,8 @@ CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
 #: Set to "1" to have the hook also save the adapter of every validation point in ``POINT_ADAPTERS_DIR``
 #: (``benchmarks/fit_rule.py`` scores them on the test split to compare keep rules; sweeps never need it).
 SAVE_POINTS_ENV = "XTUNER_SWEEP_SAVE_POINTS"
+#: A resident worker trains up to this many jobs at once over one shared base model (``sweep.training.cotrain``).
+JOBS_AT_ONCE_ENV = "XTUNER_SWEEP_JOBS_AT_ONCE"
 #: How long the hook waits for a verdict before it trains on (and says so in the stream).
 VERDICT_TIMEOUT_S = 900.0
 
@@ -160,6 +162,7 @@ class Start(Event):
     # optimizer) and the rest (weight init, resume, the hooks' before_train)
     job_began: float | None = None
     runner_built: float | None = None
+    joined_steps: bool = False  # its steps are joined with other trials' over one shared base model (cotrain)
     time: float = field(default_factory=time.time)
 
 

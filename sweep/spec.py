@@ -274,6 +274,9 @@ class SpeedSpec(_Strict):
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: off when the trial fits on a GPU without
     tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
+    # a resident worker trains up to this many of a GPU's trials at once over one copy of the base model, their
+    # steps joined into one pass (sweep.training.cotrain); 1: one trial per process
+    trials_per_worker: int = Field(default=1, ge=1, le=16)
     frozen_weights_16bit: bool = True  # frozen weights under LoRA stay in their 16-bit load dtype, not fp32
     baseline_once: bool = True  # the untrained step-0 validation point, measured once per study and shared
     # the last projection and the loss computed together, never the whole logits tensor (sweep.training.fused_loss)

@@ -5,6 +5,12 @@ so a trial after the first pays only for its own LoRA layers and steps. A worker
 ``CUDA_VISIBLE_DEVICES`` set and thread count; a trial that spans GPUs (torchrun, DeepSpeed) still
 starts a fresh process. An idle worker holds its base model on its GPU;
 when a GPU's trials need that memory, idle workers there are ended first.
+
+With ``at_once`` above 1 (``speed.trials_per_worker``) a worker takes up to that many trials at once, over
+one copy of the base model with their steps joined (``sweep.training.cotrain``): a trial placed on a GPU
+goes to the worker there that already trains others, while it has room. A failed job makes its worker
+take no more; the worker ends when the jobs beside it are done. Stopping one job ends its worker, and
+with it the jobs beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class Worker:
     threads: int | None
     log: Path | None = None  # its own output, outside jobs: startup, and a death between or before jobs
     jobs: int = 0  # jobs handed to it: one that never had one holds no model and no CUDA context yet
+    running: int = 0  # jobs it trains now
+    draining: bool = False  # a job of it failed: it takes no more, and ends once the running ones are done
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -53,12 +61,12 @@ def kill_all(workers: list[Worker], grace: float = 10.0) -> None:
 class WorkerPool:
     """Hands trials to idle workers with the same devices, starting workers as needed. Thread-safe."""
 
-    def __init__(self, folder: Path, slots: GpuSlots | None = None, idle_mb: float = 0.0) -> None:
+    def __init__(self, folder: Path, slots: GpuSlots | None = None, idle_mb: float = 0.0, at_once: int = 1) -> None:
         self.folder = folder
         self.slots = slots
         self.idle_mb = idle_mb  # GPU memory an idle worker holds: its base model and CUDA context
-        self._idle: list[Worker] = []
-        self._busy: list[Worker] = []
+        self.at_once = at_once  # jobs one worker trains at once
+        self._workers: list[Worker] = []
         self._logs: list[Path] = []  # every worker's own log, for ``discard``
         self._made = _first_missing(folder)  # the outermost folder the workers' logs will create, for ``discard``
         self._lock = threading.Lock()
@@ -69,19 +77,28 @@ class WorkerPool:
             return launcher.Running(launch)
         gpus = tuple(launch.gpu_ids)
         with self._lock:
-            fits = [w for w in self._idle if w.gpus == gpus and w.threads == launch.threads]
-            worker = max(fits, key=lambda w: w.jobs > 0, default=None)  # one that holds the model first
+            self._workers = [w for w in self._workers if w.running or w.alive()]  # a dead idle one is not handed out
+            fits = [w for w in self._workers if w.gpus == gpus and w.threads == launch.threads
+                    and w.running < self.at_once and not w.draining and w.alive()]  # fmt: skip
+            # one that trains others now (its steps join theirs), else one that holds the model
+            worker = max(fits, key=lambda w: (w.running > 0, w.jobs > 0), default=None)
             if worker is not None:
-                self._idle.remove(worker)
+                worker.running += 1
             leaving = self._make_room(gpus)
         for idle in leaving:
             log.info("ending idle worker %d on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
         kill_all(leaving)  # outside the lock: ending them may take their grace period
-        if worker is None or not worker.alive():
+        if worker is None:
             worker = self._spawn(launch)
-        with self._lock:
-            self._busy.append(worker)
+            worker.running = 1
+            with self._lock:
+                self._workers.append(worker)
         return Job(self, worker, launch)
+
+    def idle_workers(self) -> list[Worker]:
+        """The workers that train nothing now."""
+        with self._lock:
+            return [w for w in self._workers if not w.running]
 
     def prewarm(self, n: int, gpus: list[int], threads: int | None) -> None:
         """Start ``n`` workers now, one GPU after another, idle until their first job.
@@ -95,7 +112,7 @@ class WorkerPool:
             launch = launcher.Launch(Path(), self.folder, self.folder / "prewarm.log", gpu_ids=gpu_ids, threads=threads)
             worker = self._spawn(launch)
             with self._lock:
-                self._idle.append(worker)
+                self._workers.append(worker)
         if n:
             log.info("started %d training worker(s) ahead of the first trial%s", n,
                      f" on GPU {', '.join(map(str, sorted(set(gpus))))}" if gpus else "")  # fmt: skip
@@ -105,11 +122,12 @@ class WorkerPool:
         them and the running trials to fit. Called with the lock held."""
         if self.slots is None or len(gpus) != 1:
             return []
-        others = [w for w in self._idle if w.gpus == gpus and w.jobs]  # started ahead, never used: holds nothing
+        # idle ones that had jobs (one started ahead and never used holds nothing)
+        others = [w for w in self._workers if w.gpus == gpus and w.jobs and not w.running]
         leaving = []
         while others and self.slots.room(gpus[0]) < len(others) * self.idle_mb:
             worker = others.pop()
-            self._idle.remove(worker)
+            self._workers.remove(worker)
             leaving.append(worker)
         return leaving
 
@@ -118,12 +136,14 @@ class WorkerPool:
         # this process's n-th; made exclusively, as sweeps in other containers may share the PID and the folder
         fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"worker-{os.getpid()}-{next(_SPAWNED)}-", suffix=".log")
         path, out = Path(name), os.fdopen(fd, "ab")
+        env = launcher.environment(launch)
+        env[protocol.JOBS_AT_ONCE_ENV] = str(self.at_once)
         proc = subprocess.Popen(
             [sys.executable, "-m", protocol.WORKER_MODULE],
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=launcher.environment(launch),
+            env=env,
             start_new_session=True,
             # no PR_SET_PDEATHSIG here: it fires when the spawning *thread* ends, and an Optuna n_jobs
             # thread ends while other threads' trials still use its worker (seen on the H200: exit -15).
@@ -134,18 +154,22 @@ class WorkerPool:
         return Worker(proc, tuple(launch.gpu_ids), launch.threads, path)
 
     def _returned(self, worker: Worker, reusable: bool) -> None:
+        """A job of ``worker`` ended; unless it ended well, the worker takes no more and ends when it is free."""
         with self._lock:
-            if worker in self._busy:
-                self._busy.remove(worker)
-            if reusable and worker.alive() and not launcher.STOP.is_set():
-                self._idle.append(worker)
-                return
+            worker.running = max(0, worker.running - 1)
+            worker.draining |= not reusable
+            if worker.running and worker.alive() and not launcher.STOP.is_set():
+                return  # jobs beside it still train
+            if not worker.draining and worker.alive() and not launcher.STOP.is_set():
+                return  # idle, holding its model for the next job
+            if worker in self._workers:
+                self._workers.remove(worker)
         worker.kill()
 
     def close(self) -> None:
         """End every worker (idle or not): the sweep is done or stopping."""
         with self._lock:
-            workers, self._idle, self._busy = self._idle + self._busy, [], []
+            workers, self._workers = self._workers, []
         kill_all(workers)
 
     def discard(self) -> None:
@@ -221,7 +245,7 @@ class Job:
             )
 
     def stop(self, grace: float = 10.0) -> int:
-        """Stopping a trial mid-job ends its worker: the next trial gets a fresh one."""
+        """Stopping a trial mid-job ends its worker (and the jobs beside it): the next trial gets a fresh one."""
         self.pool._returned(self.worker, reusable=False)
         self.worker.kill(grace)
         if self.rc is None:

@@ -364,7 +364,8 @@ class Trial:
         peak = end.peak_memory_mb if end else None
         if peak:
             trial.set_user_attr("peak_memory_mb", round(peak))
-            if ctx.memory is not None and len(gpu_ids) == 1:
+            # a worker that trains trials at once reports their joint peak, which is no one trial's
+            if ctx.memory is not None and len(gpu_ids) == 1 and (ctx.pool is None or ctx.pool.at_once == 1):
                 ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, peak)
         if end is not None and end.val_seconds is not None and seconds > 0:
             trial.set_user_attr("val_share", round(end.val_seconds / seconds, 3))

@@ -104,7 +104,7 @@ def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
     pool = WorkerPool(tmp_path, slots, idle_mb=3_000.0)
     idle = [_sleeper(0), _sleeper(0), _sleeper(0), _sleeper(1)]
     ahead = _sleeper(0, jobs=0)  # started ahead of the first trial, no job yet: no model, no CUDA context
-    pool._idle = [*idle, ahead]
+    pool._workers = [*idle, ahead]
     try:
         slots.acquire(5_000.0)  # GPU 0 (the emptiest, lowest index): 4,200 MB left, room for one idle worker
         with pool._lock:
@@ -112,12 +112,12 @@ def test_idle_workers_make_room_for_a_trial_that_needs_their_memory(tmp_path):
         for worker in leaving:
             worker.kill()
         assert len(leaving) == 2
-        on_gpu0 = [w for w in pool._idle if w.gpus == (0,) and w.jobs]
+        on_gpu0 = [w for w in pool.idle_workers() if w.gpus == (0,) and w.jobs]
         assert len(on_gpu0) == 1 and on_gpu0[0].alive()
         ended = [w for w in idle[:3] if w not in on_gpu0]
         assert all(w.proc.returncode is not None for w in ended), "ended workers' processes are gone"
-        assert idle[3] in pool._idle and idle[3].alive(), "another GPU's idle worker stays"
-        assert ahead in pool._idle and ahead.alive(), "a worker that holds no memory is not ended for room"
+        assert idle[3] in pool.idle_workers() and idle[3].alive(), "another GPU's idle worker stays"
+        assert ahead in pool.idle_workers() and ahead.alive(), "a worker that holds no memory is not ended for room"
     finally:
         pool.close()
     assert all(not w.alive() for w in [*idle, ahead])
@@ -138,7 +138,7 @@ def test_a_worker_that_dies_in_a_job_reports_its_exit_code(tmp_path, monkeypatch
     started = time.monotonic()
     rc = launcher.run(launch, on_poll=lambda: None, start=pool.start)
     assert rc == 7 and time.monotonic() - started < 30
-    assert not pool._idle and not pool._busy, "a dead worker is not handed out again"
+    assert not pool._workers, "a dead worker is not handed out again"
     tail = launcher.log_tail(launch.log)
     assert f"resident worker {worker.proc.pid} exited with code 7" in tail
     assert "worker could not start: no such module" in tail
@@ -242,7 +242,7 @@ def test_workers_started_ahead_serve_the_first_trials_on_their_gpus(tmp_path, mo
     pool = WorkerPool(tmp_path / "workers", slots, idle_mb=3_000.0)
     pool.prewarm(2, [0, 1], threads=1)
     try:
-        ahead = list(pool._idle)
+        ahead = list(pool.idle_workers())
         assert [w.gpus for w in ahead] == [(0,), (1,)] and all(w.alive() for w in ahead)
         for worker in ahead:
             environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
@@ -254,7 +254,7 @@ def test_workers_started_ahead_serve_the_first_trials_on_their_gpus(tmp_path, mo
         job_ = pool.start(launch)
         assert job_.worker is ahead[1], "the worker started for GPU 1"
         assert job_.wait() != 0, "no config.py: the job fails, and its worker ends"
-        assert [w.gpus for w in pool._idle] == [(0,)]
+        assert [w.gpus for w in pool.idle_workers()] == [(0,)]
     finally:
         pool.close()
     assert not any(w.alive() for w in ahead)
@@ -266,13 +266,13 @@ def test_a_trial_takes_an_idle_worker_that_holds_the_model_before_one_started_ah
         Worker(subprocess.Popen(["sleep", "600"], stdin=subprocess.PIPE, start_new_session=True), (0,), 1, jobs=n)
         for n in (0, 2)
     )
-    pool._idle = [ahead, warm]
+    pool._workers = [ahead, warm]
     try:
         work = tmp_path / "trial"
         work.mkdir()
         job_ = pool.start(launcher.Launch(work / "config.py", work, work / "train.log", gpu_ids=[0], threads=1))
         assert job_.worker is warm and warm.jobs == 3, "the worker with the model loaded, not the cold one"
-        assert pool._idle == [ahead]
+        assert pool.idle_workers() == [ahead]
     finally:
         pool.close()
     assert not ahead.alive() and not warm.alive()
@@ -343,3 +343,85 @@ def test_workers_started_for_gpus_torch_cannot_see_end_and_the_trials_run_on_the
     trial = study_mod.open_study(spec, opts.storage).trials[0]
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("error")
     assert trial.user_attrs["worker"]["job"] == 1
+
+
+def _fake_worker(gpu: int) -> Worker:
+    return Worker(subprocess.Popen(["sleep", "600"], stdin=subprocess.PIPE, start_new_session=True), (gpu,), 1)
+
+
+def test_trials_at_once_go_to_the_worker_that_trains_others_until_it_is_full(tmp_path, monkeypatch):
+    """speed.trials_per_worker 3: a GPU's first three trials share one worker (one base model, joined steps), the
+    fourth starts another; a failed job's worker takes no more and ends only when the jobs beside it are done."""
+    pool = WorkerPool(tmp_path, at_once=3)
+    spawned: list[Worker] = []
+
+    def spawn(launch):
+        spawned.append(_fake_worker(launch.gpu_ids[0]))
+        return spawned[-1]
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    work = tmp_path / "trial"
+    work.mkdir()
+
+    def start(gpu: int):
+        return pool.start(launcher.Launch(work / "config.py", work, work / "train.log", gpu_ids=[gpu], threads=1))
+
+    try:
+        jobs = [start(0) for _ in range(4)] + [start(1)]
+        assert [j.worker for j in jobs[:3]] == [spawned[0]] * 3 and spawned[0].running == 3
+        assert jobs[3].worker is spawned[1] and jobs[4].worker is spawned[2] and spawned[2].gpus == (1,)
+        pool._returned(spawned[0], reusable=False)  # one of its jobs failed
+        assert spawned[0].draining and spawned[0].alive(), "the jobs beside the failed one train on"
+        assert start(0).worker is spawned[1], "a draining worker takes no new job"
+        pool._returned(spawned[0], reusable=True)
+        pool._returned(spawned[0], reusable=True)
+        assert not spawned[0].alive() and spawned[0] not in pool._workers, "ended once its last job was done"
+        pool._returned(spawned[2], reusable=True)
+        assert spawned[2] in pool.idle_workers() and spawned[2].alive(), "idle, holding its model for the next job"
+    finally:
+        pool.close()
+    assert not any(w.alive() for w in spawned)
+
+
+def test_a_worker_with_jobs_at_once_finishes_the_others_after_one_fails_and_takes_no_more(tmp_path, monkeypatch):
+    """The worker side: jobs in threads, each one's Python output in its own log, a done file per job; after a
+    failure no later job starts, and the worker returns once the running ones are done."""
+    import threading
+
+    from sweep.training import worker
+    from sweep.trial import protocol
+
+    release = threading.Event()
+
+    def train(argv):
+        print(f"training {argv[0]}")
+        if argv[0] == "bad":
+            raise RuntimeError("this job fails")
+        release.wait(30)  # the good job is still running when the bad one fails
+
+    monkeypatch.setattr(worker.training_job, "train_in_this_process", train)
+    monkeypatch.setattr(worker, "_memory_held", lambda: {})
+    monkeypatch.setattr(worker.cotrain, "guard_data_loaders", lambda: None)
+    monkeypatch.setattr(worker, "_current_instance_per_thread", lambda: None)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # serve_at_once replaces them; monkeypatch restores them
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    jobs = [protocol.Job([name], str(tmp_path / f"{name}.log"), str(tmp_path / f"{name}.done")) for name in
+            ("good", "bad", "later")]  # fmt: skip
+    lines = iter([jobs[0].to_line().decode(), jobs[1].to_line().decode()])
+
+    def feed():
+        yield from lines
+        while not (tmp_path / "bad.done").exists():
+            time.sleep(0.05)
+        release.set()
+        yield jobs[2].to_line().decode()  # sent after the failure: not started
+
+    done = threading.Thread(target=worker.serve_at_once, args=(feed(), 3))
+    done.start()
+    done.join(timeout=60)
+    assert not done.is_alive()
+    results = {name: protocol.Done.read(tmp_path / f"{name}.done") for name in ("good", "bad", "later")}
+    assert results["good"].rc == 0 and results["bad"].rc == 1 and results["later"] is None
+    assert (tmp_path / "good.log").read_text() == "training good\n"
+    bad_log = (tmp_path / "bad.log").read_text()
+    assert bad_log.startswith("training bad\n") and "RuntimeError: this job fails" in bad_log

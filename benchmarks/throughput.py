@@ -63,6 +63,7 @@ if os.environ.get("BENCH_TRIALS"):  # a shorter list for a CPU dry run, e.g. BEN
 PARAMS = 1_543_714_304  # the Qwen2-1.5B shape (tied embeddings)
 PEAK_FLOPS = 989e12
 MAX_LENGTH = int(os.environ.get("BENCH_MAX_LENGTH", "2048"))
+TRIALS_PER_WORKER = int(os.environ.get("BENCH_TRIALS_PER_WORKER", "1"))  # (b)'s speed.trials_per_worker
 COMPARED_STEPS = 20  # the report's per-step loss table: steps 1 to 20
 ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
@@ -137,6 +138,7 @@ n_trials: {n_trials}
 eval_every: 1000000
 keep_checkpoints: 0
 registry: {{name: throughput-adapter}}
+speed: {{trials_per_worker: {TRIALS_PER_WORKER}}}
 """
 
 
@@ -288,11 +290,13 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
             "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
+            "joined": bool(start.get("joined_steps")),
             **timeline(launched_at, created.get(number), attrs.get(number, {})),
             **phases(start, end, sum(times), attrs.get(number, {})),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
     return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
+            "trials_per_worker": TRIALS_PER_WORKER,
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
 
 
@@ -506,6 +510,9 @@ def report() -> int:
         print(f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {rate:,.0f} tokens/s, "
               f"aggregate MFU over the sweep's wall time {rate * 4 * PARAMS / PEAK_FLOPS:.1%} "
               f"(4 x {PARAMS:,} FLOPs a token, {PEAK_FLOPS / 1e12:.0f} TFLOP/s peak)")  # fmt: skip
+        joined = sum(bool(t.get("joined")) for t in sweep_r["trials"].values())
+        print(f"    speed.trials_per_worker {sweep_r.get('trials_per_worker', 1)}: {joined} of "
+              f"{len(sweep_r['trials'])} trials stepped joined with others over one shared base model")  # fmt: skip
         warm = []
         for i in map(str, ORDER):
             t = sweep_r["trials"].get(i)

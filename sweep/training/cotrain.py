@@ -200,6 +200,7 @@ class JoinedSteps:
         self._pending: dict[Member, tuple[dict, Any]] = {}
         self._results: dict[Member, torch.Tensor | BaseException] = {}
         self._running = False
+        self._device: torch.device | None = None
 
     # -- membership ---------------------------------------------------------------------------
     def join(self, model: Any, optim_wrapper: Any, seed: int, loss_impl: str = "off") -> Member:
@@ -313,6 +314,12 @@ class JoinedSteps:
             row += rows
         joined = {key: torch.cat(parts) for key, parts in columns.items()}
         labels = joined.pop("labels")
+        device = joined["input_ids"].device
+        if self._device != device:
+            # the runners moved their trials' models: the shared weights moved with the first (in place), but each
+            # copy's buffers (the rotary tables) are its own and these are still where the base model was loaded
+            self.joint.to(device)
+            self._device = device
         head = self.joint.get_output_embeddings()
         try:
             with training_autocast(batch[0][2]):

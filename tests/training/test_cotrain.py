@@ -200,3 +200,20 @@ def test_shared_copies_hold_one_set_of_weights(tiny_model):
     assert cotrain.shared_from(one) is base and cotrain.shared_from(cotrain.shared_copy(one)) is base
     base.model.layers[0].self_attn.q_proj.weight.data = base.model.layers[0].self_attn.q_proj.weight.data.bfloat16()
     assert two.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # a dtype change reaches every copy
+
+
+def test_the_joined_pass_follows_the_trials_to_their_device(tiny_model):
+    """On a GPU the runner moves its trial's model after the base was loaded on the CPU: the shared weights move for
+    every copy (in place), a copy's buffers (the rotary tables) only in that copy. The joined pass must run where the
+    rows are (it failed on an H100 with cuda:0 weights and a CPU rotary table). Here the move is to the meta device,
+    where the forward pass stops at its first ``.item()``: after the joined tree should have followed."""
+    base = _base(tiny_model, False)
+    model, wrapper = _trial(base, TRIALS[0], dropout=0.0, bf16=False, checkpointing=False)
+    steps = cotrain.JoinedSteps(base, False)  # made before the move, as in a worker whose trials arrive one by one
+    member = steps.join(model, wrapper, 0)
+    model.to("meta")
+    batch = _batches(TRIALS[0], base.config.vocab_size)[0]["data"]
+    assert {b.device.type for b in steps.joint.buffers()} == {"cpu"}, "the copy's own buffers stayed behind"
+    with pytest.raises(RuntimeError):
+        steps._step([(member, {k: v.to("meta") for k, v in batch.items()}, wrapper)])
+    assert {b.device.type for b in steps.joint.buffers()} == {"meta"}

@@ -293,6 +293,13 @@ class SpeedSpec(_Strict):
     # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
     fused_optimizer: Literal["auto", "on", "off"] = "off"
 
+    @model_validator(mode="after")
+    def _joined_steps_run_uncompiled(self) -> SpeedSpec:
+        if self.trials_per_worker > 1 and self.compile:
+            raise ValueError("speed.trials_per_worker > 1 joins trials' steps into one uncompiled pass; it cannot be "
+                             "used with speed.compile: true (choose one)")  # fmt: skip
+        return self
+
     @field_validator("activation_checkpointing", "fused_loss", "fused_optimizer", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:

@@ -124,7 +124,11 @@ def _start_workers(spec: Spec, root: Path, plan: _Plan) -> None:
     if plan.pool is None:
         return
     try:
-        plan.pool.prewarm(min(plan.n_jobs, plan.n_trials), sorted(plan.slots.total) if plan.cuda else [], plan.threads)
+        gpus = sorted(plan.slots.total) if plan.cuda else []
+        trials = min(plan.n_jobs, plan.n_trials)  # at once; one worker takes up to pool.at_once of them
+        per_worker = plan.pool.at_once
+        workers = trials if per_worker == 1 else min(trials, max(len(gpus), -(-trials // per_worker)))
+        plan.pool.prewarm(workers, gpus, plan.threads)
     except BaseException:
         plan.pool.discard()  # a worker that could not start: none of them stays
         raise

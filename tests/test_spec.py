@@ -46,6 +46,10 @@ def test_tutorial_spec_loads():
         ({"n_trials": "objective: {metric: val/rouge_l, direction: minimize}"}, "val/rouge_l is to maximize"),
         ({"n_trials": "objective: {weights: {val/bleu: 1.0}}"}, "objective.weights: 'val/bleu' is produced by nothing"),
         (
+            {"n_trials": "n_trials: 2\nspeed: {trials_per_worker: 2, compile: true}"},
+            "cannot be used with speed.compile",
+        ),
+        (
             {"n_trials": "objective: {metric: val/loss, keep: last}"},
             "objective.keep: expected one of best, better_beyond_noise, latest_within_noise, got 'last'",
         ),

@@ -11,8 +11,8 @@ optimizer (its learning rate, schedule, accumulation) steps in the trial's own t
 
 A trial's math does not depend on the trials beside it: its rows and their order come from its own data
 loader, its LoRA initialisation is drawn while it alone builds (``SETUP``), its dropout masks come from
-a generator seeded by the trial, its step and the layer (the same in activation checkpointing's
-recomputation), and its loss is the mean over its own tokens. Only the shapes of the base's products
+a generator seeded by the trial's random seed, its step and the layer's name (the same in activation
+checkpointing's recomputation), and its loss is the mean over its own tokens. Only the shapes of the base's products
 change, which moves bf16 rounding, nothing else (``tests/training/test_cotrain.py`` proves it).
 
 A trial joins at its first step and is away while it validates or saves (the others step on without
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from sweep.training import fused_loss
 from sweep.training.amp import training_autocast
 
 IGNORE_INDEX = -100
+_COLUMNS = ("input_ids", "attention_mask", "position_ids", "labels")  # what a joined pass takes from a batch
 # Held while a runner is built (it seeds torch's, numpy's and Python's global generators, then draws LoRA's init,
 # the packing shuffle and the sampler's seed from them) and by every other use of those generators while trials
 # train (validation, a data loader's next epoch): a trial's draws never depend on what runs beside it.
@@ -75,6 +77,7 @@ def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 def why_not_joined(peft_model: nn.Module, optim_wrapper: Any) -> str | None:
     """Why this trial cannot take part in joined steps (None: it can)."""
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
+    from peft.tuners import lora
 
     if type(optim_wrapper) is not OptimWrapper and not isinstance(optim_wrapper, AmpOptimWrapper):
         return f"its optimizer wrapper is {type(optim_wrapper).__name__}"
@@ -85,8 +88,29 @@ def why_not_joined(peft_model: nn.Module, optim_wrapper: Any) -> str | None:
         adapters = list(layer.active_adapters)
         if len(adapters) != 1:
             return f"{name} has {len(adapters)} active adapters"
+        if not isinstance(layer, lora.Linear) or adapters[0] not in layer.lora_A:
+            return f"{name} is a {type(layer).__name__}, not a LoRA linear layer"
         if getattr(layer, "lora_variant", {}).get(adapters[0]) or layer.use_dora.get(adapters[0], False):
             return f"{name} is a LoRA variant (DoRA, ...)"
+    trained = {id(p) for layer in layers.values() for part in (layer.lora_A, layer.lora_B) for p in part.parameters()}
+    other = [n for n, p in peft_model.named_parameters() if p.requires_grad and id(p) not in trained]
+    if other:
+        return f"it trains parameters other than LoRA's ({other[0]}, ...)"
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if any(layer is head for layer in layers.values()):
+        return "its output head has LoRA layers"
+    return None
+
+
+def why_not_model(model: Any) -> str | None:
+    """What of the XTuner model (not its adapters) keeps a trial out of joined steps."""
+    from xtuner.parallel.sequence import get_sequence_parallel_world_size
+
+    if getattr(model, "use_varlen_attn", False):
+        return "use_varlen_attn: its attention reads per-batch lengths from a process-wide message hub"
+    if get_sequence_parallel_world_size() > 1:
+        return "sequence parallel training"
     return None
 
 
@@ -131,15 +155,15 @@ class Member:
     def adapter(self, layer: nn.Module) -> str:
         return layer.active_adapters[0]
 
-    def dropout_seed(self, index: int) -> int:
-        return ((self.seed * _MIX) ^ (self.steps * 0x100000001B3) ^ (index * 0xC2B2AE3D27D4EB4F)) & (2**63 - 1)
+    def dropout_seed(self, layer: int) -> int:
+        """The seed of this trial's mask at ``layer`` (a hash of the layer's name) in its current step."""
+        return ((self.seed * _MIX) ^ (self.steps * 0x100000001B3) ^ (layer * 0xC2B2AE3D27D4EB4F)) & (2**63 - 1)
 
 
 @dataclass
 class _Segment:
     start: int
     end: int
-    length: int
     member: Member
 
 
@@ -147,10 +171,11 @@ class RoutedLinear(nn.Module):
     """A base linear layer of the joined pass: one product over every trial's rows, then each trial's own
     LoRA term on its rows, as PEFT's ``lora.Linear.forward`` computes it for that trial alone."""
 
-    def __init__(self, base_layer: nn.Module, name: str, index: int, plan: list[_Segment]) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, plan: list[_Segment]) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.name, self.index, self.plan = name, index, plan
+        self.name, self.plan = name, plan
+        self.index = zlib.crc32(name.encode())  # the layer's part of its masks' seed: the same whoever joined first
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _dropout(self, x: torch.Tensor, p: float, member: Member) -> torch.Tensor:
@@ -217,7 +242,7 @@ class JoinedSteps:
     def _route(self, name: str) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.joint.get_submodule(parent_name) if parent_name else self.joint
-        routed = RoutedLinear(getattr(parent, child), name, len(self.routed), self.plan)
+        routed = RoutedLinear(getattr(parent, child), name, self.plan)
         setattr(parent, child, routed)
         self.routed[name] = routed
 
@@ -257,7 +282,12 @@ class JoinedSteps:
         return not self._running and bool(self._pending) and all(m in self._pending for m in waiting)
 
     def _submit(self, member: Member, data: dict, optim_wrapper: Any) -> torch.Tensor:
+        unknown = set(data) - set(_COLUMNS)
+        if unknown:  # refused here, before the rows join a pass that would fail every trial in it
+            raise ValueError(f"joined steps take {list(_COLUMNS)} from the data loader, not {sorted(unknown)}")
         with self._cond:
+            if member not in self.members:
+                raise RuntimeError("this trial left the joined steps")
             self._pending[member] = (data, optim_wrapper)
             self._cond.notify_all()
             while member not in self._results:
@@ -282,35 +312,33 @@ class JoinedSteps:
         return result
 
     def _step(self, batch: list[tuple[Member, dict, Any]]) -> dict[Member, torch.Tensor]:
-        length = max(data["input_ids"].shape[1] for _, data, _ in batch)
-        columns: dict[str, list[torch.Tensor]] = {
-            "input_ids": [],
-            "attention_mask": [],
-            "position_ids": [],
-            "labels": [],
-        }
-        fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+        """One joined pass per row length and autocast among the trials ready: rows are never padded to another
+        trial's length (its activation memory would grow with it), and each runs under its own trial's autocast."""
+        groups: dict[tuple, list[tuple[Member, dict, Any]]] = {}
+        for item in batch:
+            data, wrapper = item[1], item[2]
+            key = (data["input_ids"].shape[1], type(wrapper).__name__, str(getattr(wrapper, "cast_dtype", None)))
+            groups.setdefault(key, []).append(item)
+        out = {}
+        for group in groups.values():
+            out.update(self._pass(group))
+        return out
+
+    def _pass(self, batch: list[tuple[Member, dict, Any]]) -> dict[Member, torch.Tensor]:
+        """Forward and backward of rows of one length, each through its own trial's LoRA layers."""
+        columns: dict[str, list[torch.Tensor]] = {key: [] for key in _COLUMNS}
         self.plan.clear()
         row = 0
         for member, data, _ in batch:
-            unknown = set(data) - set(columns)
-            if unknown:
-                raise ValueError(f"joined steps take {sorted(columns)} from the data loader, not {sorted(unknown)}")
-            rows, own = data["input_ids"].shape
+            rows, length = data["input_ids"].shape
             for key, parts in columns.items():
                 value = data.get(key)
                 if value is None and key == "attention_mask":
                     value = torch.ones_like(data["input_ids"], dtype=torch.bool)
                 if value is None and key == "position_ids":
-                    value = torch.arange(own, device=data["input_ids"].device).expand(rows, own)
-                if own < length:
-                    if key == "position_ids":
-                        tail = torch.arange(own, length, device=value.device).expand(rows, length - own)
-                        value = torch.cat([value, tail], dim=1)
-                    else:
-                        value = F.pad(value, (0, length - own), value=fill[key])
+                    value = torch.arange(length, device=data["input_ids"].device).expand(rows, length)
                 parts.append(value)
-            self.plan.append(_Segment(row, row + rows, own, member))
+            self.plan.append(_Segment(row, row + rows, member))
             row += rows
         joined = {key: torch.cat(parts) for key, parts in columns.items()}
         labels = joined.pop("labels")
@@ -325,10 +353,9 @@ class JoinedSteps:
             with training_autocast(batch[0][2]):
                 hidden = fused_loss._decoder(self.joint)(**joined, use_cache=False, return_dict=True).last_hidden_state
                 losses = [
-                    _loss(hidden[seg.start : seg.end, : seg.length], labels[seg.start : seg.end, : seg.length], head,
-                          seg.member.loss_impl)
+                    _loss(hidden[seg.start : seg.end], labels[seg.start : seg.end], head, seg.member.loss_impl)
                     for seg in self.plan
-                ]  # fmt: skip
+                ]
             scaled = []
             for loss, (_, _, optim_wrapper) in zip(losses, batch, strict=True):
                 part = optim_wrapper.scale_loss(loss)
@@ -363,33 +390,37 @@ class _Registry:
     local: threading.local = field(default_factory=threading.local)
 
     def joined_steps(self, base: nn.Module, checkpointing: bool) -> JoinedSteps:
+        """The group of this base model's trials that checkpoint activations as ``checkpointing`` says."""
         with self.lock:
-            found = self.steps.get(id(base))
-            if found is None or found.checkpointing != checkpointing and not found.members:
-                found = self.steps[id(base)] = JoinedSteps(base, checkpointing)
+            key = (id(base), checkpointing)
+            found = self.steps.get(key)
+            if found is None:
+                found = self.steps[key] = JoinedSteps(base, checkpointing)
             return found
 
 
 REGISTRY = _Registry()
 
 
-def join(model: Any, optim_wrapper: Any, loss_impl: str = "off") -> tuple[JoinedSteps, Member] | str:
-    """Put this thread's trial into the joined steps of its base model; a reason string when it cannot join.
+def join(model: Any, optim_wrapper: Any, loss_impl: str = "off") -> tuple[JoinedSteps, Member]:
+    """Put this thread's trial into the joined steps of its base model (trials that checkpoint activations and trials
+    that do not step in separate groups).
 
-    Its ``train_step`` goes through the joined pass from now on; ``leave`` (or ``leave_thread``) undoes it.
+    Its ``train_step`` goes through the joined pass from now on; ``leave`` (or ``leave_thread``) undoes it. A trial
+    that cannot join raises: trained beside others on its own, its dropout would draw from the global generators that
+    its neighbours' set-ups seed, and its result would depend on them.
     """
     llm = model.llm
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     source = shared_from(base)
     if source is None:
-        return "its base model is its own (this worker does not share one)"
-    reason = why_not_joined(llm, optim_wrapper) or dropout_free(source)
+        raise ValueError("its base model is its own (this worker does not share one)")
+    reason = why_not_model(model) or why_not_joined(llm, optim_wrapper) or dropout_free(source)
     if reason is not None:
-        return reason
+        raise ValueError(f"speed.trials_per_worker > 1 trains trials at once with joined steps, which this trial "
+                         f"cannot take part in: {reason}; set speed.trials_per_worker: 1")  # fmt: skip
     checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
     steps = REGISTRY.joined_steps(source, checkpointing)
-    if steps.checkpointing != checkpointing:
-        return "the trials sharing its base model checkpoint activations differently"
     member = steps.join(model, optim_wrapper, torch.initial_seed(), loss_impl)
     model.train_step = lambda data, optim_wrapper: steps.train_step(member, data, optim_wrapper)
     REGISTRY.local.joined = (steps, member)

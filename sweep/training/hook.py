@@ -113,17 +113,12 @@ class SweepHook(Hook):
                                   runner_built=self._runner_built, joined_steps=joined))  # fmt: skip
 
     def _join_other_trials(self, runner) -> bool:
-        """In a worker that trains jobs at once, step together with the other trials on this base model."""
+        """In a worker that trains jobs at once, step together with the other trials on this base model (a trial
+        that cannot raises, saying why)."""
         try:
             if cotrain.shared_from(_base_llm(runner)) is None:
                 return False  # this worker trains one job at a time
-            if self.settings.compile:
-                joined: object = "speed.compile: the joined pass runs the layers uncompiled"
-            else:
-                joined = cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
-            if isinstance(joined, str):
-                self._emit(protocol.TrainingWarning(f"this trial steps alone beside the others: {joined}"))
-                return False
+            cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
             return True
         finally:
             job.setup_done()
@@ -178,10 +173,18 @@ class SweepHook(Hook):
     # -- validation and the verdict -----------------------------------------------------------
     def _validate(self, runner, step: int) -> None:
         # trials stepping beside this one go on while it validates and waits for its verdict; none is built meanwhile
-        with cotrain.away(), cotrain.SETUP:
-            self._validate_and_wait(runner, step)
+        with cotrain.away():
+            with cotrain.SETUP:
+                self._measure(runner, step)
+            stop = [self._await_verdict(step) if is_main_process() and step > 0 else False]
+        if get_world_size() > 1:
+            broadcast_object_list(stop)
+        if stop[0] and runner.iter + 1 < self.max_iters:
+            runner.train_loop.stop_training = True
+            self.stopped = True
 
-    def _validate_and_wait(self, runner, step: int) -> None:
+    def _measure(self, runner, step: int) -> None:
+        """The validation point at ``step``: measured here, or the study's shared step-0 point."""
         self._pending_step = step
         started = time.perf_counter()
         # Validation draws no random numbers from training's streams (a data loader's iterator takes
@@ -201,12 +204,6 @@ class SweepHook(Hook):
                 runner.val_loop.run()
         runner.model.train()  # ValLoop leaves the model in eval mode: dropout would stay off until the next epoch
         self.val_seconds += time.perf_counter() - started
-        stop = [self._await_verdict(step) if is_main_process() and step > 0 else False]
-        if get_world_size() > 1:
-            broadcast_object_list(stop)
-        if stop[0] and runner.iter + 1 < self.max_iters:
-            runner.train_loop.stop_training = True
-            self.stopped = True
 
     def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
         metrics = metrics if metrics is not None else {}

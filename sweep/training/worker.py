@@ -191,7 +191,8 @@ def serve(jobs) -> None:
 
 
 def serve_at_once(jobs, at_once: int) -> None:
-    """Each job in its own thread, up to ``at_once`` of them; after a failure, finish the running ones and stop."""
+    """Each job in its own thread, up to ``at_once`` of them; after a failure, finish the running ones and answer
+    every later job ``protocol.NOT_STARTED`` (the sweep ends this worker once its running jobs are done)."""
     sys.stdout = _ThreadOutput(sys.stdout, _OUTPUT)
     sys.stderr = _ThreadOutput(sys.stderr, _OUTPUT)
     _current_instance_per_thread()
@@ -214,9 +215,10 @@ def serve_at_once(jobs, at_once: int) -> None:
         if not line.strip():
             continue
         room.acquire()
-        if failed.is_set():
+        if failed.is_set():  # sent before the sweep saw the failure: answered, not started, so it goes elsewhere
             room.release()
-            break
+            protocol.Done(protocol.NOT_STARTED, job=n).write(Path(protocol.Job.from_line(line).done))
+            continue
         thread = threading.Thread(target=train, args=(protocol.Job.from_line(line), n), name=f"job-{n}", daemon=True)
         thread.start()
         running.append(thread)

@@ -75,25 +75,36 @@ class WorkerPool:
         """Begin training ``launch``: in an idle worker, a new one, or (multi-GPU, DeepSpeed) a fresh process."""
         if launch.n_gpus > 1:
             return launcher.Running(launch)
+        return Job(self, self._place(launch), launch)
+
+    def _place(self, launch: launcher.Launch) -> Worker:
+        """The worker that trains ``launch`` (counted as running it): one with room, else a new one."""
         gpus = tuple(launch.gpu_ids)
         with self._lock:
             self._workers = [w for w in self._workers if w.running or w.alive()]  # a dead idle one is not handed out
-            fits = [w for w in self._workers if w.gpus == gpus and w.threads == launch.threads
-                    and w.running < self.at_once and not w.draining and w.alive()]  # fmt: skip
-            # one that trains others now (its steps join theirs), else one that holds the model
-            worker = max(fits, key=lambda w: (w.running > 0, w.jobs > 0), default=None)
-            if worker is not None:
-                worker.running += 1
+            worker = self._with_room(launch)
             leaving = self._make_room(gpus)
         for idle in leaving:
             log.info("ending idle worker %d on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
         kill_all(leaving)  # outside the lock: ending them may take their grace period
         if worker is None:
-            worker = self._spawn(launch)
-            worker.running = 1
-            with self._lock:
-                self._workers.append(worker)
-        return Job(self, worker, launch)
+            with self._lock:  # looked for again and started under the lock: two trials at once start one worker
+                worker = self._with_room(launch)
+                if worker is None:
+                    worker = self._spawn(launch)
+                    worker.running = 1
+                    self._workers.append(worker)
+        return worker
+
+    def _with_room(self, launch: launcher.Launch) -> Worker | None:
+        """A live worker for these devices with room for one more job, counted as running it. Called with the lock held."""
+        fits = [w for w in self._workers if w.gpus == tuple(launch.gpu_ids) and w.threads == launch.threads
+                and w.running < self.at_once and not w.draining and w.alive()]  # fmt: skip
+        # one that trains others now (its steps join theirs), else one that holds the model
+        worker = max(fits, key=lambda w: (w.running > 0, w.jobs > 0), default=None)
+        if worker is not None:
+            worker.running += 1
+        return worker
 
     def idle_workers(self) -> list[Worker]:
         """The workers that train nothing now."""
@@ -205,17 +216,20 @@ class Job:
     """One trial's training in a resident worker; the same interface as ``launcher.Running``."""
 
     def __init__(self, pool: WorkerPool, worker: Worker, launch: launcher.Launch) -> None:
-        self.pool, self.worker = pool, worker
+        self.pool, self.worker, self.launch = pool, worker, launch
         self.log = launch.log
         launch.log.parent.mkdir(parents=True, exist_ok=True)
         self.done = launch.work_dir / protocol.DONE_FILE
-        self.done.unlink(missing_ok=True)
         self.rc: int | None = None
-        job = protocol.Job(launcher.train_args(launch), str(launch.log), str(self.done))
-        worker.jobs += 1
+        self._send()
+
+    def _send(self) -> None:
+        self.done.unlink(missing_ok=True)
+        job = protocol.Job(launcher.train_args(self.launch), str(self.launch.log), str(self.done))
+        self.worker.jobs += 1
         try:
-            worker.proc.stdin.write(job.to_line())
-            worker.proc.stdin.flush()
+            self.worker.proc.stdin.write(job.to_line())
+            self.worker.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the worker is gone; poll() reports its exit code
 
@@ -226,6 +240,12 @@ class Job:
     def poll(self) -> int | None:
         if self.rc is None:
             self.rc = self._result()
+        if self.rc == protocol.NOT_STARTED:  # sent to a worker whose other job had just failed: another worker
+            self.pool._returned(self.worker, reusable=False)
+            self.worker = self.pool._place(self.launch)
+            self.rc = None
+            self._send()
+            return None
         if self.rc is None and not self.worker.alive():
             # it died in the job (killed, out of host memory): its own exit code, unless it wrote one first
             self.rc = self._result()

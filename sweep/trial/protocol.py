@@ -338,6 +338,11 @@ class Job:
         return cls(**json.loads(line))
 
 
+#: The exit code a resident worker answers a job with that it did not start (one of its other jobs had failed):
+#: the job goes to another worker.
+NOT_STARTED = 75
+
+
 @dataclass
 class Done:
     """What a resident worker writes when a job ends: its exit code, and which worker ran it with what left."""

@@ -203,6 +203,9 @@ def render(
         "rule": rule,
     }
     cfg["randomness"] = {"seed": spec.seed, "deterministic": False}
+    # mmengine names a runner's logger, message hub and visualizer after it (config file name plus the second it was
+    # built): two trials built in the same second by one worker (speed.trials_per_worker) would share them
+    cfg["experiment_name"] = files.work_dir.name
     cfg["work_dir"] = str(files.work_dir)
     cfg["visualizer"] = None
     return to_source(cfg)

@@ -385,7 +385,8 @@ def test_trials_at_once_go_to_the_worker_that_trains_others_until_it_is_full(tmp
 
 def test_a_worker_with_jobs_at_once_finishes_the_others_after_one_fails_and_takes_no_more(tmp_path, monkeypatch):
     """The worker side: jobs in threads, each one's Python output in its own log, a done file per job; after a
-    failure no later job starts, and the worker returns once the running ones are done."""
+    failure no later job starts (it is answered NOT_STARTED), and the worker returns once stdin closes and the
+    running ones are done."""
     import threading
 
     from sweep.training import worker
@@ -421,7 +422,28 @@ def test_a_worker_with_jobs_at_once_finishes_the_others_after_one_fails_and_take
     done.join(timeout=60)
     assert not done.is_alive()
     results = {name: protocol.Done.read(tmp_path / f"{name}.done") for name in ("good", "bad", "later")}
-    assert results["good"].rc == 0 and results["bad"].rc == 1 and results["later"] is None
+    assert results["good"].rc == 0 and results["bad"].rc == 1
+    assert results["later"].rc == protocol.NOT_STARTED and not (tmp_path / "later.log").exists(), "answered, not run"
     assert (tmp_path / "good.log").read_text() == "training good\n"
     bad_log = (tmp_path / "bad.log").read_text()
     assert bad_log.startswith("training bad\n") and "RuntimeError: this job fails" in bad_log
+
+
+def test_a_job_a_draining_worker_did_not_start_goes_to_another_worker(tmp_path, monkeypatch):
+    from sweep.trial import protocol
+
+    pool = WorkerPool(tmp_path, at_once=2)
+    spawned: list[Worker] = []
+    monkeypatch.setattr(pool, "_spawn", lambda launch: spawned.append(_fake_worker(0)) or spawned[-1])
+    work = tmp_path / "trial"
+    work.mkdir()
+    try:
+        job_ = pool.start(launcher.Launch(work / "config.py", work, work / "train.log", gpu_ids=[0], threads=1))
+        first = job_.worker
+        protocol.Done(protocol.NOT_STARTED).write(job_.done)  # the worker's other job had failed
+        assert job_.poll() is None, "not a result: the job was never started"
+        assert job_.worker is not first and job_.worker.running == 1 and job_.worker.jobs == 1
+        assert first.running == 0 and not first.alive(), "the draining worker, with nothing left to run, ended"
+        assert not job_.done.exists(), "the old answer is gone; the new worker's will come"
+    finally:
+        pool.close()

@@ -4,11 +4,13 @@
 #   bash benchmarks/gpu_smoke.sh
 # (1) a 3-trial LoRA sweep of the Qwen2-1.5B-shaped model in bf16 (bf16 weights, bf16 AMP), (2) trial 0 of it again
 # with the frozen weights left in fp32 (speed.frozen_weights_16bit: false): its val/loss must match within bf16
-# tolerance, (3) a 2-trial QLoRA nf4 sweep (fp16 AMP, the tutorial's internlm2 QLoRA config). Each sweep validates
-# (loss, general loss, greedy answers for val/rouge_l, probes), prunes (median), gates on the test split and
-# registers a champion, which must answer through `mlflow.pyfunc` on the GPU. Exits non-zero unless every trial
-# COMPLETEs or is PRUNED, the curves match and every champion answers.
-# Without a GPU it runs (1) and (2) on the tiny model with `cpu_amp: true`: a dry run of the script itself.
+# tolerance, (3) a 2-trial sweep with speed.trials_per_worker 2 (both trials in one worker at once, their steps
+# joined over one shared base model; SMOKE_JOINED=0 skips it), (4) a 2-trial QLoRA nf4 sweep (fp16 AMP, the
+# tutorial's internlm2 QLoRA config). Each sweep validates (loss, general loss, greedy answers for val/rouge_l,
+# probes), prunes (median), gates on the test split and registers a champion; (1) and (4)'s champions must answer
+# through `mlflow.pyfunc` on the GPU. Exits non-zero unless every trial COMPLETEs or is PRUNED, the curves match, the
+# joined trials trained joined and every champion answers.
+# Without a GPU it runs (1) to (3) on the tiny model with `cpu_amp: true`: a dry run of the script itself.
 set -uo pipefail
 NAME=smoke RESULTS=${OUT:-/tmp/gpu-smoke-results} WORK=${SMOKE_WORK:-/tmp/gpu-smoke}
 . "$(dirname "$0")/gpu_setup.sh" || exit 1
@@ -58,7 +60,7 @@ for values in sys.argv[2:]:
 PY
   say "sweep $name"
   (cd "$WORK" && $PY -m sweep.cli run "$name.yaml" --storage sqlite:///sweep.db --tracking-uri sqlite:///mlflow.db \
-    --json > "$name.json" 2> "$name.log")
+    --json ${RUN_ARGS:-} > "$name.json" 2> "$name.log")
   local rc=$?
   cp "$WORK/$name.log" "$WORK/$name.json" "$RESULTS/" 2>/dev/null
   say "sweep $name: exit code $rc"
@@ -75,6 +77,11 @@ if [ "${SMOKE_MATH:-1}" = 1 ]; then  # SMOKE_MATH=0 skips it (docs/benchmarks.md
   spec smoke-fp32 "$ROOT/benchmarks/bench_base.py" false 1 "speed: {frozen_weights_16bit: false}"
   sweep smoke-fp32 "$TRIAL0" || fail=1
   (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" same-math smoke-lora smoke-fp32) || fail=1
+fi
+if [ "${SMOKE_JOINED:-1}" = 1 ]; then  # speed.trials_per_worker: two trials at once in one worker, steps joined
+  spec smoke-joined "$ROOT/benchmarks/bench_base.py" false 2 "speed: {trials_per_worker: 2}"
+  RUN_ARGS="--n-jobs 2" sweep smoke-joined "$TRIAL0" '{"lr": 0.0002, "lora_r": 8, "batch_size": 1, "mix_ratio": 0.2}' || fail=1
+  (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" joined smoke-joined) || fail=1
 fi
 if [ "$GPU" = 1 ]; then
   spec smoke-qlora internlm2_1_8b_qlora_alpaca_e3 true 2

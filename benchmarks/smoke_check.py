@@ -3,6 +3,7 @@
     python3 smoke_check.py trials STUDY       every trial COMPLETE or PRUNED (one at least COMPLETE), with its figures
     python3 smoke_check.py champion STUDY     models:/STUDY@champion loads through mlflow.pyfunc and answers
     python3 smoke_check.py same-math A B      trial 0 of A and of B: the same val/loss at every point (bf16 tolerance)
+    python3 smoke_check.py joined STUDY       every trial's steps were joined with another's, in one worker, at once
     python3 smoke_check.py llava-champion STUDY PICTURE   the LLaVA champion answers rows of image + question
 
 Each prints what it saw and exits 1 when its check fails.
@@ -145,7 +146,29 @@ def same_math(a: str, b: str) -> int:
     return 0
 
 
+def joined(name: str) -> int:
+    """speed.trials_per_worker: every trial stepped joined with the others, in one worker, while they all trained."""
+    study = _study(name)
+    runs = [(t, _events(t)) for t in study.trials]
+    starts = [next((e for e in events if e["kind"] == "start"), {}) for _, events in runs]
+    ends = [next((e for e in events if e["kind"] == "end"), {}) for _, events in runs]
+    pids = {(t.user_attrs.get("worker") or {}).get("pid") for t, _ in runs}
+    overlap = bool(starts) and all(ends) and max(s.get("time", 0) for s in starts) < min(e["time"] for e in ends)
+    print(f"{name}: joined steps {[s.get('joined_steps') for s in starts]}, worker pids {sorted(map(str, pids))}, "
+          f"all training at once {overlap}")  # fmt: skip
+    if len(runs) < 2 or not all(s.get("joined_steps") for s in starts) or len(pids) != 1 or not overlap:
+        print(f"{name}: FAILED: the trials did not train joined in one worker at once")
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     command, *names = sys.argv[1:]
-    checks = {"trials": trials, "champion": champion, "same-math": same_math, "llava-champion": llava_champion}
+    checks = {
+        "trials": trials,
+        "champion": champion,
+        "same-math": same_math,
+        "llava-champion": llava_champion,
+        "joined": joined,
+    }
     sys.exit(checks[command](*names))

@@ -38,6 +38,18 @@ def _exit_code(exc: SystemExit) -> int:
     return code if isinstance(code, int) else (0 if code is None else 1)
 
 
+def _train(job: protocol.Job) -> int:
+    """The job's exit code: 0, what it exited with, or 1 with its traceback printed (the worker reports it)."""
+    try:
+        training_job.train_in_this_process(job.argv)
+        return 0
+    except SystemExit as exc:
+        return _exit_code(exc)
+    except BaseException:  # noqa: BLE001 - the job's failure is its exit code
+        traceback.print_exc()
+        return 1
+
+
 def run_job(job: protocol.Job) -> int:
     """Train one job with stdout and stderr (the file descriptors, so C++ warnings too) in its log."""
     sys.stdout.flush()
@@ -47,13 +59,7 @@ def run_job(job: protocol.Job) -> int:
     os.dup2(log, 1)
     os.dup2(log, 2)
     try:
-        training_job.train_in_this_process(job.argv)
-        rc = 0
-    except SystemExit as exc:
-        rc = _exit_code(exc)
-    except BaseException:  # noqa: BLE001 - the job's failure is its exit code, the worker reports it
-        traceback.print_exc()
-        rc = 1
+        rc = _train(job)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -91,16 +97,9 @@ def run_job_in_thread(job: protocol.Job) -> int:
     with open(job.log, "a", encoding="utf-8", buffering=1) as log:
         _OUTPUT.log = log
         try:
-            training_job.train_in_this_process(job.argv)
-            rc = 0
-        except SystemExit as exc:
-            rc = _exit_code(exc)
-        except BaseException:  # noqa: BLE001 - the job's failure is its exit code, the worker reports it
-            traceback.print_exc()
-            rc = 1
+            return _train(job)
         finally:
             _OUTPUT.log = None
-    return rc
 
 
 def _current_instance_per_thread() -> None:

@@ -326,21 +326,13 @@ class JoinedSteps:
 
     def _pass(self, batch: list[tuple[Member, dict, Any]]) -> dict[Member, torch.Tensor]:
         """Forward and backward of rows of one length, each through its own trial's LoRA layers."""
-        columns: dict[str, list[torch.Tensor]] = {key: [] for key in _COLUMNS}
         self.plan.clear()
         row = 0
         for member, data, _ in batch:
-            rows, length = data["input_ids"].shape
-            for key, parts in columns.items():
-                value = data.get(key)
-                if value is None and key == "attention_mask":
-                    value = torch.ones_like(data["input_ids"], dtype=torch.bool)
-                if value is None and key == "position_ids":
-                    value = torch.arange(length, device=data["input_ids"].device).expand(rows, length)
-                parts.append(value)
-            self.plan.append(_Segment(row, row + rows, member))
-            row += rows
-        joined = {key: torch.cat(parts) for key, parts in columns.items()}
+            self.plan.append(_Segment(row, row + data["input_ids"].shape[0], member))
+            row = self.plan[-1].end
+        keys = [key for key in _COLUMNS if all(data.get(key) is not None for _, data, _ in batch)]
+        joined = {key: torch.cat([data[key] for _, data, _ in batch]) for key in keys}
         labels = joined.pop("labels")
         device = joined["input_ids"].device
         if self._device != device:

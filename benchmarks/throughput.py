@@ -290,7 +290,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "val_seconds": end.get("val_seconds"),
             "span": (end.get("time", 0) - start.get("time", 0)) if end and start else None,
             "wall": attrs.get(number, {}).get("train_wall_seconds"), "worker": attrs.get(number, {}).get("worker"),
-            "joined": bool(start.get("joined_steps")),
+            "joined": bool(start.get("joined_steps")), "joined_passes": end.get("joined"),
             **timeline(launched_at, created.get(number), attrs.get(number, {})),
             **phases(start, end, sum(times), attrs.get(number, {})),
         }  # fmt: skip
@@ -525,6 +525,11 @@ def report() -> int:
                       f"{t['train_seconds']:.1f}s of steps, outside steps {share:.0%}, "
                       f"worker job {worker.get('job', '-')}, model reused {worker.get('model_reused', '-')}, "
                       f"peak {round(t.get('peak_mb') or 0)} MB")  # fmt: skip
+                if t.get("joined_passes"):
+                    p = t["joined_passes"]
+                    print(f"      joined: {p['passes']} passes, {p['trials_per_pass']} trials and {p['rows_per_pass']} "
+                          f"rows a pass, a pass {p['pass_s']:.3f}s until it returned, waited {p['wait_s']:.3f}s a step "
+                          f"for the other trials' rows")  # fmt: skip
                 if "setup" in t:
                     print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip

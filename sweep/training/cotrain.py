@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -140,6 +141,22 @@ def guard_data_loaders() -> None:
     DataLoader.__iter__ = __iter__
 
 
+@dataclass
+class PassStats:
+    """Where a joined trial's steps went: in passes, waiting for the other trials' rows, and with whom."""
+
+    passes: int = 0
+    trials: int = 0  # summed over its passes: trials / passes is how many it stepped with on average
+    rows: int = 0  # rows of the passes it was in, every trial's
+    pass_s: float = 0.0  # from the pass's start until it returned (its kernels launched, run when the GPU is behind)
+    wait_s: float = 0.0  # from handing in its rows until its pass began: the other trials' hooks, optimizers, data
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.passes, 1)
+        return {"passes": self.passes, "trials_per_pass": round(self.trials / n, 2), "rows_per_pass":
+                round(self.rows / n, 2), "pass_s": round(self.pass_s / n, 4), "wait_s": round(self.wait_s / n, 4)}  # fmt: skip
+
+
 @dataclass(eq=False)
 class Member:
     """One trial in the joined steps: its model, its LoRA layers and where its dropout masks come from."""
@@ -151,6 +168,8 @@ class Member:
     steps: int = 0
     away: bool = False
     optim_wrapper: Any = None
+    stats: PassStats = field(default_factory=PassStats)
+    submitted: float = 0.0  # when it handed in its rows for the next pass (perf_counter)
 
     def adapter(self, layer: nn.Module) -> str:
         return layer.active_adapters[0]
@@ -289,6 +308,7 @@ class JoinedSteps:
             if member not in self.members:
                 raise RuntimeError("this trial left the joined steps")
             self._pending[member] = (data, optim_wrapper)
+            member.submitted = time.perf_counter()
             self._cond.notify_all()
             while member not in self._results:
                 if self._ready():
@@ -326,6 +346,7 @@ class JoinedSteps:
 
     def _pass(self, batch: list[tuple[Member, dict, Any]]) -> dict[Member, torch.Tensor]:
         """Forward and backward of rows of one length, each through its own trial's LoRA layers."""
+        began = time.perf_counter()
         self.plan.clear()
         row = 0
         for member, data, _ in batch:
@@ -362,7 +383,19 @@ class JoinedSteps:
             optim_wrapper._inner_count += 1  # what OptimWrapper.backward counts
             member.steps += 1
             out[member] = loss.detach()
+        _count(batch, began, time.perf_counter())
         return out
+
+
+def _count(batch: list[tuple[Member, dict, Any]], began: float, ended: float) -> None:
+    rows = sum(data["input_ids"].shape[0] for _, data, _ in batch)
+    for member, _, _ in batch:
+        stats = member.stats
+        stats.passes += 1
+        stats.trials += len(batch)
+        stats.rows += rows
+        stats.pass_s += ended - began
+        stats.wait_s += max(0.0, began - member.submitted)
 
 
 def _loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: str) -> torch.Tensor:
@@ -430,12 +463,14 @@ def away() -> contextlib.AbstractContextManager:
     return found[0].away(found[1]) if found else contextlib.nullcontext()
 
 
-def leave_thread() -> None:
-    """This thread's trial is done: the others stop waiting for it, and its model gets its own step back."""
+def leave_thread() -> dict[str, float] | None:
+    """This thread's trial is done: the others stop waiting for it, and its model gets its own step back.
+    Returns where its joined steps went (``PassStats.summary``), None when it was not joined."""
     found = current()
     if found is None:
-        return
+        return None
     steps, member = found
     steps.leave(member)
     vars(member.model).pop("train_step", None)
     REGISTRY.local.joined = None
+    return member.stats.summary()

@@ -287,7 +287,7 @@ class SweepHook(Hook):
         return False
 
     def after_train(self, runner) -> None:
-        cotrain.leave_thread()
+        joined = cotrain.leave_thread()
         llm = _unwrap(runner.model).llm
         fused_loss.uninstall(llm.get_base_model() if hasattr(llm, "get_base_model") else llm)
         self._emit(
@@ -300,5 +300,6 @@ class SweepHook(Hook):
                 val_seconds=round(self.val_seconds, 3),
                 peak_memory_mb=torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
                 adapter=str(self.adapter_dir) if self.adapter_dir.exists() else None,
+                joined=joined,
             )
         )

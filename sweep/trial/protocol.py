@@ -254,6 +254,9 @@ class End(Event):
     peak_memory_mb: float | None  # the allocator's reserve: what the GPU slots plan with
     adapter: str | None
     time: float = field(default_factory=time.time)
+    # where its joined steps went (cotrain.PassStats.summary): passes, trials and rows a pass, seconds a pass took to
+    # return and a step waited for the other trials' rows; None when it trained alone
+    joined: dict[str, float] | None = None
 
 
 EVENTS: dict[str, type[Event]] = {

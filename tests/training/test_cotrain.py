@@ -99,7 +99,7 @@ def _run_group(steps, members, built, specs, vocab: int, results: dict) -> None:
             errors.append(exc)
         finally:
             steps.leave(members[i])
-        results[i] = (losses, _updates(built[i][0], before[i]))
+        results[i] = (losses, _updates(built[i][0], before[i]), members[i].stats.summary())
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in members]
     for t in threads:
@@ -139,6 +139,10 @@ def test_fp32_trials_together_equal_alone(tiny_model):
     alone = _train(tiny_model, TRIALS, together=False)
     assert all(len(together[i][0]) == STEPS for i in together)
     _assert_same(together, alone, rtol=1e-5)
+    # trials 0 and 2 (rows of 48 tokens: 2 + 3 a step) share every pass; trial 1's rows of 40 tokens pass on their own
+    assert [together[i][2]["passes"] for i in range(3)] == [STEPS] * 3
+    assert [together[i][2]["trials_per_pass"] for i in range(3)] == [2, 1, 2]
+    assert [together[i][2]["rows_per_pass"] for i in range(3)] == [5, 1, 5]
 
 
 def test_bf16_autocast_trials_together_equal_alone_within_bf16_tolerance(tiny_model):

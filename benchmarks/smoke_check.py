@@ -156,6 +156,8 @@ def joined(name: str) -> int:
     overlap = bool(starts) and all(ends) and max(s.get("time", 0) for s in starts) < min(e["time"] for e in ends)
     print(f"{name}: joined steps {[s.get('joined_steps') for s in starts]}, worker pids {sorted(map(str, pids))}, "
           f"all training at once {overlap}")  # fmt: skip
+    for (trial, _), end in zip(runs, ends, strict=True):
+        print(f"    trial {trial.number}: joined passes {end.get('joined')}")
     if len(runs) < 2 or not all(s.get("joined_steps") for s in starts) or len(pids) != 1 or not overlap:
         print(f"{name}: FAILED: the trials did not train joined in one worker at once")
         return 1

@@ -28,6 +28,7 @@ beside the 20-iteration run's stock.json (copied there, or named by BENCH_STOCK)
 steps, plus 300 steady steps) and printed as computed, not measured.
 
 Environment: BENCH_WORK (work folder, default /tmp/bench), OUT (results), BENCH_MODEL, BENCH_ITERS, BENCH_ROWS,
+BENCH_TRIALS_PER_WORKER and BENCH_SPEED ((b)'s speed settings: "compile: true" adds to trials_per_worker),
 BENCH_STOCK (the stock.json the report reads); for a CPU dry run BENCH_TRIALS (trial indices in the order run,
 e.g. 11,0,7) and BENCH_MAX_LENGTH (packed length: at 2048 the tiny model took about 5 s a step per packed row
 on 2 shared CPU cores). On the CPU both sides train in fp32 (OptimWrapper), as `sweep` renders:
@@ -64,6 +65,7 @@ PARAMS = 1_543_714_304  # the Qwen2-1.5B shape (tied embeddings)
 PEAK_FLOPS = 989e12
 MAX_LENGTH = int(os.environ.get("BENCH_MAX_LENGTH", "2048"))
 TRIALS_PER_WORKER = int(os.environ.get("BENCH_TRIALS_PER_WORKER", "1"))  # (b)'s speed.trials_per_worker
+SPEED = os.environ.get("BENCH_SPEED", "")  # more of (b)'s speed settings, as YAML flow pairs: "compile: true"
 COMPARED_STEPS = 20  # the report's per-step loss table: steps 1 to 20
 ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
@@ -138,7 +140,7 @@ n_trials: {n_trials}
 eval_every: 1000000
 keep_checkpoints: 0
 registry: {{name: throughput-adapter}}
-speed: {{trials_per_worker: {TRIALS_PER_WORKER}}}
+speed: {{trials_per_worker: {TRIALS_PER_WORKER}{", " + SPEED if SPEED else ""}}}
 """
 
 
@@ -296,7 +298,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
     return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
-            "trials_per_worker": TRIALS_PER_WORKER,
+            "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED,
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
 
 
@@ -511,7 +513,8 @@ def report() -> int:
               f"aggregate MFU over the sweep's wall time {rate * 4 * PARAMS / PEAK_FLOPS:.1%} "
               f"(4 x {PARAMS:,} FLOPs a token, {PEAK_FLOPS / 1e12:.0f} TFLOP/s peak)")  # fmt: skip
         joined = sum(bool(t.get("joined")) for t in sweep_r["trials"].values())
-        print(f"    speed.trials_per_worker {sweep_r.get('trials_per_worker', 1)}: {joined} of "
+        print(f"    speed: {sweep_r.get('speed') or 'defaults'}; "
+              f"speed.trials_per_worker {sweep_r.get('trials_per_worker', 1)}: {joined} of "
               f"{len(sweep_r['trials'])} trials stepped joined with others over one shared base model")  # fmt: skip
         warm = []
         for i in map(str, ORDER):

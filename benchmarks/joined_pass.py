@@ -199,12 +199,48 @@ def _group(g: int, group: list[tuple[int, int]], base, trial, device, loss_impl:
         sys.setswitchinterval(default)
         print(f"group {g} joined, busy threads, switch interval {interval * 1e3:g} ms (default {default * 1e3:g}):"
               f" pass {busy_i:.3f} s ({busy_i / wall:.2f}x the quiet pass)")  # fmt: skip
+    if g == 0:
+        _beside_setup(g, trial, lambda: (joint._pass(batch), zero()), device, wall)
     opt_wall, opt_launch = _time(lambda: [w.step() for _, w in built], device, REPEAT)
     print(f"group {g} the {len(built)} optimizer steps: {opt_wall:.3f} s, returned after {opt_launch:.3f} s")
     if g == len(GROUPS) - 1:
         _profile(lambda: (joint._pass(batch), zero()), device, OUT / "profile.txt")
     for m in members:
         joint.leave(m)
+
+
+def _beside_setup(g: int, trial, fn, device, quiet: float) -> None:
+    """Joined passes while another trial is set up in a thread beside them (a worker's case: each job builds its
+    runner in its own thread while the others train), at the default switch interval and a short one."""
+    t0 = time.perf_counter()
+    trial(8, 999)
+    alone = time.perf_counter() - t0
+    default = sys.getswitchinterval()
+    for interval in (default, 1e-4):
+        sys.setswitchinterval(interval)
+        done = threading.Event()
+        took: list[float] = []
+
+        def build(done: threading.Event = done, took: list[float] = took) -> None:
+            t = time.perf_counter()
+            trial(8, 999)
+            took.append(time.perf_counter() - t)
+            done.set()
+
+        thread = threading.Thread(target=build, daemon=True)
+        passes = []
+        thread.start()
+        while not done.is_set():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            passes.append(time.perf_counter() - t)
+        thread.join()
+        sys.setswitchinterval(default)
+        print(f"group {g} joined while a trial is set up beside it (switch interval {interval * 1e3:g} ms): "
+              f"{len(passes)} passes, median {statistics.median(passes):.3f} s ({statistics.median(passes) / quiet:.2f}x "
+              f"the quiet pass); the set-up {took[0]:.2f} s (alone {alone:.2f} s)")  # fmt: skip
 
 
 def _profile(fn, device, path: Path) -> None:

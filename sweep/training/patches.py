@@ -31,6 +31,7 @@ def prepare_process() -> None:
     _widen_short_schedules()
     _plain_config_text()
     _no_pause_between_epochs()
+    _mmcv_probed_once()
     llava.predict_with_labels()
     base_model.CACHE.install()
     from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker
@@ -61,6 +62,21 @@ def _plain_config_text() -> None:
         original(self, *args, **kwargs)
 
     Config.__init__ = init
+
+
+def _mmcv_probed_once() -> None:
+    """mmengine asks whether mmcv-full is installed once per module of the model when it wraps it (2,335 times for a
+    Qwen2-1.5B with LoRA), each a failed import that searches the whole ``sys.path``: a fixed part of every job's
+    set-up (docs/benchmarks.md). The answer cannot change within a process, so it is asked once."""
+    import functools
+
+    import mmengine.model.utils as model_utils
+    import mmengine.optim.optimizer.default_constructor as constructor
+    from mmengine.utils.dl_utils import misc
+
+    cached = functools.cache(misc.mmcv_full_available)
+    for module in (misc, model_utils, constructor):
+        module.mmcv_full_available = cached
 
 
 def _no_pause_between_epochs() -> None:

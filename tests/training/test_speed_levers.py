@@ -238,3 +238,19 @@ def test_varlen_attention_without_flash_attn_is_refused(tmp_path, tiny_model):
     spec = load_spec(write_spec(tmp_path, tiny_model, base_config=f"base_config: {config}"))
     with pytest.raises(SpecError, match="use_varlen_attn is True, but flash-attn 2 is not installed"):
         check(spec)
+
+
+def test_mmengine_asks_for_mmcv_once_per_process_not_once_per_module():
+    """Wrapping a model walks every module and asked for mmcv-full at each (a failed import over sys.path each time)."""
+    from mmengine.model.utils import revert_sync_batchnorm
+
+    from sweep.training import patches
+
+    patches.prepare_process()
+    import mmengine.model.utils as model_utils
+
+    probe = model_utils.mmcv_full_available
+    probe.cache_clear()
+    revert_sync_batchnorm(torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(50)]))
+    assert probe.cache_info().misses == 1 and probe.cache_info().hits >= 100
+    assert probe() is False  # mmcv-full is not installed: the same answer as mmengine's own probe

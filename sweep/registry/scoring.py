@@ -23,6 +23,7 @@ from objectives import by_group
 from objectives.answers import answer_metrics, scored
 from objectives.loss import mean_loss, token_loss_sum
 from sweep import groups
+from sweep.xtuner import maps
 from sweep.xtuner.config import load_config
 from sweep.xtuner.environ import same_os_environ
 
@@ -97,6 +98,7 @@ def tokenized_loader(config_file: Path, rows_file: Path):
     else:
         loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
         loader["dataset"]["remove_unused_columns"] = False
+    maps.install()
     with same_os_environ():
         return Runner.build_dataloader(loader)
 

@@ -11,12 +11,18 @@ runner is built (``setup_done``), so the instances made meanwhile are this job's
 
 from __future__ import annotations
 
+import cProfile
+import io
+import os
+import pstats
 import sys
 import threading
 import time
+from pathlib import Path
 
 from sweep.training import cotrain, patches
 from sweep.training.base_model import CACHE
+from sweep.trial import protocol
 
 _job = threading.local()  # this thread's job: when it began, whether it holds SETUP, the instances it made
 
@@ -29,6 +35,7 @@ def began() -> float | None:
 def train_in_this_process(argv: list[str]) -> None:
     """``xtuner train`` with these arguments, here; a resident worker calls it once per trial."""
     _job.began = time.time()
+    _job.profile = _start_profile(argv)
     patches.prepare_process()
     import torch
     from xtuner.tools import train
@@ -46,12 +53,41 @@ def train_in_this_process(argv: list[str]) -> None:
         train.main()
     finally:
         cotrain.leave_thread()
-        setup_done()
+        setup_done()  # a job that failed before its hooks' before_train: SETUP and the profiler end here
         forget_runner_state(before, _job.made)
+
+
+def _start_profile(argv: list[str]) -> tuple[cProfile.Profile, Path] | None:
+    """This job's set-up under cProfile when ``protocol.PROFILE_SETUP_ENV`` asks for it (a diagnosis of where a
+    trial's time before its first step goes; the profiler slows what it watches)."""
+    if os.environ.get(protocol.PROFILE_SETUP_ENV, "") in ("", "0") or "--work-dir" not in argv:
+        return None
+    profile = cProfile.Profile()
+    try:
+        profile.enable()
+    except ValueError:  # Python 3.12+: another job's set-up is being profiled (one profiler at a time): not this one
+        return None
+    return profile, Path(argv[argv.index("--work-dir") + 1]) / protocol.SETUP_PROFILE
+
+
+def _write_profile() -> None:
+    found = getattr(_job, "profile", None)
+    if found is None:
+        return
+    _job.profile = None
+    profile, path = found
+    profile.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
 
 
 def setup_done() -> None:
     """The runner is built: other jobs of this worker may build theirs (no-op unless this thread holds SETUP)."""
+    _write_profile()
     if getattr(_job, "holds_setup", False):
         after = manager_instances()
         _job.made = {cls: names - _job.before.get(cls, set()) for cls, names in after.items()}

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from sweep.training import base_model, llava
+from sweep.xtuner import maps
 
 _PREPARED = False
 
@@ -32,6 +33,7 @@ def prepare_process() -> None:
     _plain_config_text()
     _no_pause_between_epochs()
     _mmcv_probed_once()
+    maps.install()
     llava.predict_with_labels()
     base_model.CACHE.install()
     from xtuner.tools import train  # noqa: F401 - imported once, for every job of a resident worker

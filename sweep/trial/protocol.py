@@ -33,6 +33,10 @@ CONTROL_ENV = "XTUNER_SWEEP_CONTROL"
 SAVE_POINTS_ENV = "XTUNER_SWEEP_SAVE_POINTS"
 #: A resident worker trains up to this many jobs at once over one shared base model (``sweep.training.cotrain``).
 JOBS_AT_ONCE_ENV = "XTUNER_SWEEP_JOBS_AT_ONCE"
+# set (to anything but "" or "0") for `sweep run`: each training job profiles its set-up, from the job's start to the
+# end of the hooks' before_train, and writes the largest entries to SETUP_PROFILE in its work dir
+PROFILE_SETUP_ENV = "XTUNER_SWEEP_PROFILE_SETUP"
+SETUP_PROFILE = "setup_profile.txt"
 #: How long the hook waits for a verdict before it trains on (and says so in the stream).
 VERDICT_TIMEOUT_S = 900.0
 

@@ -23,6 +23,7 @@ from typing import Any
 from sweep import atomic
 from sweep.data import MANIFEST, PreparedData, file_sha256
 from sweep.spec import SpecError
+from sweep.xtuner import maps
 from sweep.xtuner.config import load_config
 from sweep.xtuner.environ import same_os_environ
 
@@ -116,6 +117,7 @@ def _tokenize(dataset: Any, source: Path, out: Path) -> int:
     datasets.disable_progress_bars()
     cfg = copy.deepcopy(dataset)
     cfg.dataset.data_files = {"train": str(source)}
+    maps.install()
     with same_os_environ():
         built = DATASETS.build(cfg)
     n = 0

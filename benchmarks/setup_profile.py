@@ -3,8 +3,9 @@
 Each job is a trial's rendered ``config.py`` (any trial folder of a sweep) trained by the worker's own
 ``job.train_in_this_process`` until its first training step, where it stops: what is measured is everything
 before it (the runner, its model and LoRA layers, data loaders, optimizer, the hooks' ``before_train``).
-``--fresh-rows`` clears datasets' cache before each job, as a sweep's trial meets it (each trial's rows file is a
-mix of its own); without it, jobs after the first reuse the first job's mapped rows.
+``--fresh-rows`` gives each job an empty datasets cache of its own (a temporary folder, not the user's), as a
+sweep's trial meets it (each trial's rows file is a mix of its own); without it, jobs after the first reuse the
+first job's mapped rows.
 
     python benchmarks/setup_profile.py sweep-runs/STUDY/trial_0000/config.py --jobs 3 --fresh-rows
 
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
 
+    work = Path(tempfile.mkdtemp(prefix="setup-profile-"))
+    if args.fresh_rows:  # before datasets is imported: it reads the variable once
+        os.environ["HF_DATASETS_CACHE"] = str(work / "datasets-cache")
     from sweep.training import hook, job, patches
     from sweep.trial import launcher
 
@@ -51,12 +55,10 @@ def main() -> None:
         raise _FirstStep
 
     hook.SweepHook.before_train_iter = first_step
-    cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache/huggingface/datasets"))
-    work = Path(tempfile.mkdtemp(prefix="setup-profile-"))
     stdout = sys.stdout
     for i in range(args.jobs):
         if args.fresh_rows:
-            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(work / "datasets-cache", ignore_errors=True)
         profile = cProfile.Profile()
         start = time.perf_counter()
         profile.enable()

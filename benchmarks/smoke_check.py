@@ -158,7 +158,8 @@ def joined(name: str) -> int:
           f"all training at once {overlap}")  # fmt: skip
     for (trial, _), end in zip(runs, ends, strict=True):
         print(f"    trial {trial.number}: joined passes {end.get('joined')}")
-    if len(runs) < 2 or not all(s.get("joined_steps") for s in starts) or len(pids) != 1 or not overlap:
+    shared = any((end.get("joined") or {}).get("trials_per_pass", 0) > 1 for end in ends)
+    if len(runs) < 2 or not all(s.get("joined_steps") for s in starts) or len(pids) != 1 or not overlap or not shared:
         print(f"{name}: FAILED: the trials did not train joined in one worker at once")
         return 1
     return 0

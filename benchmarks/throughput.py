@@ -532,7 +532,7 @@ def report() -> int:
                     p = t["joined_passes"]
                     print(f"      joined: {p['passes']} passes, {p['trials_per_pass']} trials and {p['rows_per_pass']} "
                           f"rows a pass, a pass {p['pass_s']:.3f}s until it returned, waited {p['wait_s']:.3f}s a step "
-                          f"for the other trials' rows")  # fmt: skip
+                          f"for its pass to begin (the other trials' rows, earlier passes of the step)")  # fmt: skip
                 if "setup" in t:
                     print(f"      outside steps: setup {t['setup']:.1f}s, validation {t['val']:.1f}s, "
                           f"rest of the loop {t['loop_rest']:.1f}s, teardown {t['teardown']:.1f}s")  # fmt: skip

@@ -36,63 +36,76 @@ def train_in_this_process(argv: list[str]) -> None:
     """``xtuner train`` with these arguments, here; a resident worker calls it once per trial."""
     _job.began = time.time()
     _job.profile = _start_profile(argv)
-    patches.prepare_process()
-    import torch
-    from xtuner.tools import train
-
-    CACHE.job_started()
-    if CACHE.shared:
-        cotrain.SETUP.acquire()
-        _job.holds_setup = True
-    before = manager_instances()
-    _job.before, _job.made = before, None
-    if torch.cuda.is_available() and not CACHE.shared:
-        torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
-    sys.argv = ["xtuner-train", *argv]
     try:
-        train.main()
+        patches.prepare_process()
+        import torch
+        from xtuner.tools import train
+
+        CACHE.job_started()
+        if CACHE.shared:
+            cotrain.SETUP.acquire()
+            _job.holds_setup = True
+        before = manager_instances()
+        _job.before, _job.made = before, None
+        if torch.cuda.is_available() and not CACHE.shared:
+            torch.cuda.reset_peak_memory_stats()  # the end event reports this job's peak, not the worker's
+        sys.argv = ["xtuner-train", *argv]
+        try:
+            train.main()
+        finally:
+            cotrain.leave_thread()
+            setup_done()  # a job that failed before its hooks' before_train: SETUP ends here
+            forget_runner_state(before, _job.made)
     finally:
-        cotrain.leave_thread()
-        setup_done()  # a job that failed before its hooks' before_train: SETUP and the profiler end here
-        forget_runner_state(before, _job.made)
+        _end_profile()  # the same for the profiler, even when the job failed before its set-up began
 
 
 def _start_profile(argv: list[str]) -> tuple[cProfile.Profile, Path] | None:
     """This job's set-up under cProfile when ``protocol.PROFILE_SETUP_ENV`` asks for it (a diagnosis of where a
-    trial's time before its first step goes; the profiler slows what it watches)."""
-    if os.environ.get(protocol.PROFILE_SETUP_ENV, "") in ("", "0") or "--work-dir" not in argv:
+    trial's time before its first step goes; the profiler slows what it watches). Not in a worker that trains jobs
+    at once (from Python 3.12 a profiler watches every thread of the process: the others' steps would be in it), and
+    only on the first rank of a trial that spans GPUs."""
+    wanted = os.environ.get(protocol.PROFILE_SETUP_ENV, "") not in ("", "0")
+    if not wanted or CACHE.shared or "--work-dir" not in argv or os.environ.get("LOCAL_RANK", "0") != "0":
         return None
     profile = cProfile.Profile()
     try:
         profile.enable()
-    except ValueError:  # Python 3.12+: another job's set-up is being profiled (one profiler at a time): not this one
+    except ValueError:  # Python 3.12+: another profiler is active in this process
         return None
     return profile, Path(argv[argv.index("--work-dir") + 1]) / protocol.SETUP_PROFILE
 
 
-def _write_profile() -> None:
+def _end_profile() -> None:
+    """Stop this job's profiler and write its largest entries as text and all of it for pstats (``.prof``); a
+    profile that cannot be written is a warning, never the trial's failure."""
     found = getattr(_job, "profile", None)
     if found is None:
         return
     _job.profile = None
     profile, path = found
     profile.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text)
-    stats.sort_stats("cumulative").print_stats(60)
-    stats.sort_stats("tottime").print_stats(25)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.getvalue())
+    try:
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text)
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(25)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.getvalue())
+        stats.dump_stats(path.with_suffix(".prof"))
+    except Exception as err:  # noqa: BLE001 - a diagnosis, not part of training
+        print(f"xtuner-sweep: could not write the set-up profile {path}: {err}", file=sys.stderr)
 
 
 def setup_done() -> None:
-    """The runner is built: other jobs of this worker may build theirs (no-op unless this thread holds SETUP)."""
-    _write_profile()
+    """The runner is built: other jobs of this worker may build theirs (no-op unless this thread holds SETUP);
+    the set-up's profile, if one is taken, ends here."""
     if getattr(_job, "holds_setup", False):
         after = manager_instances()
         _job.made = {cls: names - _job.before.get(cls, set()) for cls, names in after.items()}
         _job.holds_setup = False
         cotrain.SETUP.release()
+    _end_profile()
 
 
 def manager_instances() -> dict[type, set[str]]:

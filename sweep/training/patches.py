@@ -74,10 +74,11 @@ def _mmcv_probed_once() -> None:
 
     import mmengine.model.utils as model_utils
     import mmengine.optim.optimizer.default_constructor as constructor
+    import mmengine.utils.dl_utils as dl_utils
     from mmengine.utils.dl_utils import misc
 
     cached = functools.cache(misc.mmcv_full_available)
-    for module in (misc, model_utils, constructor):
+    for module in (misc, dl_utils, model_utils, constructor):
         module.mmcv_full_available = cached
 
 

@@ -34,7 +34,8 @@ SAVE_POINTS_ENV = "XTUNER_SWEEP_SAVE_POINTS"
 #: A resident worker trains up to this many jobs at once over one shared base model (``sweep.training.cotrain``).
 JOBS_AT_ONCE_ENV = "XTUNER_SWEEP_JOBS_AT_ONCE"
 # set (to anything but "" or "0") for `sweep run`: each training job profiles its set-up, from the job's start to the
-# end of the hooks' before_train, and writes the largest entries to SETUP_PROFILE in its work dir
+# end of the hooks' before_train, and writes the largest entries to SETUP_PROFILE in its work dir (all of it beside,
+# as .prof for pstats); not with speed.trials_per_worker > 1
 PROFILE_SETUP_ENV = "XTUNER_SWEEP_PROFILE_SETUP"
 SETUP_PROFILE = "setup_profile.txt"
 #: How long the hook waits for a verdict before it trains on (and says so in the stream).
@@ -259,7 +260,7 @@ class End(Event):
     adapter: str | None
     time: float = field(default_factory=time.time)
     # where its joined steps went (cotrain.PassStats.summary): passes, trials and rows a pass, seconds a pass took to
-    # return and a step waited for the other trials' rows; None when it trained alone
+    # return and a step waited for its pass to begin; None when it trained alone
     joined: dict[str, float] | None = None
 
 

@@ -75,6 +75,9 @@ def test_trials_trained_together_complete_in_one_worker_with_joined_steps(runs):
     assert all(s["joined_steps"] for s in starts)
     ends = [next(e for e in _events(t) if e["kind"] == "end") for t in together]
     assert max(s["time"] for s in starts) < min(e["time"] for e in ends), "all three were training at once"
+    passes = [e["joined"] for e in ends]  # where each trial's joined steps went (cotrain.PassStats)
+    assert all(p["passes"] > 0 and p["rows_per_pass"] > 0 for p in passes), passes
+    assert max(p["trials_per_pass"] for p in passes) > 1, f"no pass had two trials in it: {passes}"
     for t in together:  # each job's own output in its own log
         log = (Path(t.user_attrs["work_dir"]) / "train.log").read_text()
         assert str(Path(t.user_attrs["work_dir"])) in log

@@ -25,7 +25,6 @@ from objectives.loss import mean_loss, token_loss_sum
 from sweep import groups
 from sweep.xtuner import maps
 from sweep.xtuner.config import load_config
-from sweep.xtuner.environ import same_os_environ
 
 log = logging.getLogger("sweep")
 MAX_GENERATED_ROWS = 256  # generation is the slow part; a larger test split is scored for loss only beyond this
@@ -98,8 +97,7 @@ def tokenized_loader(config_file: Path, rows_file: Path):
     else:
         loader["dataset"]["dataset"]["data_files"] = {"train": str(rows_file)}
         loader["dataset"]["remove_unused_columns"] = False
-    maps.install()
-    with same_os_environ():
+    with maps.built_here():
         return Runner.build_dataloader(loader)
 
 

@@ -149,9 +149,7 @@ class PassStats:
     trials: int = 0  # summed over its passes: trials / passes is how many it stepped with on average
     rows: int = 0  # rows of the passes it was in, every trial's
     pass_s: float = 0.0  # from the pass's start until it returned (its kernels launched, run when the GPU is behind)
-    wait_s: float = (
-        0.0  # from handing in its rows until its pass began: others' hooks, optimizers, data, earlier passes
-    )
+    wait_s: float = 0.0  # from handing in its rows to its pass: others' hooks, optimizers, data, earlier passes
 
     def summary(self) -> dict[str, float]:
         n = max(self.passes, 1)

@@ -25,7 +25,6 @@ from sweep.data import MANIFEST, PreparedData, file_sha256
 from sweep.spec import SpecError
 from sweep.xtuner import maps
 from sweep.xtuner.config import load_config
-from sweep.xtuner.environ import same_os_environ
 
 log = logging.getLogger("sweep")
 SPLITS = ("train", "general_train")
@@ -117,8 +116,7 @@ def _tokenize(dataset: Any, source: Path, out: Path) -> int:
     datasets.disable_progress_bars()
     cfg = copy.deepcopy(dataset)
     cfg.dataset.data_files = {"train": str(source)}
-    maps.install()
-    with same_os_environ():
+    with maps.built_here():
         built = DATASETS.build(cfg)
     n = 0
     with out.open("w", encoding="utf-8") as f:

@@ -292,6 +292,9 @@ class SpeedSpec(_Strict):
     data_workers: int = Field(default=0, ge=0, le=16)
     # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
     fused_optimizer: Literal["auto", "on", "off"] = "off"
+    # trials that share a GPU as clients of a CUDA MPS server of the sweep's own, their kernels side by side instead
+    # of in turns (sweep.trial.mps); auto: where trials share a GPU and MPS can start, on: an error where it cannot
+    mps: Literal["auto", "on", "off"] = "off"
 
     @model_validator(mode="after")
     def _joined_steps_run_uncompiled(self) -> SpeedSpec:
@@ -300,7 +303,7 @@ class SpeedSpec(_Strict):
                              "used with speed.compile: true (choose one)")  # fmt: skip
         return self
 
-    @field_validator("activation_checkpointing", "fused_loss", "fused_optimizer", mode="before")
+    @field_validator("activation_checkpointing", "fused_loss", "fused_optimizer", "mps", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         """YAML 1.1 reads a bare ``on``/``off`` as a boolean: take it as the word the user wrote."""

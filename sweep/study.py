@@ -30,6 +30,7 @@ from sweep.registry.tracking import Tracker, redact
 from sweep.search import first_point
 from sweep.spec import Spec, SpecError, spec_summary
 from sweep.storage import connect_storage, open_study
+from sweep.trial import mps
 from sweep.trial.placement import CONTEXT_MB, GpuSlots, MemoryModel, ModelShape, usable_cpus, visible_gpus
 from sweep.trial.pool import WorkerPool
 from sweep.trial.run import StudyContext, TrialFailed, run_trial
@@ -64,8 +65,8 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
         storage = connect_storage(opts.storage, opts.heartbeat, opts.tracking_uri)
         study = open_study(spec, storage)
     except BaseException:
-        if plan is not None and plan.pool is not None:
-            plan.pool.discard()
+        if plan is not None:
+            plan.end(discard=True)
         raise
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
                 else "torch sees GPUs that nvidia-smi did not list: the workers started"
                 " for the CPU end, the trials are planned for the GPUs"
             )
-            plan.pool.discard()
+            plan.end(discard=True)
             plan = None
         if plan is None:
             values = trial_values(spec, first_point(spec), checked.base_knobs)
@@ -86,8 +87,8 @@ def run(spec: Spec, opts: RunOptions) -> dict[str, Any]:
             _start_workers(spec, root, plan)
         return _run(spec, opts, device, checked, root, study, plan)
     finally:
-        if plan is not None and plan.pool is not None:
-            plan.pool.close()
+        if plan is not None:
+            plan.end()
 
 
 def _early_plan(spec: Spec, opts: RunOptions, root: Path) -> _Plan | None:
@@ -124,14 +125,32 @@ def _start_workers(spec: Spec, root: Path, plan: _Plan) -> None:
     if plan.pool is None:
         return
     try:
+        plan.mps = _mps_server(spec, plan)
+        plan.pool.env = plan.mps.env if plan.mps is not None else {}
         gpus = sorted(plan.slots.total) if plan.cuda else []
         trials = min(plan.n_jobs, plan.n_trials)  # at once; one worker takes up to pool.at_once of them
         per_worker = plan.pool.at_once
         workers = trials if per_worker == 1 else min(trials, max(len(gpus), -(-trials // per_worker)))
         plan.pool.prewarm(workers, gpus, plan.threads)
     except BaseException:
-        plan.pool.discard()  # a worker that could not start: none of them stays
+        plan.end(discard=True)  # a worker that could not start: none of them stays
         raise
+
+
+def _mps_server(spec: Spec, plan: _Plan) -> mps.MpsServer | None:
+    """A private MPS server for the workers when trials share a GPU (``speed.mps``; sweep.trial.mps says why)."""
+    if spec.speed.mps == "off" or not plan.cuda:
+        return None
+    gpus = sorted(plan.slots.total)
+    if spec.speed.mps == "auto" and min(plan.n_jobs, plan.n_trials) <= len(gpus):
+        return None  # no GPU is shared
+    try:
+        return mps.start(gpus)
+    except mps.MpsUnavailable as err:
+        if spec.speed.mps == "on":
+            raise SpecError(f"speed.mps is on, but no MPS server could be started: {err}") from None
+        log.info("MPS: not used (%s); trials sharing a GPU take turns on it", err)
+        return None
 
 
 @dataclass
@@ -144,6 +163,16 @@ class _Plan:
     slots: GpuSlots | None = None
     memory: MemoryModel | None = None
     pool: WorkerPool | None = None
+    mps: mps.MpsServer | None = None
+
+    def end(self, discard: bool = False) -> None:
+        """End the workers (``discard``: with their logs, nothing ran), then the MPS server they used."""
+        try:
+            if self.pool is not None:
+                self.pool.discard() if discard else self.pool.close()
+        finally:
+            if self.mps is not None:
+                self.mps.stop()
 
     @property
     def cuda(self) -> bool:

@@ -66,6 +66,7 @@ class WorkerPool:
         self.slots = slots
         self.idle_mb = idle_mb  # GPU memory an idle worker holds: its base model and CUDA context
         self.at_once = at_once  # jobs one worker trains at once
+        self.env: dict[str, str] = {}  # more environment for the workers (an MPS server's pipe folder)
         self._workers: list[Worker] = []
         self._logs: list[Path] = []  # every worker's own log, for ``discard``
         self._made = _first_missing(folder)  # the outermost folder the workers' logs will create, for ``discard``
@@ -147,7 +148,7 @@ class WorkerPool:
         # this process's n-th; made exclusively, as sweeps in other containers may share the PID and the folder
         fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"worker-{os.getpid()}-{next(_SPAWNED)}-", suffix=".log")
         path, out = Path(name), os.fdopen(fd, "ab")
-        env = launcher.environment(launch)
+        env = launcher.environment(launch) | self.env
         env[protocol.JOBS_AT_ONCE_ENV] = str(self.at_once)
         proc = subprocess.Popen(
             [sys.executable, "-m", protocol.WORKER_MODULE],

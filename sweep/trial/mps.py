@@ -1,0 +1,116 @@
+"""A CUDA MPS server of the sweep's own, so that trials sharing a GPU run their kernels side by side.
+
+Without MPS a GPU runs one process's kernels at a time: trials that share it take turns, and a LoRA step at batch
+1-4 leaves most of the card idle while it has it. As clients of one MPS server, the trials' kernels share the GPU's
+multiprocessors. Each trial computes what it did before: the same kernels on the same inputs.
+
+The server is private: its own pipe and log folders, passed to the sweep's workers only, quit when the sweep ends.
+None is started where the user already names a server (``CUDA_MPS_PIPE_DIRECTORY``: the workers inherit theirs),
+where a GPU is not in the Default compute mode, or where ``nvidia-cuda-mps-control`` is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("sweep")
+
+PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
+LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
+CONTROL = "nvidia-cuda-mps-control"
+_DRIVER_BIN = Path("/usr/local/nvidia/bin")  # where GPU containers mount the driver's tools
+
+
+class MpsUnavailable(RuntimeError):
+    """Why no MPS server could be started for this sweep (``speed.mps: on`` makes it an error)."""
+
+
+@dataclass
+class MpsServer:
+    """A running MPS control daemon and the environment that makes a process its client."""
+
+    control: str
+    folder: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {PIPE_ENV: str(self.folder / "pipe"), LOG_ENV: str(self.folder / "log")}
+
+    def ask(self, command: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+        return subprocess.run([self.control], input=command + "\n", env={**os.environ, **self.env}, text=True,
+                              capture_output=True, timeout=timeout, check=False)  # fmt: skip
+
+    def stop(self) -> None:
+        """Quit the daemon (its server goes with it) and remove its folders; safe to call twice."""
+        if not self.folder.exists():
+            return
+        try:
+            self.ask("quit")
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.warning("MPS: quitting the control daemon at %s failed: %s", self.folder, err)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def control_binary() -> str | None:
+    found = shutil.which(CONTROL)
+    if found:
+        return found
+    fallback = _DRIVER_BIN / CONTROL
+    return str(fallback) if os.access(fallback, os.X_OK) else None
+
+
+def compute_modes() -> dict[int, str]:
+    """Each GPU's compute mode as nvidia-smi names it ("Default", "Exclusive_Process", ...); {} without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    modes = {}
+    for line in out.splitlines():
+        index, _, mode = line.partition(",")
+        if index.strip().isdigit():
+            modes[int(index)] = mode.strip()
+    return modes
+
+
+def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
+    """Start a private MPS control daemon for ``gpus`` and wait until it answers; raises ``MpsUnavailable``."""
+    if os.environ.get(PIPE_ENV):
+        raise MpsUnavailable(f"{PIPE_ENV} is set ({os.environ[PIPE_ENV]}): the workers use that server")
+    control = control_binary()
+    if control is None:
+        raise MpsUnavailable(f"{CONTROL} is not installed (not on PATH, not in {_DRIVER_BIN})")
+    modes = compute_modes()
+    odd = {gpu: modes[gpu] for gpu in gpus if modes.get(gpu, "Default") != "Default"}
+    if odd:
+        raise MpsUnavailable("GPU compute mode is not Default: " + ", ".join(f"GPU {g} {m}" for g, m in odd.items()))
+    # short: the daemon's Unix sockets live in the pipe folder, and a socket path holds at most 107 bytes
+    server = MpsServer(control, Path(tempfile.mkdtemp(prefix="xtuner-sweep-mps-")))
+    for name in ("pipe", "log"):
+        (server.folder / name).mkdir()
+    try:
+        started = subprocess.run([control, "-d"], env={**os.environ, **server.env}, capture_output=True, text=True,
+                                 timeout=wait, check=False)  # fmt: skip
+        if started.returncode != 0:
+            raise MpsUnavailable(
+                f"{control} -d exited {started.returncode}: {(started.stderr or started.stdout)[-300:]}"
+            )
+        deadline = time.monotonic() + wait
+        while server.ask("get_server_list", timeout=wait).returncode != 0:
+            if time.monotonic() > deadline:
+                raise MpsUnavailable(f"the MPS control daemon did not answer within {wait:.0f} s")
+            time.sleep(0.1)
+    except (OSError, subprocess.SubprocessError, MpsUnavailable) as err:
+        server.stop()
+        raise err if isinstance(err, MpsUnavailable) else MpsUnavailable(str(err)) from err
+    log.info("MPS: the trials on GPU %s share it through a server of this sweep's own (%s)",
+             ", ".join(map(str, gpus)), server.folder)  # fmt: skip
+    return server

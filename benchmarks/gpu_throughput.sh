@@ -13,8 +13,6 @@
 #   STEPS=ab bash ...                                # (b) of an older tree's sweep code, then of this one, on the same
 #                                                    # machine: first, here, `mkdir -p .bench/base && git archive REV sweep
 #                                                    # benchmarks objectives data | tar -x -C .bench/base`, carry .bench/base
-#   BENCH_MPS=1 STEPS=sweep bash ...                 # (b) with its trials' processes as clients of a CUDA MPS server
-#                                                    # of its own (kernels of several trials on the GPU at once)
 # The device returns at most 8 files from $OUT: STEPS="sweep stock" writes 8; run `alone` in a call of its own.
 set -uo pipefail
 . benchmarks/gpu_install.sh
@@ -22,15 +20,6 @@ export BENCH_WORK=${BENCH_WORK:-/tmp/bench}
 RESULTS=${OUT:-/tmp/bench-results}; mkdir -p "$RESULTS"; export OUT="$RESULTS"  # each trial's figures land there at once
 STEPS=${STEPS:-sweep stock}; ALONE=${ALONE:-11 0}
 rm -rf "$BENCH_WORK/sweep"
-if [ "${BENCH_MPS:-0}" = 1 ]; then  # a private MPS control daemon (its own pipe folder), ended when the script exits
-  mps=$(command -v nvidia-cuda-mps-control || ls /usr/local/nvidia/bin/nvidia-cuda-mps-control 2>/dev/null)
-  [ -n "$mps" ] || { echo "BENCH_MPS: nvidia-cuda-mps-control not found"; exit 1; }
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  "$mps" -d || { echo "BENCH_MPS: the MPS control daemon did not start"; exit 1; }
-  trap 'echo quit | "$mps"; tail -3 "$CUDA_MPS_LOG_DIRECTORY/control.log"' EXIT
-  echo "MPS control daemon started ($mps)"
-fi
 python3 benchmarks/throughput.py prepare > "$RESULTS/prepare.log" 2>&1 || { tail -20 "$RESULTS/prepare.log"; exit 1; }
 if [[ " $STEPS " == *" sweep "* ]]; then
   python3 benchmarks/throughput.py sweep > "$RESULTS/sweep_step.log" 2>&1; echo "sweep step: exit $?"

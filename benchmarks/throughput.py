@@ -299,7 +299,6 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
     failed = [i for i, t in trials.items() if t.get("failed")]
     return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
             "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED,
-            "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or None,
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
 
 
@@ -516,8 +515,7 @@ def report() -> int:
         joined = sum(bool(t.get("joined")) for t in sweep_r["trials"].values())
         print(f"    speed: {sweep_r.get('speed') or 'defaults'}; "
               f"speed.trials_per_worker {sweep_r.get('trials_per_worker', 1)}: {joined} of "
-              f"{len(sweep_r['trials'])} trials stepped joined with others over one shared base model"
-              + (f"; the trials' processes were clients of the MPS server at {sweep_r['mps']}" if sweep_r.get("mps") else ""))  # fmt: skip
+              f"{len(sweep_r['trials'])} trials stepped joined with others over one shared base model")  # fmt: skip
         warm = []
         for i in map(str, ORDER):
             t = sweep_r["trials"].get(i)

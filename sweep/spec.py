@@ -293,8 +293,8 @@ class SpeedSpec(_Strict):
     # the optimizer's fused kernel (torch's fused=True); off by default: no gain measured on an H200 (benchmarks.md)
     fused_optimizer: Literal["auto", "on", "off"] = "off"
     # trials that share a GPU as clients of a CUDA MPS server of the sweep's own, their kernels side by side instead
-    # of in turns (sweep.trial.mps); auto: where trials share a GPU and MPS can start, on: an error where it cannot
-    mps: Literal["auto", "on", "off"] = "off"
+    # of in turns (sweep.trial.mps); auto: where trials share a GPU and a server can start, on: an error where not
+    mps: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _joined_steps_run_uncompiled(self) -> SpeedSpec:

@@ -5,8 +5,10 @@ Without MPS a GPU runs one process's kernels at a time: trials that share it tak
 multiprocessors. Each trial computes what it did before: the same kernels on the same inputs.
 
 The server is private: its own pipe and log folders, passed to the sweep's workers only, quit when the sweep ends.
-None is started where the user already names a server (``CUDA_MPS_PIPE_DIRECTORY``: the workers inherit theirs),
-where a GPU is not in the Default compute mode, or where ``nvidia-cuda-mps-control`` is not installed.
+None is started where the user already names a server (``CUDA_MPS_PIPE_DIRECTORY``: the workers inherit theirs) or
+the machine runs one (its pipes in /tmp/nvidia-mps: the workers are its clients already), where a GPU is not in the
+Default compute mode, or where ``nvidia-cuda-mps-control`` is not installed. A new server is used only once a CUDA
+client (a context on every GPU of the sweep) could connect to it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +29,26 @@ PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
 CONTROL = "nvidia-cuda-mps-control"
 _DRIVER_BIN = Path("/usr/local/nvidia/bin")  # where GPU containers mount the driver's tools
+SYSTEM_PIPE = Path("/tmp/nvidia-mps")  # a daemon started without CUDA_MPS_PIPE_DIRECTORY listens here
+
+# A client of the server on every visible GPU, through the driver API alone (no torch: a fraction of a second).
+# The control daemon starts the server only when the first client connects, so this is where a server that cannot
+# run on these GPUs shows.
+_PROBE = """
+import ctypes, sys
+cuda = ctypes.CDLL("libcuda.so.1")
+def check(what, rc):
+    if rc:
+        sys.exit(f"{what} failed with CUDA error {rc}")
+check("cuInit", cuda.cuInit(0))
+count = ctypes.c_int()
+check("cuDeviceGetCount", cuda.cuDeviceGetCount(ctypes.byref(count)))
+for i in range(count.value):
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    check("cuDeviceGet", cuda.cuDeviceGet(ctypes.byref(dev), i))
+    check(f"a context on GPU {i}", cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+    cuda.cuDevicePrimaryCtxRelease(dev)
+"""
 
 
 class MpsUnavailable(RuntimeError):
@@ -81,10 +104,25 @@ def compute_modes() -> dict[int, str]:
     return modes
 
 
+def probe_command() -> list[str]:
+    return [sys.executable, "-c", _PROBE]
+
+
+def _folder() -> Path:
+    """A new folder for the daemon's pipes and logs: under the temp folder, or under /tmp where that path is too long
+    for the Unix sockets the daemon makes in it (a socket's path holds at most 107 bytes)."""
+    base = tempfile.gettempdir()
+    if len(base) > 60:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="xtuner-sweep-mps-", dir=base))
+
+
 def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
     """Start a private MPS control daemon for ``gpus`` and wait until it answers; raises ``MpsUnavailable``."""
     if os.environ.get(PIPE_ENV):
         raise MpsUnavailable(f"{PIPE_ENV} is set ({os.environ[PIPE_ENV]}): the workers use that server")
+    if (SYSTEM_PIPE / "control").exists():
+        raise MpsUnavailable(f"an MPS control daemon of this machine listens at {SYSTEM_PIPE}: the workers use it")
     control = control_binary()
     if control is None:
         raise MpsUnavailable(f"{CONTROL} is not installed (not on PATH, not in {_DRIVER_BIN})")
@@ -92,8 +130,7 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
     odd = {gpu: modes[gpu] for gpu in gpus if modes.get(gpu, "Default") != "Default"}
     if odd:
         raise MpsUnavailable("GPU compute mode is not Default: " + ", ".join(f"GPU {g} {m}" for g, m in odd.items()))
-    # short: the daemon's Unix sockets live in the pipe folder, and a socket path holds at most 107 bytes
-    server = MpsServer(control, Path(tempfile.mkdtemp(prefix="xtuner-sweep-mps-")))
+    server = MpsServer(control, _folder())
     for name in ("pipe", "log"):
         (server.folder / name).mkdir()
     try:
@@ -108,6 +145,10 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
             if time.monotonic() > deadline:
                 raise MpsUnavailable(f"the MPS control daemon did not answer within {wait:.0f} s")
             time.sleep(0.1)
+        env = {**os.environ, **server.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        probe = subprocess.run(probe_command(), env=env, capture_output=True, text=True, timeout=wait * 3, check=False)
+        if probe.returncode != 0:
+            raise MpsUnavailable(f"a CUDA client could not use the MPS server: {(probe.stderr or probe.stdout)[-300:]}")
     except (OSError, subprocess.SubprocessError, MpsUnavailable) as err:
         server.stop()
         raise err if isinstance(err, MpsUnavailable) else MpsUnavailable(str(err)) from err

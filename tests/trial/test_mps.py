@@ -8,6 +8,7 @@ and `quit` ends it. Every call is recorded with the pipe folder it was made for.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -48,18 +49,43 @@ def fake_mps(tmp_path, monkeypatch):
     smi.write_text('#!/bin/sh\nprintf "0, ${FAKE_MODE0:-Default}\\n1, Default\\n"\n')
     for exe in (control, smi):
         exe.chmod(0o755)
+    client = bin_dir / "client"  # a CUDA client: connects while the daemon runs, unless told to fail
+    client.write_text(
+        f"#!{sys.executable}\nimport os, sys, pathlib\npipe = pathlib.Path(os.environ['CUDA_MPS_PIPE_DIRECTORY'])\n"
+        "with open(os.environ['FAKE_MPS_RECORD'], 'a') as f:\n"
+        "    f.write(f\"client {pipe} {os.environ['CUDA_VISIBLE_DEVICES']}\\n\")\n"
+        "sys.exit('no server' if os.environ.get('FAKE_MPS_CLIENT_FAILS') or not (pipe / 'control').exists() else 0)\n"
+    )
+    client.chmod(0o755)
+    monkeypatch.setattr(mps, "probe_command", lambda: [str(client)])
+    monkeypatch.setattr(mps, "SYSTEM_PIPE", tmp_path / "system-mps")
     record = tmp_path / "record.txt"
     record.touch()
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_MPS_RECORD", str(record))
     monkeypatch.delenv(mps.PIPE_ENV, raising=False)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    return record
+    short = tempfile.mkdtemp(prefix="mps-test-", dir="/tmp")  # pytest's own folders are too long for sockets
+    (tmp_path / "tmp").symlink_to(short)
+    monkeypatch.setattr(tempfile, "tempdir", short)
+    yield record
+    shutil.rmtree(short, ignore_errors=True)
 
 
 def _left(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "tmp").glob("xtuner-sweep-mps-*"))
+
+
+def test_a_temp_folder_too_long_for_sockets_gives_way_to_tmp(fake_mps, tmp_path, monkeypatch):
+    long = tmp_path / ("x" * 60)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    server = mps.start([0], wait=5)
+    try:
+        assert server.folder.parent == Path("/tmp"), server.folder
+        assert len(str(Path(server.env[mps.PIPE_ENV]) / "control")) < 107
+    finally:
+        server.stop()
+    assert not server.folder.exists() and not list(long.iterdir())
 
 
 def test_a_private_server_starts_answers_and_quits_leaving_nothing(fake_mps, tmp_path):
@@ -69,7 +95,7 @@ def test_a_private_server_starts_answers_and_quits_leaving_nothing(fake_mps, tmp
     assert Path(server.env[mps.LOG_ENV]).is_dir()
     assert len(str(pipe / "control")) < 107, "a Unix socket's path must fit sun_path"
     calls = fake_mps.read_text().splitlines()
-    assert calls[0] == f"-d {pipe}" and calls[1] == f"get_server_list {pipe}", calls
+    assert calls[:3] == [f"-d {pipe}", f"get_server_list {pipe}", f"client {pipe} 0,1"], calls
     server.stop()
     assert fake_mps.read_text().splitlines()[-1] == f"quit {pipe}"
     assert not server.folder.exists() and not _left(tmp_path)
@@ -84,14 +110,25 @@ def test_a_private_server_starts_answers_and_quits_leaving_nothing(fake_mps, tmp
         (lambda mp, tmp: mp.setenv("FAKE_MODE0", "Exclusive_Process"), "GPU 0 Exclusive_Process"),
         (lambda mp, tmp: mp.setenv("FAKE_MPS_DAEMON_RC", "3"), "-d exited 3"),
         (lambda mp, tmp: mp.setenv("FAKE_MPS_SILENT", "1"), "did not answer within 1 s"),
+        (lambda mp, tmp: mp.setenv("FAKE_MPS_CLIENT_FAILS", "1"), "a CUDA client could not use the MPS server"),
+        (lambda mp, tmp: (tmp / "system-mps").mkdir() or (tmp / "system-mps/control").touch(), "of this machine"),
     ],
-    ids=["user-server", "compute-mode", "daemon-fails", "daemon-silent"],
+    ids=["user-server", "compute-mode", "daemon-fails", "daemon-silent", "client-fails", "system-daemon"],
 )
 def test_no_server_is_left_where_one_cannot_or_must_not_start(fake_mps, tmp_path, monkeypatch, setup, reason):
     setup(monkeypatch, tmp_path)
     with pytest.raises(mps.MpsUnavailable, match=reason):
         mps.start([0], wait=1)
     assert not _left(tmp_path), "its folders are removed"
+
+
+def test_the_client_probe_needs_the_cuda_driver():
+    """The real probe, here without a GPU driver: it fails, saying what it missed, instead of hanging or passing."""
+    import subprocess
+
+    done = subprocess.run(mps.probe_command(), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "libcuda.so.1" in done.stderr, done.stderr
 
 
 def test_no_control_binary_is_a_reason_not_a_crash(tmp_path, monkeypatch):

@@ -128,13 +128,17 @@ def _start_workers(spec: Spec, root: Path, plan: _Plan) -> None:
         plan.mps = _mps_server(spec, plan)
         plan.pool.env = plan.mps.env if plan.mps is not None else {}
         gpus = sorted(plan.slots.total) if plan.cuda else []
-        trials = min(plan.n_jobs, plan.n_trials)  # at once; one worker takes up to pool.at_once of them
-        per_worker = plan.pool.at_once
-        workers = trials if per_worker == 1 else min(trials, max(len(gpus), -(-trials // per_worker)))
-        plan.pool.prewarm(workers, gpus, plan.threads)
+        plan.pool.prewarm(_workers(plan, plan.pool.at_once), gpus, plan.threads)
     except BaseException:
         plan.end(discard=True)  # a worker that could not start: none of them stays
         raise
+
+
+def _workers(plan: _Plan, per_worker: int) -> int:
+    """How many workers the plan's trials at once need, ``per_worker`` trials each, at least one per GPU."""
+    trials = min(plan.n_jobs, plan.n_trials)
+    gpus = len(plan.slots.total) if plan.cuda else 0
+    return trials if per_worker == 1 else min(trials, max(gpus, -(-trials // per_worker)))
 
 
 def _mps_server(spec: Spec, plan: _Plan) -> mps.MpsServer | None:
@@ -142,8 +146,8 @@ def _mps_server(spec: Spec, plan: _Plan) -> mps.MpsServer | None:
     if spec.speed.mps == "off" or not plan.cuda:
         return None
     gpus = sorted(plan.slots.total)
-    if spec.speed.mps == "auto" and min(plan.n_jobs, plan.n_trials) <= len(gpus):
-        return None  # no GPU is shared
+    if spec.speed.mps == "auto" and _workers(plan, spec.speed.trials_per_worker) <= len(gpus):
+        return None  # no GPU is shared by two processes
     try:
         return mps.start(gpus)
     except mps.MpsUnavailable as err:
@@ -253,8 +257,7 @@ def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: P
                 callbacks=callbacks,
             )
         try:
-            if ctx.pool is not None:
-                ctx.pool.close()  # the gate loads its own model: the idle workers' GPU memory is given back first
+            plan.end()  # the gate loads its own model: the idle workers' GPU memory (and MPS's) is given back first
             gated = promote(study, spec, tracker, prepared.folder, parent)
             registered = gated.as_dict() if gated else None
         except Exception as err:  # noqa: BLE001 - the trials are saved; only registering them failed
@@ -266,8 +269,7 @@ def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: P
         status = "KILLED"
         raise
     finally:
-        if ctx.pool is not None:
-            ctx.pool.close()  # the trials' workers end before the summary and the report (run closes it again)
+        plan.end()  # the trials' workers end before the summary and the report (run ends the plan again)
         _log_study_summary(study, spec, tracker, parent)
         tracker.finish(parent, status)
     from sweep.report import study_report

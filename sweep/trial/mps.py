@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ class MpsServer:
 
     control: str
     folder: Path
+    stopped: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -71,14 +73,26 @@ class MpsServer:
                               capture_output=True, timeout=timeout, check=False)  # fmt: skip
 
     def stop(self) -> None:
-        """Quit the daemon (its server goes with it) and remove its folders; safe to call twice."""
-        if not self.folder.exists():
+        """Quit the daemon (its server goes with it) and remove its folders; safe to call twice. Called once the
+        workers have ended: ``quit`` waits for connected clients. A daemon that does not quit is killed."""
+        if self.stopped:
             return
+        self.stopped = True
         try:
-            self.ask("quit")
+            quit_ = self.ask("quit")
+            if quit_.returncode != 0:
+                raise OSError(f"exit code {quit_.returncode}: {(quit_.stderr or quit_.stdout)[-200:]}")
         except (OSError, subprocess.TimeoutExpired) as err:
-            log.warning("MPS: quitting the control daemon at %s failed: %s", self.folder, err)
+            log.warning("MPS: quitting the control daemon at %s failed (%s); killing it", self.folder, err)
+            self._kill()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _kill(self) -> None:
+        try:
+            pid = int((self.folder / "pipe" / "nvidia-cuda-mps-control.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass  # no pid file (it never started) or already gone
 
 
 def control_binary() -> str | None:
@@ -133,9 +147,12 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
     server = MpsServer(control, _folder())
     for name in ("pipe", "log"):
         (server.folder / name).mkdir()
+    # the daemon numbers the GPUs as the driver does, like nvidia-smi and the workers' CUDA_VISIBLE_DEVICES: it must
+    # not inherit the user's CUDA_VISIBLE_DEVICES (MPS would renumber them); its own session keeps a terminal's ^C off it
+    daemon_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | server.env
     try:
-        started = subprocess.run([control, "-d"], env={**os.environ, **server.env}, capture_output=True, text=True,
-                                 timeout=wait, check=False)  # fmt: skip
+        started = subprocess.run([control, "-d"], env=daemon_env, capture_output=True, text=True, timeout=wait,
+                                 check=False, start_new_session=True)  # fmt: skip
         if started.returncode != 0:
             raise MpsUnavailable(
                 f"{control} -d exited {started.returncode}: {(started.stderr or started.stdout)[-300:]}"
@@ -149,9 +166,15 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
         probe = subprocess.run(probe_command(), env=env, capture_output=True, text=True, timeout=wait * 3, check=False)
         if probe.returncode != 0:
             raise MpsUnavailable(f"a CUDA client could not use the MPS server: {(probe.stderr or probe.stdout)[-300:]}")
+        # a client that cannot reach the server may run without it: only a server the daemon lists is one in use
+        if not server.ask("get_server_list", timeout=wait).stdout.split():
+            raise MpsUnavailable("a CUDA client ran, but the MPS control daemon lists no server")
     except (OSError, subprocess.SubprocessError, MpsUnavailable) as err:
         server.stop()
         raise err if isinstance(err, MpsUnavailable) else MpsUnavailable(str(err)) from err
+    except BaseException:  # ^C while it started: no daemon is left behind
+        server.stop()
+        raise
     log.info("MPS: the trials on GPU %s share it through a server of this sweep's own (%s)",
              ", ".join(map(str, gpus)), server.folder)  # fmt: skip
     return server

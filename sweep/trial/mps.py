@@ -88,9 +88,11 @@ class MpsServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _kill(self) -> None:
+        """SIGKILL the daemon by its pid file, only if that pid still runs the control daemon (pids are reused)."""
         try:
             pid = int((self.folder / "pipe" / "nvidia-cuda-mps-control.pid").read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)
+            if CONTROL.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError, IndexError):
             pass  # no pid file (it never started) or already gone
 
@@ -122,13 +124,43 @@ def probe_command() -> list[str]:
     return [sys.executable, "-c", _PROBE]
 
 
-def _folder() -> Path:
-    """A new folder for the daemon's pipes and logs: under the temp folder, or under /tmp where that path is too long
-    for the Unix sockets the daemon makes in it (a socket's path holds at most 107 bytes)."""
+PREFIX = "xtuner-sweep-mps-"
+OWNER = "owner.pid"  # the sweep process that started the daemon
+
+
+def _base() -> str:
+    """The temp folder, or /tmp where its path is too long for the Unix sockets the daemon makes in the pipe folder
+    (a socket's path holds at most 107 bytes)."""
     base = tempfile.gettempdir()
-    if len(base) > 60:
-        base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix="xtuner-sweep-mps-", dir=base))
+    return "/tmp" if len(base) > 60 else base
+
+
+def _folder() -> Path:
+    """A new folder for the daemon's pipes and logs, with the pid of the sweep that owns it."""
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=_base()))
+    (folder / OWNER).write_text(str(os.getpid()))
+    return folder
+
+
+def reap_orphans(control: str) -> list[Path]:
+    """Quit the daemons of this user's sweeps that died without quitting theirs (a SIGKILLed sweep: its daemon runs
+    in its own session and outlives it) and remove their folders; returns those folders."""
+    reaped = []
+    for folder in Path(_base()).glob(PREFIX + "*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int((folder / OWNER).read_text()), 0)
+            continue  # its sweep still runs
+        except ProcessLookupError:
+            pass  # its sweep is gone
+        except (OSError, ValueError):
+            continue  # not ours to judge: no owner file, another user's sweep
+        MpsServer(control, folder).stop()
+        reaped.append(folder)
+    if reaped:
+        log.info("MPS: quit %d control daemon(s) left by sweeps that ended without quitting them", len(reaped))
+    return reaped
 
 
 def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
@@ -144,6 +176,7 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
     odd = {gpu: modes[gpu] for gpu in gpus if modes.get(gpu, "Default") != "Default"}
     if odd:
         raise MpsUnavailable("GPU compute mode is not Default: " + ", ".join(f"GPU {g} {m}" for g, m in odd.items()))
+    reap_orphans(control)
     server = MpsServer(control, _folder())
     for name in ("pipe", "log"):
         (server.folder / name).mkdir()

@@ -32,7 +32,8 @@ if sys.argv[1:] == ["-d"]:
     with record.open("a") as f:
         f.write(f"-d {{pipe}} {{seen}}\\n")
     if os.environ.get("FAKE_MPS_SILENT") != "1":
-        daemon = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
+        daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "nvidia-cuda-mps-control"],
+                                  start_new_session=True, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a daemon closes its stdio
         (pipe / "nvidia-cuda-mps-control.pid").write_text(str(daemon.pid))
         (pipe / "control").write_text("")
@@ -269,3 +270,36 @@ def test_a_server_that_cannot_start_is_an_error_with_mps_on_and_one_that_did_is_
     assert plan.mps is not None and plan.mps.stopped
     assert _calls(fake_mps)[-1] == f"quit {plan.mps.env[mps.PIPE_ENV]}"
     assert not _left(tmp_path)
+
+
+def test_daemons_left_by_sweeps_that_died_are_quit_and_a_running_sweeps_is_kept(fake_mps, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = mps.start([0], wait=5)  # started "by" a sweep that then died without quitting it
+    (orphan.folder / mps.OWNER).write_text(str(dead.pid))
+    orphan_pid = int((Path(orphan.env[mps.PIPE_ENV]) / "nvidia-cuda-mps-control.pid").read_text())
+    foreign = tmp_path / "tmp" / f"{mps.PREFIX}noowner"  # no owner file: not ours to judge
+    foreign.mkdir()
+    server = mps.start([0], wait=5)  # a new sweep (this process, alive) reaps the orphan first
+    try:
+        assert f"quit {orphan.env[mps.PIPE_ENV]}" in _calls(fake_mps) and _gone(orphan_pid)
+        assert not orphan.folder.exists() and foreign.is_dir()
+        assert mps.reap_orphans(server.control) == [], "a running sweep's daemon is kept"
+        assert server.folder.exists()
+    finally:
+        server.stop()
+
+
+def test_a_pid_file_naming_another_program_is_not_killed(fake_mps, tmp_path, monkeypatch):
+    server = mps.start([0], wait=5)
+    bystander = subprocess.Popen(["sleep", "300"])
+    pid_file = Path(server.env[mps.PIPE_ENV]) / "nvidia-cuda-mps-control.pid"
+    daemon = int(pid_file.read_text())
+    pid_file.write_text(str(bystander.pid))  # the pid was reused by another program
+    monkeypatch.setenv("FAKE_MPS_QUIT_FAILS", "1")
+    try:
+        server.stop()
+        assert bystander.poll() is None, "another program's process was killed"
+    finally:
+        bystander.kill()
+        os.kill(daemon, 9)

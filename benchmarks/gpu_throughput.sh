@@ -13,6 +13,8 @@
 #   STEPS=ab bash ...                                # (b) of an older tree's sweep code, then of this one, on the same
 #                                                    # machine: first, here, `mkdir -p .bench/base && git archive REV sweep
 #                                                    # benchmarks objectives data | tar -x -C .bench/base`, carry .bench/base
+#   BENCH_SPEED="mps: off" STEPS=sweep bash ...       # (b) with its trials taking turns on the GPU (no MPS server),
+#                                                    # as before speed.mps became auto
 # The device returns at most 8 files from $OUT: STEPS="sweep stock" writes 8; run `alone` in a call of its own.
 set -uo pipefail
 . benchmarks/gpu_install.sh

@@ -298,8 +298,16 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
     return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
-            "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED,
+            "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED, "mps": _mps_line(folder / "sweep.log"),
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
+
+
+def _mps_line(log: Path) -> str | None:
+    """What the sweep's log says of its MPS server (speed.mps): used, or not and why; None where it says nothing."""
+    try:
+        return next((line.split(" ", 1)[1] for line in log.read_text().splitlines() if " MPS: " in f" {line}"), None)
+    except OSError:
+        return None
 
 
 def _rows_sha256(trial_dir: Path) -> str | None:
@@ -516,6 +524,7 @@ def report() -> int:
         print(f"    speed: {sweep_r.get('speed') or 'defaults'}; "
               f"speed.trials_per_worker {sweep_r.get('trials_per_worker', 1)}: {joined} of "
               f"{len(sweep_r['trials'])} trials stepped joined with others over one shared base model")  # fmt: skip
+        print(f"    {sweep_r.get('mps') or 'MPS: the sweep log says nothing of it (no GPU shared, or mps: off)'}")
         warm = []
         for i in map(str, ORDER):
             t = sweep_r["trials"].get(i)

@@ -175,3 +175,19 @@ def test_a_trials_setup_is_split_by_its_start_events_marks():
     assert got == {"setup": 4.0, "val": 2.0, "loop_rest": 1.0, "teardown": 2.0, "handover": 0.5, "runner": 2.5,
                    "before_train": 1.0}  # fmt: skip
     assert "runner" not in throughput.phases({"time": 104.0}, end, 11.0, attrs)  # a stream from before the marks
+
+
+def test_the_report_says_whether_the_trials_shared_the_gpu_through_mps(tmp_path):
+    """(b)'s speed depends on speed.mps (auto by default): the report says what the sweep's log said of it."""
+    log = tmp_path / "sweep.log"
+    log.write_text("07:58:29 GPUs [0] (81559 MB)\n07:58:29 MPS: the trials on GPU 0 share it through a server of "
+                   "this sweep's own (/tmp/xtuner-sweep-mps-x)\n07:58:29 started 5 training worker(s)\n")  # fmt: skip
+    line = throughput._mps_line(log)
+    assert line == "MPS: the trials on GPU 0 share it through a server of this sweep's own (/tmp/xtuner-sweep-mps-x)"
+    _results(tmp_path)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps({**sweep, "mps": line}))
+    assert line in _report(tmp_path).stdout
+    _results(tmp_path)  # an older sweep.json, or a log without the line
+    assert "MPS: the sweep log says nothing of it" in _report(tmp_path).stdout
+    assert throughput._mps_line(tmp_path / "missing.log") is None

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweep.trial.placement import gpu_query
+
 log = logging.getLogger("sweep")
 
 PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
@@ -105,21 +107,6 @@ def control_binary() -> str | None:
     return str(fallback) if os.access(fallback, os.X_OK) else None
 
 
-def compute_modes() -> dict[int, str]:
-    """Each GPU's compute mode as nvidia-smi names it ("Default", "Exclusive_Process", ...); {} without nvidia-smi."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,compute_mode", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    modes = {}
-    for line in out.splitlines():
-        index, _, mode = line.partition(",")
-        if index.strip().isdigit():
-            modes[int(index)] = mode.strip()
-    return modes
-
-
 def probe_command() -> list[str]:
     return [sys.executable, "-c", _PROBE]
 
@@ -172,7 +159,7 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
     control = control_binary()
     if control is None:
         raise MpsUnavailable(f"{CONTROL} is not installed (not on PATH, not in {_DRIVER_BIN})")
-    modes = compute_modes()
+    modes = gpu_query("compute_mode")  # "Default", "Exclusive_Process", "Prohibited"
     odd = {gpu: modes[gpu] for gpu in gpus if modes.get(gpu, "Default") != "Default"}
     if odd:
         raise MpsUnavailable("GPU compute mode is not Default: " + ", ".join(f"GPU {g} {m}" for g, m in odd.items()))

@@ -195,17 +195,24 @@ class GpuSlots:
         return max(1, sum(per))
 
 
+def gpu_query(field: str) -> dict[int, str]:
+    """GPU index -> one of nvidia-smi's ``--query-gpu`` fields ({} without nvidia-smi): the sweep process asks it,
+    not CUDA, so that it never holds a CUDA context itself."""
+    if not shutil.which("nvidia-smi"):
+        return {}
+    out = subprocess.run(["nvidia-smi", f"--query-gpu=index,{field}", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    found = {}
+    for line in out.stdout.strip().splitlines():
+        index, _, value = line.partition(",")
+        if index.strip().isdigit():
+            found[int(index)] = value.strip()
+    return found
+
+
 def visible_gpus(selected: list[int] | None = None) -> dict[int, float]:
-    """GPU index -> memory in MB, from nvidia-smi (so the sweep process itself never holds a CUDA context)."""
-    found: dict[int, float] = {}
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        for line in out.stdout.strip().splitlines():
-            index, total = (part.strip() for part in line.split(","))
-            found[int(index)] = float(total)
+    """GPU index -> memory in MB, from nvidia-smi."""
+    found = {index: float(total) for index, total in gpu_query("memory.total").items()}
     if selected is not None:
         missing = [g for g in selected if g not in found]
         if missing:

@@ -9,6 +9,7 @@ docs/benchmarks.md). Steps, each its own call so that every call stays under the
     python3 benchmarks/throughput.py sweep              # all 12 with `sweep run` (GPU slots, speed settings)
     python3 benchmarks/throughput.py alone 11 0         # trials 11 and 0 each by itself through `sweep run`
     python3 benchmarks/throughput.py report             # the figures, from the files the steps wrote
+    python3 benchmarks/throughput.py merge DIR DIR      # one sweep.json from sweeps of parts of the trials (BENCH_TRIALS)
 
 Same rows, same order: (b)'s trial number k trains on the study's split (`sweep.data.prepare`: deduplicated,
 validation held out) shuffled by `sweep.data.mix` with seed data.seed + k (it shuffles even with no general rows
@@ -338,6 +339,8 @@ def timeline_lines(sweep_r: dict) -> list[str]:
     trials = [t for t in sweep_r.get("trials", {}).values() if "slot" in t]
     if not trials:
         return []
+    if sweep_r.get("parts"):  # each part's times count from its own launch: see each part's own report
+        return ["    timeline: one per part, in each part's own report"]
     first, last = min(t["slot"] for t in trials), max(t["exit"] for t in trials)
     edges = sorted([(t["slot"], 1) for t in trials] + [(t["exit"], -1) for t in trials])
     running, most, busy, prev = 0, 0, 0.0, first
@@ -517,6 +520,9 @@ def report() -> int:
     if sweep_r:
         tokens = sum(t.get("tokens", 0) for t in sweep_r["trials"].values())
         rate = tokens / sweep_r["wall"]
+        if sweep_r.get("parts"):
+            print(f"(b) ran as {len(sweep_r['parts'])} sweeps one after another (`merge`), walls "
+                  f"{' + '.join(f'{w:.0f}s' for w in sweep_r['parts'])}")  # fmt: skip
         print(f"(b) sweep: {len(sweep_r['trials'])} trials, wall {sweep_r['wall']:.0f}s, {rate:,.0f} tokens/s, "
               f"aggregate MFU over the sweep's wall time {rate * 4 * PARAMS / PEAK_FLOPS:.1%} "
               f"(4 x {PARAMS:,} FLOPs a token, {PEAK_FLOPS / 1e12:.0f} TFLOP/s peak)")  # fmt: skip
@@ -566,6 +572,23 @@ def report() -> int:
     return 0
 
 
+def merge(folders: list[Path]) -> None:
+    """One sweep.json in $OUT from runs of parts of ORDER (BENCH_TRIALS), made one after another: the trials of all,
+    the wall time their sum. For the 300-iteration variant, whose 12 trials take more than one device call."""
+    parts = [_load(folder / "sweep.json") for folder in folders]
+    if not all(parts):
+        raise SystemExit(
+            f"merge: no sweep.json in {', '.join(str(f) for f, r in zip(folders, parts, strict=True) if not r)}"
+        )
+    trials = {i: t for part in parts for i, t in part["trials"].items()}
+    merged = {**parts[0], "trials": trials, "wall": sum(p["wall"] for p in parts), "rc": max(p["rc"] for p in parts),
+              "failed": [i for p in parts for i in p["failed"]], "parts": [p["wall"] for p in parts]}  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "sweep.json").write_text(json.dumps(merged, indent=1))
+    print(f"merged {len(parts)} runs, {len(trials)} trials, wall {merged['wall']:.1f}s "
+          f"({' + '.join(f'{w:.1f}' for w in merged['parts'])})")  # fmt: skip
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -578,5 +601,6 @@ if __name__ == "__main__":
         "sweep": sweep,
         "alone": lambda: alone([int(i) for i in rest]),
         "report": report,
+        "merge": lambda: merge([Path(f) for f in rest]),
     }
     sys.exit(steps[command]() or 0)

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,9 @@ class GpuSlots:
         self.count = dict.fromkeys(gpus, 0)
         self._cond = threading.Condition()
 
+    def _too_large(self, need_mb: float) -> bool:
+        return all(need_mb > t * HEADROOM for t in self.total.values())
+
     def _fits(self, gpu: int, need_mb: float) -> bool:
         return self.count[gpu] < self.per_gpu and self.used[gpu] + need_mb <= self.total[gpu] * HEADROOM
 
@@ -158,19 +162,36 @@ class GpuSlots:
         return idle[:n] if len(idle) >= n else None  # a multi-GPU trial takes whole GPUs
 
     def acquire(self, need_mb: float, n: int = 1, timeout: float | None = None) -> list[int]:
+        return self.acquire_estimated(lambda: need_mb, n, timeout)[0]
+
+    def acquire_estimated(
+        self, estimate: Callable[[], float], n: int = 1, timeout: float | None = None
+    ) -> tuple[list[int], float]:
+        """The GPUs for a trial and the MB reserved there (what ``release`` gives back), blocking until it fits.
+
+        ``estimate`` is asked again each time a slot frees: a trial that waits while finished trials' peaks
+        recalibrate the memory model is then placed by what they taught it, not by the guess it began waiting with.
+        """
         if n > len(self.total):
             raise ValueError(f"gpus_per_trial {n}: only {len(self.total)} GPU(s) given ({sorted(self.total)})")
-        if all(need_mb > t * HEADROOM for t in self.total.values()):
-            log.warning("a trial's memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM", need_mb)
-            need_mb = min(self.total.values()) * HEADROOM
+        cap = min(self.total.values()) * HEADROOM  # what a trial larger than every GPU reserves: one GPU alone
+        if self._too_large(first := estimate()):
+            log.warning("a trial's memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM", first)
+        need = {"mb": 0.0}
+
+        def fits() -> bool:
+            mb = estimate()
+            need["mb"] = cap if self._too_large(mb) else mb
+            return self._choose(n, need["mb"]) is not None
+
         with self._cond:
-            if not self._cond.wait_for(lambda: self._choose(n, need_mb) is not None, timeout=timeout):
-                raise TimeoutError(f"no GPU slot for {need_mb:.0f} MB within {timeout}s")
-            chosen = self._choose(n, need_mb)
+            if not self._cond.wait_for(fits, timeout=timeout):
+                raise TimeoutError(f"no GPU slot for {need['mb']:.0f} MB within {timeout}s")
+            chosen = self._choose(n, need["mb"])
             for g in chosen:
-                self.used[g] += need_mb
+                self.used[g] += need["mb"]
                 self.count[g] += 1
-            return chosen
+            return chosen, need["mb"]
 
     def shared(self, gpus: list[int]) -> bool:
         """Whether another trial runs on any of these GPUs now."""

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,10 +243,13 @@ class Trial:
         gpu_ids, need_mb, shared = [], 0.0, False
         slots = ctx.slots
         if slots is not None and ctx.memory is not None:
-            need_mb = ctx.memory.estimate(p.batch_size, p.max_length, p.checkpointing is not False)
-            if alone:
-                need_mb = max(need_mb, min(slots.total.values()) * HEADROOM)
-            gpu_ids = _acquire(slots, need_mb, self.spec.gpus_per_trial, trial.number)
+            memory = ctx.memory
+
+            def estimate() -> float:  # asked again while the trial waits: finished trials recalibrate it
+                need = memory.estimate(p.batch_size, p.max_length, p.checkpointing is not False)
+                return max(need, min(slots.total.values()) * HEADROOM) if alone else need
+
+            gpu_ids, need_mb = _acquire(slots, estimate, self.spec.gpus_per_trial, trial.number)
             shared = slots.shared(gpu_ids)
             trial.set_user_attr("gpus", gpu_ids)
             ctx.tracker.set_tags(self.run_id, {"gpus": ",".join(map(str, gpu_ids)),
@@ -258,11 +262,21 @@ class Trial:
             rc = launcher.run(launch, self.poll, start=ctx.pool.start if ctx.pool is not None else launcher.Running)
             # from its slot to its exit: what a trial costs the GPU (waiting for a slot is not in it)
             trial.set_user_attr("train_wall_seconds", round(time.monotonic() - started, 2))
+            if rc == 0:
+                self._observe_peak(gpu_ids)  # before its slot frees: the trials waiting for it are placed by it
         finally:
             if slots is not None and gpu_ids:
                 shared = shared or slots.shared(gpu_ids)
                 slots.release(gpu_ids, need_mb)
         return rc, gpu_ids, shared
+
+    def _observe_peak(self, gpu_ids: list[int]) -> None:
+        """The finished training run's peak GPU memory, taught to the memory model that plans the next trials."""
+        ctx, p, end = self.ctx, self.prepared, self.watch.end
+        peak = end.peak_memory_mb if end else None
+        # a worker that trains trials at once reports their joint peak, which is no one trial's
+        if peak and ctx.memory is not None and len(gpu_ids) == 1 and (ctx.pool is None or ctx.pool.at_once == 1):
+            ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, peak)
 
     # -- 3. watch: called every 0.2 s while training runs --------------------------------------------------
     def poll(self) -> None:
@@ -364,9 +378,6 @@ class Trial:
         peak = end.peak_memory_mb if end else None
         if peak:
             trial.set_user_attr("peak_memory_mb", round(peak))
-            # a worker that trains trials at once reports their joint peak, which is no one trial's
-            if ctx.memory is not None and len(gpu_ids) == 1 and (ctx.pool is None or ctx.pool.at_once == 1):
-                ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, peak)
         if end is not None and end.val_seconds is not None and seconds > 0:
             trial.set_user_attr("val_share", round(end.val_seconds / seconds, 3))
         ctx.tracker.set_tags(
@@ -466,21 +477,21 @@ def _checkpointing(ctx: StudyContext, batch_size: int, max_length: int) -> bool 
     return ctx.memory.estimate(batch_size, max_length, checkpointing=False) > smallest * HEADROOM
 
 
-def _acquire(slots: GpuSlots, need_mb: float, n: int, number: int) -> list[int]:
-    """Wait for GPU room, but not past a stop request."""
+def _acquire(slots: GpuSlots, estimate: Callable[[], float], n: int, number: int) -> tuple[list[int], float]:
+    """Wait for GPU room, but not past a stop request: the GPUs and the MB reserved on them."""
     waited = False
     while True:
         try:
-            gpus = slots.acquire(need_mb, n, timeout=1.0)
+            gpus, need_mb = slots.acquire_estimated(estimate, n, timeout=1.0)
         except TimeoutError:
             if launcher.STOP.is_set():
                 raise launcher.Interrupted("the sweep is stopping; trial not started") from None
             if not waited:
-                log.info("trial %d: waiting for a GPU slot (needs about %.0f MB)", number, need_mb)
+                log.info("trial %d: waiting for a GPU slot (needs about %.0f MB)", number, estimate())
                 waited = True
             continue
         log.info("trial %d: on GPU %s (estimated %.0f MB)", number, ",".join(map(str, gpus)), need_mb)
-        return gpus
+        return gpus, need_mb
 
 
 def _out_of_memory(

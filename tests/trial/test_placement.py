@@ -205,3 +205,32 @@ def test_estimates_beside_observations_from_other_threads():
         reader.join()
         sys.setswitchinterval(old)
     assert errors == []
+
+
+def test_a_waiting_trial_is_placed_by_what_finished_trials_taught():
+    """A batch-4 trial that waits for room is planned again when a slot frees, by the peaks measured meanwhile."""
+    memory = MemoryModel(QWEN2_1_5B)
+    slots = GpuSlots({0: H100})
+    small, other = memory.estimate(1, 2048, False), memory.estimate(2, 2048, False)
+    running = slots.acquire(small)
+    neighbour = slots.acquire(other)
+    guess = memory.estimate(4, 2048, False)
+    assert small + other + guess > H100 * HEADROOM, "it waits"
+    placed: list[tuple[list[int], float]] = []
+    waiter = threading.Thread(
+        target=lambda: placed.append(slots.acquire_estimated(lambda: memory.estimate(4, 2048, False), timeout=30))
+    )
+    waiter.start()
+    time.sleep(0.3)
+    assert not placed
+    # the neighbour ends: its peak and one more, of the H100 run of 2026-12-07 (cut-cross-entropy, checkpointing off)
+    memory.observe(1, 2048, False, 11_664.0)
+    memory.observe(2, 2048, False, 19_404.0)
+    slots.release(neighbour, other)
+    waiter.join(timeout=30)
+    (gpus, reserved), taught = placed[0], memory.estimate(4, 2048, False)
+    assert gpus == [0] and reserved == taught < 0.8 * guess, (reserved, guess)
+    assert small + guess > H100 * HEADROOM > small + reserved, "the old guess would not have fitted beside it"
+    slots.release(gpus, reserved)
+    slots.release(running, small)
+    assert slots.used == {0: 0.0} and slots.count == {0: 0}, "what was reserved is what is given back"

@@ -322,3 +322,63 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     assert slots.count == {0: 0}, "every slot given back"
     tags = MlflowClient(tracking_uri=tracker.uri).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
     assert tags["retried_after_oom"] == "shared GPU" and tags["state"] == "COMPLETE"
+
+
+PEAK_HOOK = """\
+import dataclasses
+import sweep.training.hook as hook
+from sweep.trial import protocol
+
+_emit = hook.SweepHook._emit
+
+
+def emit(self, event):  # the End event a GPU would send: this job's allocator peak
+    if isinstance(event, protocol.End):
+        event = dataclasses.replace(event, peak_memory_mb=4_321.0)
+    _emit(self, event)
+
+
+hook.SweepHook._emit = emit
+"""
+
+
+def test_a_finished_trial_teaches_its_peak_before_its_slot_frees(tmp_path, tiny_model, monkeypatch):
+    """The trials waiting for a slot are placed when it frees: by then the memory model must know the peak of the
+    trial that freed it, or they are placed by the guess they began waiting with (a bs-4 trial of the H100 benchmark
+    waited 110 s planned at 50.7 GB while finished trials had measured about 35 GB for its size)."""
+    from sweep import data as data_mod
+    from sweep import study as study_mod
+    from sweep.registry.tracking import Tracker
+    from sweep.spec import load_spec
+    from sweep.trial.placement import GpuSlots, MemoryModel, ModelShape
+    from sweep.trial.run import StudyContext, run_trial
+    from sweep.xtuner.render import Device
+
+    monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject_into_training(tmp_path / "inject", PEAK_HOOK)))
+    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: peak", n_trials="n_trials: 1", **FAST))
+    checked = study_mod.check(spec)
+    root = tmp_path / "runs" / "peak"
+    prepared = data_mod.prepare(spec.data, root / "data")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = tracker.experiment("peak")
+    parent = tracker.parent_run(experiment, "peak", {}, "")
+    memory = MemoryModel(ModelShape.from_dir(tiny_model))
+    seen_at_release: list[list[tuple[float, float]]] = []
+
+    class Slots(GpuSlots):
+        def release(self, gpus: list[int], need_mb: float) -> None:
+            seen_at_release.append(list(memory.measured))
+            super().release(gpus, need_mb)
+
+    slots = Slots({0: 80_000.0})
+    ctx = StudyContext(spec, checked.base_cfg, checked.base_knobs, prepared, root, Device(cuda=False), tracker,
+                       experiment, parent, threads=2, slots=slots, memory=memory)  # fmt: skip
+    study = optuna.create_study(study_name="peak", storage=f"sqlite:///{tmp_path / 's.db'}")
+
+    study.optimize(lambda t: run_trial(t, ctx), n_trials=1)
+
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["peak_memory_mb"] == 4_321
+    assert len(seen_at_release) == 1 and [p for _, p in seen_at_release[0]] == [4_321.0], seen_at_release
+    assert memory.measured == seen_at_release[0], "observed once, not again when the trial is recorded"
+    assert slots.count == {0: 0} and slots.used == {0: 0.0}

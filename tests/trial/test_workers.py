@@ -344,8 +344,7 @@ hook.SweepHook._emit = emit
 
 def test_a_finished_trial_teaches_its_peak_before_its_slot_frees(tmp_path, tiny_model, monkeypatch):
     """The trials waiting for a slot are placed when it frees: by then the memory model must know the peak of the
-    trial that freed it, or they are placed by the guess they began waiting with (a bs-4 trial of the H100 benchmark
-    waited 110 s planned at 50.7 GB while finished trials had measured about 35 GB for its size)."""
+    trial that freed it, or they are placed by the guess they began waiting with (docs/benchmarks.md, 2026-12-07)."""
     from sweep import data as data_mod
     from sweep import study as study_mod
     from sweep.registry.tracking import Tracker

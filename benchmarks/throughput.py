@@ -10,6 +10,8 @@ docs/benchmarks.md). Steps, each its own call so that every call stays under the
     python3 benchmarks/throughput.py alone 11 0         # trials 11 and 0 each by itself through `sweep run`
     python3 benchmarks/throughput.py report             # the figures, from the files the steps wrote
     python3 benchmarks/throughput.py merge DIR DIR      # one sweep.json from sweeps of parts of the trials (BENCH_TRIALS)
+    python3 benchmarks/throughput.py stepping DIR       # tokens/s by trials stepping at once, from DIR's sweep.json and
+                                                        # the trials' metric streams unpacked under DIR (trials.tgz)
 
 Same rows, same order: (b)'s trial number k trains on the study's split (`sweep.data.prepare`: deduplicated,
 validation held out) shuffled by `sweep.data.mix` with seed data.seed + k (it shuffles even with no general rows
@@ -42,6 +44,7 @@ on 2 shared CPU cores). On the CPU both sides train in fp32 (OptimWrapper), as `
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -296,6 +299,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "joined": bool(start.get("joined_steps")), "joined_passes": end.get("joined"),
             **timeline(launched_at, created.get(number), attrs.get(number, {})),
             **phases(start, end, sum(times), attrs.get(number, {})),
+            "steps_at": step_intervals(events, launched_at),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
     return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
@@ -332,6 +336,52 @@ def timeline(launched_at: float, created: float | None, attrs: dict) -> dict[str
     if began and wall:
         out |= {"slot": began - launched_at, "exit": began + wall - launched_at}
     return out
+
+
+def step_intervals(events: list[dict], launched_at: float) -> list[list[float]]:
+    """The trial's training steps as [start, end, tokens], in seconds after `sweep run` was launched: back to back
+    from its first validation point (the train events carry no clock; the loop's other time between steps, about
+    16 ms a step on the H100, is left out, so late steps are placed up to that much early)."""
+    first_val = next((e["time"] for e in events if e["kind"] == "val"), None)
+    if first_val is None:
+        return []
+    out, at = [], first_val - launched_at
+    for e in events:
+        if e["kind"] == "train":
+            seconds = e["perf/iter_seconds"]
+            out.append([round(at, 3), round(at + seconds, 3), round(e["perf/tokens_per_sec"] * seconds)])
+            at += seconds
+    return out
+
+
+def stepping(trials: list[list[list[float]]]) -> dict[int, tuple[float, float]]:
+    """How fast the GPU trained with k trials stepping at once: k -> (seconds with k stepping, tokens trained in
+    them), each step's tokens spread evenly over it. k = 0 is time between the first step and the last with none."""
+    edges = sorted({x for steps in trials for s, e, _ in steps for x in (s, e)})
+    steps = sorted((s, e, tokens / (e - s)) for one in trials for s, e, tokens in one if e > s)
+    out: dict[int, tuple[float, float]] = {}
+    active: list[tuple[float, float]] = []  # (end, tokens a second) of the steps running now
+    i = 0
+    for left, right in itertools.pairwise(edges):
+        while i < len(steps) and steps[i][0] <= left:
+            active.append((steps[i][1], steps[i][2]))
+            i += 1
+        active = [(e, r) for e, r in active if e > left]
+        seconds, tokens = out.get(len(active), (0.0, 0.0))
+        out[len(active)] = (seconds + right - left, tokens + sum(r for _, r in active) * (right - left))
+    return out
+
+
+def stepping_lines(sweep_r: dict) -> list[str]:
+    """What the GPU gave with 1, 2, 3 ... trials stepping at once: whether more trials at once train more tokens."""
+    by_k = stepping([t.get("steps_at") or [] for t in sweep_r.get("trials", {}).values()])
+    lines = []
+    for k, (seconds, tokens) in sorted(by_k.items()):
+        rate = tokens / seconds if seconds else 0.0
+        lines.append(f"      {k} stepping: {seconds:6.1f}s" + (f", {rate:,.0f} tokens/s, MFU {rate * 4 * PARAMS / PEAK_FLOPS:.1%}"
+                                                             if k else " (between steps: set-up, validation, waiting)"))  # fmt: skip
+    return ["    the GPU's tokens/s by trials stepping at once (steps placed back to back after each trial's first "
+            "validation):", *lines] if lines else []  # fmt: skip
 
 
 def timeline_lines(sweep_r: dict) -> list[str]:
@@ -555,7 +605,7 @@ def report() -> int:
                     print(f"      setup: to the worker {t['handover']:.1f}s, runner (config, model, LoRA, data loaders, "
                           f"optimizer) {t['runner']:.1f}s, weights, resume and hooks' before_train "
                           f"{t['before_train']:.1f}s")  # fmt: skip
-        print("\n".join(timeline_lines(sweep_r)))
+        print("\n".join(timeline_lines(sweep_r) + stepping_lines(sweep_r)))
         if warm:
             print(f"    warm trial time outside its steps (model reused): {', '.join(f'{i} {x:.0%}' for x, i in warm)}; "
                   f"largest {max(warm)[0]:.0%} (goal: at most 10 %)")  # fmt: skip
@@ -589,6 +639,20 @@ def merge(folders: list[Path]) -> None:
           f"({' + '.join(f'{w:.1f}' for w in merged['parts'])})")  # fmt: skip
 
 
+def stepping_of(folder: Path) -> None:
+    """`stepping_lines` of a run whose sweep.json has no ``steps_at`` yet: from its sweep.json and its trials'
+    metric streams (gpu_throughput.sh's trials.tgz, unpacked anywhere under ``folder``)."""
+    launched_at = _load(folder / "sweep.json")["launched_at"]
+    streams = sorted(folder.glob("**/trial_*/sweep_metrics.jsonl"))
+    if not streams:
+        raise SystemExit(f"stepping: no trial_*/sweep_metrics.jsonl under {folder} (unpack trials.tgz there)")
+    trials = {
+        str(n): {"steps_at": step_intervals([json.loads(x) for x in f.read_text().splitlines() if x.strip()], launched_at)}
+        for n, f in enumerate(streams)
+    }  # fmt: skip
+    print("\n".join(stepping_lines({"trials": trials})))
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -602,5 +666,6 @@ if __name__ == "__main__":
         "alone": lambda: alone([int(i) for i in rest]),
         "report": report,
         "merge": lambda: merge([Path(f) for f in rest]),
+        "stepping": lambda: stepping_of(Path(rest[0])),
     }
     sys.exit(steps[command]() or 0)

@@ -191,3 +191,26 @@ def test_the_report_says_whether_the_trials_shared_the_gpu_through_mps(tmp_path)
     _results(tmp_path)  # an older sweep.json, or a log without the line
     assert "MPS: the sweep log says nothing of it" in _report(tmp_path).stdout
     assert throughput._mps_line(tmp_path / "missing.log") is None
+
+
+def test_the_gpus_tokens_per_second_by_trials_stepping_at_once():
+    """Whether more trials at once train more tokens: each step's tokens counted where it ran, by how many ran."""
+    launched = 1000.0
+    one = [{"kind": "start", "time": 1001.0}, {"kind": "val", "step": 0, "time": 1002.0}]
+    one += [{"kind": "train", "perf/iter_seconds": 1.0, "perf/tokens_per_sec": 100.0} for _ in range(4)]  # 2-6 s
+    two = [{"kind": "val", "step": 0, "time": 1004.0}]
+    two += [{"kind": "train", "perf/iter_seconds": 2.0, "perf/tokens_per_sec": 50.0} for _ in range(2)]  # 4-8 s
+    two_late = [{"kind": "val", "step": 0, "time": 1010.0},  # 10-11 s: a gap of 2 s with nothing stepping
+                {"kind": "train", "perf/iter_seconds": 1.0, "perf/tokens_per_sec": 80.0}]  # fmt: skip
+    steps = [throughput.step_intervals(e, launched) for e in (one, two, two_late)]
+    assert steps[0] == [[2.0, 3.0, 100], [3.0, 4.0, 100], [4.0, 5.0, 100], [5.0, 6.0, 100]]
+    assert throughput.step_intervals([{"kind": "train", "perf/iter_seconds": 1.0}], launched) == [], "no clock"
+
+    by_k = throughput.stepping(steps)
+
+    assert by_k[1] == (2.0 + 2.0 + 1.0, 200.0 + 100.0 + 80.0)  # 2-4 s one, 6-8 s two, 10-11 s the late one
+    assert by_k[2] == (2.0, 200.0 + 100.0)  # 4-6 s: two steps of one and half of each of two's steps
+    assert by_k[0] == (2.0, 0.0)
+    assert sum(t for _, t in by_k.values()) == 4 * 100 + 2 * 100 + 80, "every token counted once"
+    lines = throughput.stepping_lines({"trials": {str(i): {"steps_at": s} for i, s in enumerate(steps)}})
+    assert "      2 stepping:    2.0s, 150 tokens/s" in "\n".join(lines)

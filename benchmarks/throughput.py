@@ -507,6 +507,7 @@ def report() -> int:
     When stock.json holds a shorter run than $BENCH_ITERS (the 300-iteration variant beside the 20-iteration run's
     stock figures), (a) at this length is computed from that run, not measured, and printed as such."""
     stock_r = _load(Path(os.environ.get("BENCH_STOCK", OUT / "stock.json")))
+    stock_r = {i: t for i, t in stock_r.items() if int(i) in ORDER}  # a run of part of the trials (BENCH_TRIALS)
     sweep_r = _load(OUT / "sweep.json")
     alone_r = _load(OUT / "alone.json")
     problems = failures(stock_r, sweep_r)

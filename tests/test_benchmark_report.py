@@ -214,3 +214,18 @@ def test_the_gpus_tokens_per_second_by_trials_stepping_at_once():
     assert sum(t for _, t in by_k.values()) == 4 * 100 + 2 * 100 + 80, "every token counted once"
     lines = throughput.stepping_lines({"trials": {str(i): {"steps_at": s} for i, s in enumerate(steps)}})
     assert "      2 stepping:    2.0s, 150 tokens/s" in "\n".join(lines)
+
+
+def test_a_run_of_part_of_the_trials_compares_with_those_trials_of_stock_only(tmp_path):
+    """The 300-iteration variant runs half the trials a call (BENCH_TRIALS) beside a stock.json of all 12."""
+    _results(tmp_path)
+    half = ORDER[:6]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    sweep |= {"iters_asked": 300, "wall": 500.0, "trials": {str(i): sweep["trials"][str(i)] for i in half}}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_WORK": str(tmp_path), "BENCH_ITERS": "300",
+           "BENCH_TRIALS": ",".join(map(str, half))}  # fmt: skip
+    done = subprocess.run([sys.executable, str(SCRIPT), "report"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # six stock trials of 170 s computed (see above) against 500 s
+    assert "6 trials, 1020s" in done.stdout and "speed-up (a)/(b): 2.04x" in done.stdout, done.stdout

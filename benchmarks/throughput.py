@@ -340,14 +340,16 @@ def timeline(launched_at: float, created: float | None, attrs: dict) -> dict[str
 
 def step_intervals(events: list[dict], launched_at: float) -> list[list[float]]:
     """The trial's training steps as [start, end, tokens], in seconds after `sweep run` was launched: back to back
-    from its first validation point (the train events carry no clock; the loop's other time between steps, about
-    16 ms a step on the H100, is left out, so late steps are placed up to that much early)."""
+    from each validation point (the train events carry no clock; the loop's other time between steps is left out,
+    so a step is placed early by the loop time of the steps before it since the last validation point)."""
     first_val = next((e["time"] for e in events if e["kind"] == "val"), None)
     if first_val is None:
         return []
     out, at = [], first_val - launched_at
     for e in events:
-        if e["kind"] == "train":
+        if e["kind"] == "val":
+            at = max(at, e["time"] - launched_at)
+        elif e["kind"] == "train":
             seconds = e["perf/iter_seconds"]
             out.append([round(at, 3), round(at + seconds, 3), round(e["perf/tokens_per_sec"] * seconds)])
             at += seconds
@@ -631,8 +633,18 @@ def merge(folders: list[Path]) -> None:
         raise SystemExit(
             f"merge: no sweep.json in {', '.join(str(f) for f, r in zip(folders, parts, strict=True) if not r)}"
         )
-    trials = {i: t for part in parts for i, t in part["trials"].items()}
-    merged = {**parts[0], "trials": trials, "wall": sum(p["wall"] for p in parts), "rc": max(p["rc"] for p in parts),
+    for key in ("iters_asked", "speed", "trials_per_worker"):
+        if len({json.dumps(p.get(key)) for p in parts}) > 1:
+            raise SystemExit(f"merge: the runs differ in {key} ({', '.join(str(p.get(key)) for p in parts)})")
+    seen = [i for p in parts for i in p["trials"]]
+    if len(seen) != len(set(seen)):
+        raise SystemExit(f"merge: trials {sorted({i for i in seen if seen.count(i) > 1})} are in more than one run")
+    trials, offset = {}, 0.0
+    for part in parts:  # one after another: each part's step times count on from the walls before it
+        for i, t in part["trials"].items():
+            trials[i] = {**t, "steps_at": [[s + offset, e + offset, n] for s, e, n in t.get("steps_at") or []]}
+        offset += part["wall"]
+    merged = {**parts[0], "trials": trials, "wall": offset, "rc": next((p["rc"] for p in parts if p["rc"]), 0),
               "failed": [i for p in parts for i in p["failed"]], "parts": [p["wall"] for p in parts]}  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "sweep.json").write_text(json.dumps(merged, indent=1))

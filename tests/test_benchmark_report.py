@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -229,3 +231,38 @@ def test_a_run_of_part_of_the_trials_compares_with_those_trials_of_stock_only(tm
     assert done.returncode == 0, done.stdout + done.stderr
     # six stock trials of 170 s computed (see above) against 500 s
     assert "6 trials, 1020s" in done.stdout and "speed-up (a)/(b): 2.04x" in done.stdout, done.stdout
+
+
+def test_merged_runs_count_their_steps_one_after_another(tmp_path, monkeypatch):
+    """Each part's times count from its own launch; merged, the second part's steps follow the first's wall time,
+    so trials of different parts never count as stepping at once. A failed part stays failed."""
+    parts = []
+    for n, (trial, rc) in enumerate((("11", 0), ("0", -9))):
+        folder = tmp_path / f"part{n}"
+        folder.mkdir()
+        run = {"rc": rc, "wall": 20.0, "failed": [], "iters_asked": 20, "speed": "", "trials_per_worker": 1,
+               "trials": {trial: {"bs": 1, "r": 8, "steps_at": [[5.0, 15.0, 1000]]}}}  # fmt: skip
+        (folder / "sweep.json").write_text(json.dumps(run))
+        parts.append(folder)
+    monkeypatch.setattr(throughput, "OUT", tmp_path / "out")
+
+    throughput.merge(parts)
+
+    merged = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert merged["wall"] == 40.0 and merged["parts"] == [20.0, 20.0] and merged["rc"] == -9
+    assert merged["trials"]["0"]["steps_at"] == [[25.0, 35.0, 1000]]
+    assert throughput.stepping([t["steps_at"] for t in merged["trials"].values()]) == {
+        1: (20.0, 2000.0),
+        0: (10.0, 0.0),
+    }
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "sweep.json").write_text((parts[0] / "sweep.json").read_text())
+    with pytest.raises(SystemExit, match=r"trials \['11'\] are in more than one run"):
+        throughput.merge([parts[0], again])
+
+
+def test_steps_after_a_validation_point_start_from_it():
+    events = [{"kind": "val", "time": 10.0}, {"kind": "train", "perf/iter_seconds": 1.0, "perf/tokens_per_sec": 5.0},
+              {"kind": "val", "time": 20.0}, {"kind": "train", "perf/iter_seconds": 1.0, "perf/tokens_per_sec": 5.0}]  # fmt: skip
+    assert throughput.step_intervals(events, 0.0) == [[10.0, 11.0, 5], [20.0, 21.0, 5]]

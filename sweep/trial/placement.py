@@ -147,7 +147,8 @@ class GpuSlots:
         self.count = dict.fromkeys(gpus, 0)
         self._cond = threading.Condition()
 
-    def _too_large(self, need_mb: float) -> bool:
+    def too_large(self, need_mb: float) -> bool:
+        """Whether a trial of ``need_mb`` fits on none of the GPUs: it then takes one alone (and may go OOM)."""
         return all(need_mb > t * HEADROOM for t in self.total.values())
 
     def _fits(self, gpu: int, need_mb: float) -> bool:
@@ -162,6 +163,8 @@ class GpuSlots:
         return idle[:n] if len(idle) >= n else None  # a multi-GPU trial takes whole GPUs
 
     def acquire(self, need_mb: float, n: int = 1, timeout: float | None = None) -> list[int]:
+        if self.too_large(need_mb):
+            log.warning("a trial's memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM", need_mb)
         return self.acquire_estimated(lambda: need_mb, n, timeout)[0]
 
     def acquire_estimated(
@@ -175,13 +178,11 @@ class GpuSlots:
         if n > len(self.total):
             raise ValueError(f"gpus_per_trial {n}: only {len(self.total)} GPU(s) given ({sorted(self.total)})")
         cap = min(self.total.values()) * HEADROOM  # what a trial larger than every GPU reserves: one GPU alone
-        if self._too_large(first := estimate()):
-            log.warning("a trial's memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM", first)
         need = {"mb": 0.0}
 
         def fits() -> bool:
             mb = estimate()
-            need["mb"] = cap if self._too_large(mb) else mb
+            need["mb"] = cap if self.too_large(mb) else mb
             return self._choose(n, need["mb"]) is not None
 
         with self._cond:

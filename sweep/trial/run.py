@@ -221,12 +221,10 @@ class Trial:
             if attempt == 2:  # mmengine's runner dumped the config over config.py, unescaped (render.to_source)
                 p.config.write_text(p.rendered, encoding="utf-8")
             try:
-                rc, gpu_ids, shared = self._train_on_slot(alone=attempt == 2)
+                rc, gpu_ids, oom_beside = self._train_on_slot(alone=attempt == 2)
             finally:
                 self.flush_metrics()
-            if attempt == 1 and rc != 0 and shared and launcher.is_oom(rc, launcher.log_tail(self.train_log)):
-                # Our packing guessed wrong, not the trial: plan larger from now on and run it again, alone.
-                self.ctx.memory.out_of_memory()
+            if oom_beside:  # our packing guessed wrong, not the trial: run it again, alone
                 log.warning("trial %d: out of memory beside other trials on GPU %s; running it again alone",
                             self.trial.number, ",".join(map(str, gpu_ids)))  # fmt: skip
                 self.ctx.tracker.set_tags(self.run_id, {"retried_after_oom": "shared GPU"})
@@ -238,9 +236,11 @@ class Trial:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _train_on_slot(self, alone: bool) -> tuple[int, list[int], bool]:
-        """One training run on its GPU slot: returns the exit code, the GPUs and whether it shared them."""
+        """One training run on its GPU slot: returns the exit code, the GPUs and whether it ran out of memory beside
+        other trials (not ``alone``). What it teaches the memory model (its peak, or that the packing was too tight)
+        is taught before its slot frees, so the trials waiting for that slot are placed by it."""
         ctx, trial, p = self.ctx, self.trial, self.prepared
-        gpu_ids, need_mb, shared = [], 0.0, False
+        gpu_ids, need_mb, shared, oom_beside = [], 0.0, False, False
         slots = ctx.slots
         if slots is not None and ctx.memory is not None:
             memory = ctx.memory
@@ -263,12 +263,16 @@ class Trial:
             # from its slot to its exit: what a trial costs the GPU (waiting for a slot is not in it)
             trial.set_user_attr("train_wall_seconds", round(time.monotonic() - started, 2))
             if rc == 0:
-                self._observe_peak(gpu_ids)  # before its slot frees: the trials waiting for it are placed by it
+                self._observe_peak(gpu_ids)
+            elif not alone and slots is not None and ctx.memory is not None:
+                shared = shared or slots.shared(gpu_ids)
+                if shared and launcher.is_oom(rc, launcher.log_tail(self.train_log)):
+                    oom_beside = True
+                    ctx.memory.out_of_memory()  # plan every later trial larger
         finally:
             if slots is not None and gpu_ids:
-                shared = shared or slots.shared(gpu_ids)
                 slots.release(gpu_ids, need_mb)
-        return rc, gpu_ids, shared
+        return rc, gpu_ids, oom_beside
 
     def _observe_peak(self, gpu_ids: list[int]) -> None:
         """The finished training run's peak GPU memory, taught to the memory model that plans the next trials."""
@@ -479,6 +483,9 @@ def _checkpointing(ctx: StudyContext, batch_size: int, max_length: int) -> bool 
 
 def _acquire(slots: GpuSlots, estimate: Callable[[], float], n: int, number: int) -> tuple[list[int], float]:
     """Wait for GPU room, but not past a stop request: the GPUs and the MB reserved on them."""
+    if slots.too_large(first := estimate()):
+        log.warning("trial %d: its memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM",
+                    number, first)  # fmt: skip
     waited = False
     while True:
         try:

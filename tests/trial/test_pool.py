@@ -235,6 +235,16 @@ def test_a_worker_outlives_the_thread_that_started_it(tmp_path):
     assert not started[0].alive()
 
 
+def _environ_after_exec(pid: int, timeout: float = 10.0) -> list[bytes]:
+    """A child's environment once it has exec'd: read between fork and exec, /proc shows an empty one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if environ != [b""] or time.monotonic() > deadline:
+            return environ
+        time.sleep(0.05)
+
+
 def test_workers_started_ahead_serve_the_first_trials_on_their_gpus(tmp_path, monkeypatch):
     """`sweep run` starts its workers before preparing data and MLflow: a trial on a GPU takes the idle worker
     started for that GPU (its cold start already paid) instead of starting one."""
@@ -245,8 +255,7 @@ def test_workers_started_ahead_serve_the_first_trials_on_their_gpus(tmp_path, mo
         ahead = list(pool.idle_workers())
         assert [w.gpus for w in ahead] == [(0,), (1,)] and all(w.alive() for w in ahead)
         for worker in ahead:
-            environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
-            assert f"CUDA_VISIBLE_DEVICES={worker.gpus[0]}".encode() in environ
+            assert f"CUDA_VISIBLE_DEVICES={worker.gpus[0]}".encode() in _environ_after_exec(worker.proc.pid)
         monkeypatch.setattr(pool, "_spawn", lambda launch: pytest.fail("a worker was started for a warm GPU"))
         work = tmp_path / "trial"
         work.mkdir()

@@ -294,8 +294,16 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
     experiment = tracker.experiment("share")
     parent = tracker.parent_run(experiment, "share", {}, "")
-    slots = GpuSlots({0: 80_000.0})
     memory = MemoryModel(ModelShape.from_dir(tiny_model))
+    floors_at_release: list[float] = []
+
+    class Slots(GpuSlots):
+        def release(self, gpus: list[int], need_mb: float) -> None:
+            if need_mb != 1_000.0:  # our trial's slot, not the neighbour's
+                floors_at_release.append(memory.floor)
+            super().release(gpus, need_mb)
+
+    slots = Slots({0: 80_000.0})
     neighbour = slots.acquire(1_000.0)  # another trial is on GPU 0 when ours starts
 
     def neighbour_leaves() -> None:  # after our trial's first attempt ran out of memory beside it
@@ -319,6 +327,7 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     assert "CUDA out of memory" in (work / "train.oom.log").read_text()
     assert trial.user_attrs["gpus"] == [0] and trial.user_attrs["best_step"] > 0
     assert memory.calibration == memory.floor == 1.25 * before, "later trials are planned larger, for good"
+    assert floors_at_release == [memory.floor] * 2, "learnt before the first slot freed: its waiters are placed by it"
     assert slots.count == {0: 0}, "every slot given back"
     tags = MlflowClient(tracking_uri=tracker.uri).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
     assert tags["retried_after_oom"] == "shared GPU" and tags["state"] == "COMPLETE"

@@ -382,8 +382,8 @@ def stepping_lines(sweep_r: dict) -> list[str]:
         rate = tokens / seconds if seconds else 0.0
         lines.append(f"      {k} stepping: {seconds:6.1f}s" + (f", {rate:,.0f} tokens/s, MFU {rate * 4 * PARAMS / PEAK_FLOPS:.1%}"
                                                              if k else " (between steps: set-up, validation, waiting)"))  # fmt: skip
-    return ["    the GPU's tokens/s by trials stepping at once (steps placed back to back after each trial's first "
-            "validation):", *lines] if lines else []  # fmt: skip
+    return ["    the GPU's tokens/s by trials stepping at once (steps placed back to back after each validation "
+            "point):", *lines] if lines else []  # fmt: skip
 
 
 def timeline_lines(sweep_r: dict) -> list[str]:

@@ -272,28 +272,42 @@ if not os.path.exists(marker):  # the first training job runs out of memory, lat
 """
 
 
-def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_model, monkeypatch):
-    """GPU slots with a fake device list: a trial that OOMs while sharing its GPU is retried alone, not lost."""
-    import threading
-
+def _slot_study(tmp_path: Path, tiny_model: Path, name: str):
+    """A one-trial study of the tiny model, for ``run_trial`` on fake GPU slots: returns a maker of its
+    StudyContext for given slots and memory model."""
     from sweep import data as data_mod
     from sweep import study as study_mod
     from sweep.registry.tracking import Tracker
     from sweep.spec import load_spec
-    from sweep.trial.placement import GpuSlots, MemoryModel, ModelShape
-    from sweep.trial.run import StudyContext, run_trial
+    from sweep.trial.run import StudyContext
     from sweep.xtuner.render import Device
+
+    spec = load_spec(write_spec(tmp_path, tiny_model, study=f"study: {name}", n_trials="n_trials: 1", **FAST))
+    checked = study_mod.check(spec)
+    root = tmp_path / "runs" / name
+    prepared = data_mod.prepare(spec.data, root / "data")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = tracker.experiment(name)
+    parent = tracker.parent_run(experiment, name, {}, "")
+
+    def context(slots, memory) -> StudyContext:
+        return StudyContext(spec, checked.base_cfg, checked.base_knobs, prepared, root, Device(cuda=False), tracker,
+                            experiment, parent, threads=2, slots=slots, memory=memory)  # fmt: skip
+
+    return context
+
+
+def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_model, monkeypatch):
+    """GPU slots with a fake device list: a trial that OOMs while sharing its GPU is retried alone, not lost."""
+    import threading
+
+    from sweep.trial.placement import GpuSlots, MemoryModel, ModelShape
+    from sweep.trial.run import run_trial
 
     inject = inject_into_training(tmp_path / "inject", OOM_ONCE_HOOK)
     monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject))
     monkeypatch.setenv("OOM_ONCE_MARKER", str(tmp_path / "oomed"))
-    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: share", n_trials="n_trials: 1", **FAST))
-    checked = study_mod.check(spec)
-    root = tmp_path / "runs" / "share"
-    prepared = data_mod.prepare(spec.data, root / "data")
-    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
-    experiment = tracker.experiment("share")
-    parent = tracker.parent_run(experiment, "share", {}, "")
+    context = _slot_study(tmp_path, tiny_model, "share")
     memory = MemoryModel(ModelShape.from_dir(tiny_model))
     floors_at_release: list[float] = []
 
@@ -313,8 +327,7 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
         slots.release(neighbour, 1_000.0)
 
     threading.Thread(target=neighbour_leaves, daemon=True).start()
-    ctx = StudyContext(spec, checked.base_cfg, checked.base_knobs, prepared, root, Device(cuda=False), tracker,
-                       experiment, parent, threads=2, slots=slots, memory=memory)  # fmt: skip
+    ctx = context(slots, memory)
     study = optuna.create_study(study_name="share", storage=f"sqlite:///{tmp_path / 's.db'}")
     before = memory.calibration
 
@@ -329,7 +342,7 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     assert memory.calibration == memory.floor == 1.25 * before, "later trials are planned larger, for good"
     assert floors_at_release == [memory.floor] * 2, "learnt before the first slot freed: its waiters are placed by it"
     assert slots.count == {0: 0}, "every slot given back"
-    tags = MlflowClient(tracking_uri=tracker.uri).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
+    tags = MlflowClient(tracking_uri=ctx.tracker.uri).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
     assert tags["retried_after_oom"] == "shared GPU" and tags["state"] == "COMPLETE"
 
 
@@ -354,22 +367,11 @@ hook.SweepHook._emit = emit
 def test_a_finished_trial_teaches_its_peak_before_its_slot_frees(tmp_path, tiny_model, monkeypatch):
     """The trials waiting for a slot are placed when it frees: by then the memory model must know the peak of the
     trial that freed it, or they are placed by the guess they began waiting with (docs/benchmarks.md, 2026-12-07)."""
-    from sweep import data as data_mod
-    from sweep import study as study_mod
-    from sweep.registry.tracking import Tracker
-    from sweep.spec import load_spec
     from sweep.trial.placement import GpuSlots, MemoryModel, ModelShape
-    from sweep.trial.run import StudyContext, run_trial
-    from sweep.xtuner.render import Device
+    from sweep.trial.run import run_trial
 
     monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject_into_training(tmp_path / "inject", PEAK_HOOK)))
-    spec = load_spec(write_spec(tmp_path, tiny_model, study="study: peak", n_trials="n_trials: 1", **FAST))
-    checked = study_mod.check(spec)
-    root = tmp_path / "runs" / "peak"
-    prepared = data_mod.prepare(spec.data, root / "data")
-    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
-    experiment = tracker.experiment("peak")
-    parent = tracker.parent_run(experiment, "peak", {}, "")
+    context = _slot_study(tmp_path, tiny_model, "peak")
     memory = MemoryModel(ModelShape.from_dir(tiny_model))
     seen_at_release: list[list[tuple[float, float]]] = []
 
@@ -379,8 +381,7 @@ def test_a_finished_trial_teaches_its_peak_before_its_slot_frees(tmp_path, tiny_
             super().release(gpus, need_mb)
 
     slots = Slots({0: 80_000.0})
-    ctx = StudyContext(spec, checked.base_cfg, checked.base_knobs, prepared, root, Device(cuda=False), tracker,
-                       experiment, parent, threads=2, slots=slots, memory=memory)  # fmt: skip
+    ctx = context(slots, memory)
     study = optuna.create_study(study_name="peak", storage=f"sqlite:///{tmp_path / 's.db'}")
 
     study.optimize(lambda t: run_trial(t, ctx), n_trials=1)

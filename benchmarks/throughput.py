@@ -273,8 +273,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
     trials = {}
     for number, index in enumerate(indices):
         trial_dir = folder / f"sweep-runs/{study}/trial_{number:04d}"
-        stream = trial_dir / "sweep_metrics.jsonl"
-        events = [json.loads(x) for x in stream.read_text().splitlines() if x.strip()] if stream.exists() else []
+        events = _events(trial_dir / "sweep_metrics.jsonl")
         state = states.get(number, "MISSING")
         if state != "COMPLETE" or not any(e["kind"] == "end" for e in events):  # failed, or never finished
             trials[str(index)] = {"bs": TRIALS[index][0], "r": TRIALS[index][1], "failed": True, "state": state,
@@ -659,11 +658,13 @@ def stepping_of(folder: Path) -> None:
     streams = sorted(folder.glob("**/trial_*/sweep_metrics.jsonl"))
     if not streams:
         raise SystemExit(f"stepping: no trial_*/sweep_metrics.jsonl under {folder} (unpack trials.tgz there)")
-    trials = {
-        str(n): {"steps_at": step_intervals([json.loads(x) for x in f.read_text().splitlines() if x.strip()], launched_at)}
-        for n, f in enumerate(streams)
-    }  # fmt: skip
+    trials = {str(n): {"steps_at": step_intervals(_events(f), launched_at)} for n, f in enumerate(streams)}
     print("\n".join(stepping_lines({"trials": trials})))
+
+
+def _events(stream: Path) -> list[dict]:
+    """A trial's metric stream (sweep_metrics.jsonl) as dicts; [] where it was never written."""
+    return [json.loads(x) for x in stream.read_text().splitlines() if x.strip()] if stream.exists() else []
 
 
 def _load(path: Path) -> dict:

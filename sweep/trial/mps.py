@@ -189,9 +189,12 @@ def start(gpus: list[int], wait: float = 10.0) -> MpsServer:
         # a client that cannot reach the server may run without it: only a server the daemon lists is one in use
         if not server.ask("get_server_list", timeout=wait).stdout.split():
             raise MpsUnavailable("a CUDA client ran, but the MPS control daemon lists no server")
-    except (OSError, subprocess.SubprocessError, MpsUnavailable) as err:
+    except MpsUnavailable:
         server.stop()
-        raise err if isinstance(err, MpsUnavailable) else MpsUnavailable(str(err)) from err
+        raise
+    except (OSError, subprocess.SubprocessError) as err:
+        server.stop()
+        raise MpsUnavailable(str(err)) from err
     except BaseException:  # ^C while it started: no daemon is left behind
         server.stop()
         raise

@@ -147,6 +147,11 @@ class GpuSlots:
         self.count = dict.fromkeys(gpus, 0)
         self._cond = threading.Condition()
 
+    @property
+    def one_gpu_mb(self) -> float:
+        """What one trial may plan to use of the smallest GPU: what a trial that runs alone reserves."""
+        return min(self.total.values()) * HEADROOM
+
     def too_large(self, need_mb: float) -> bool:
         """Whether a trial of ``need_mb`` fits on none of the GPUs: it then takes one alone (and may go OOM)."""
         return all(need_mb > t * HEADROOM for t in self.total.values())
@@ -163,8 +168,7 @@ class GpuSlots:
         return idle[:n] if len(idle) >= n else None  # a multi-GPU trial takes whole GPUs
 
     def acquire(self, need_mb: float, n: int = 1, timeout: float | None = None) -> list[int]:
-        if self.too_large(need_mb):
-            log.warning("a trial's memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM", need_mb)
+        """``acquire_estimated`` for a fixed estimate: the GPUs."""
         return self.acquire_estimated(lambda: need_mb, n, timeout)[0]
 
     def acquire_estimated(
@@ -177,22 +181,23 @@ class GpuSlots:
         """
         if n > len(self.total):
             raise ValueError(f"gpus_per_trial {n}: only {len(self.total)} GPU(s) given ({sorted(self.total)})")
-        cap = min(self.total.values()) * HEADROOM  # what a trial larger than every GPU reserves: one GPU alone
-        need = {"mb": 0.0}
+        need_mb = 0.0
 
         def fits() -> bool:
-            mb = estimate()
-            need["mb"] = cap if self.too_large(mb) else mb
-            return self._choose(n, need["mb"]) is not None
+            nonlocal need_mb
+            need_mb = estimate()
+            if self.too_large(need_mb):  # it runs alone on a GPU (the caller has warned)
+                need_mb = self.one_gpu_mb
+            return self._choose(n, need_mb) is not None
 
         with self._cond:
             if not self._cond.wait_for(fits, timeout=timeout):
-                raise TimeoutError(f"no GPU slot for {need['mb']:.0f} MB within {timeout}s")
-            chosen = self._choose(n, need["mb"])
+                raise TimeoutError(f"no GPU slot for {need_mb:.0f} MB within {timeout}s")
+            chosen = self._choose(n, need_mb)
             for g in chosen:
-                self.used[g] += need["mb"]
+                self.used[g] += need_mb
                 self.count[g] += 1
-            return chosen, need["mb"]
+            return chosen, need_mb
 
     def shared(self, gpus: list[int]) -> bool:
         """Whether another trial runs on any of these GPUs now."""

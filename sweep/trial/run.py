@@ -32,7 +32,7 @@ from sweep.registry.tracking import Tracker
 from sweep.search import suggest
 from sweep.spec import Spec
 from sweep.trial import launcher, protocol
-from sweep.trial.placement import HEADROOM, GpuSlots, MemoryModel
+from sweep.trial.placement import GpuSlots, MemoryModel
 from sweep.trial.pool import WorkerPool
 from sweep.trial.protocol import TrialFiles
 from sweep.xtuner.render import Device, render
@@ -247,7 +247,7 @@ class Trial:
 
             def estimate() -> float:  # asked again while the trial waits: finished trials recalibrate it
                 need = memory.estimate(p.batch_size, p.max_length, p.checkpointing is not False)
-                return max(need, min(slots.total.values()) * HEADROOM) if alone else need
+                return max(need, slots.one_gpu_mb) if alone else need
 
             gpu_ids, need_mb = _acquire(slots, estimate, self.spec.gpus_per_trial, trial.number)
             shared = slots.shared(gpu_ids)
@@ -477,8 +477,7 @@ def _checkpointing(ctx: StudyContext, batch_size: int, max_length: int) -> bool 
         return choice == "on"
     if ctx.slots is None or ctx.memory is None:
         return None
-    smallest = min(ctx.slots.total.values())
-    return ctx.memory.estimate(batch_size, max_length, checkpointing=False) > smallest * HEADROOM
+    return ctx.memory.estimate(batch_size, max_length, checkpointing=False) > ctx.slots.one_gpu_mb
 
 
 def _acquire(slots: GpuSlots, estimate: Callable[[], float], n: int, number: int) -> tuple[list[int], float]:

@@ -236,7 +236,8 @@ def test_a_worker_outlives_the_thread_that_started_it(tmp_path):
 
 
 def _environ_after_exec(pid: int, timeout: float = 10.0) -> list[bytes]:
-    """A child's environment once it has exec'd: read between fork and exec, /proc shows an empty one."""
+    """A just-started child's environment from /proc, read again while it is empty: one read right after Popen
+    returned came back empty once (``make test``, 2026-12-07)."""
     deadline = time.monotonic() + timeout
     while True:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

@@ -13,6 +13,11 @@ math what eager PyTorch computes, unless the spec trades them for speed:
   pointwise ops in fp32 where eager rounds each result to bf16, which moves the curve by rounding.
 - ``allow_unspec_int_on_nn_module``: a layer's ``layer_idx`` (an int attribute) is not specialised on, so
   one graph serves every layer instead of one recompile per layer (which hits dynamo's cache limit).
+The batch dimension of a layer's inputs is marked dynamic, so one graph serves every batch size above 1 (dynamo
+still gives batch 1 a graph of its own): a sweep's trials differ in batch size, and each static graph cost a
+full compile. What still gives a new graph is LoRA's rank and scaling (its weights' shapes, a float dynamo
+specialises on). Graphs land in inductor's on-disk cache, shared by the sweep's workers: a worker whose graph
+another compiled loads it instead of compiling it (docs/benchmarks.md measures both).
 A resident worker keeps its base model, and so its compiled layers, between trials: a later trial pays
 only for recompiling what its LoRA layers changed (docs/benchmarks.md measures what it costs).
 """
@@ -66,10 +71,35 @@ def use_compiled_layers(llm: Any, on: bool, *, fused_dropout: bool = False, exac
                 use = (
                     getattr(__layer, _MARK) and __layer.training
                 )  # reentrant checkpointing runs the forward without grad
-                return (__fast if use else __eager)(*args, **kwargs)
+                if not use:
+                    return __eager(*args, **kwargs)
+                _batch_dynamic(args, kwargs)
+                return __fast(*args, **kwargs)
 
             layer.forward = forward
         setattr(layer, _MARK, on)
+
+
+def _batch_dynamic(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Mark dimension 0 dynamic on the layer's inputs that carry the batch (hidden states, positions, RoPE's
+    cos and sin): marked on the hidden states alone, dynamo would specialise it again where they meet."""
+    import torch
+
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        return
+    batch = hidden.size(0)
+
+    def mark(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() >= 2 and value.size(0) == batch:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                mark(item)
+
+    mark(args)
+    mark(tuple(kwargs.values()))
 
 
 def _wrapped(llm: Any) -> bool:

@@ -144,6 +144,36 @@ def test_compiled_layers_keep_the_eager_bf16_curve_only_with_exact_casts(tiny_mo
     assert 5e-4 < largest_gap(fused_dropout, eager_dropout) < 2e-2, (eager_dropout, fused_dropout)  # other masks
 
 
+def test_one_compiled_graph_serves_every_batch_size_above_one(tiny_model):
+    """A sweep's trials differ in batch size: each static graph was a full compile (9-26 s on the H200). With
+    the batch marked dynamic, batch 3's graph also runs batch 2 and 4, to eager's loss in bf16 autocast."""
+    base, model = _lora_model(tiny_model, torch.bfloat16)
+    model.config.use_cache = False  # as XTuner trains (SupervisedFinetune sets it)
+    compiled.use_compiled_layers(base, True, exact_casts=True)
+    model.train()
+    frames = torch._dynamo.utils.counters["frames"]
+
+    def loss_at(batch: int) -> float:
+        ids = torch.randint(0, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad()
+        return loss.item()
+
+    before = frames["ok"]
+    loss_at(3)
+    after_first = frames["ok"]
+    assert after_first > before, "the first training step compiled"
+    compiled_losses = {batch: loss_at(batch) for batch in (2, 4)}
+    assert frames["ok"] == after_first, "batch 2 and 4 ran batch 3's graph: no new compile"
+    loss_at(1)
+    assert frames["ok"] > after_first, "batch 1 has a graph of its own (dynamo specialises sizes 0 and 1)"
+    compiled.use_compiled_layers(base, False)
+    for batch, got in compiled_losses.items():
+        assert got == pytest.approx(loss_at(batch), rel=1.5e-4), batch
+
+
 def test_gpu_only_fused_losses_are_refused_before_anything_runs(tmp_path, tiny_model):
     from sweep.preflight import check
     from sweep.xtuner.render import Device

@@ -288,6 +288,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "bs": TRIALS[index][0], "r": TRIALS[index][1], "iters": len(train),
             "train_seconds": sum(times), "tokens": tokens,
             "steady_iter_seconds": sorted(times[3:])[len(times[3:]) // 2] if len(times) > 3 else None,
+            "first_iter_seconds": times[0] if times else None,  # with speed.compile: the layers' compile in it
             "last_loss": train[-1]["train/loss"] if train else None,
             "losses": [e["train/loss"] for e in train],
             "rows_sha256": _rows_sha256(trial_dir),
@@ -404,7 +405,8 @@ def timeline_lines(sweep_r: dict) -> list[str]:
         f"{last - first:.1f}s (at least one trial training {busy:.1f}s of it, at most {most} at once); "
         f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s",
         *(
-            f"    trial {i}: asked {t.get('asked', float('nan')):.1f}s, slot {t['slot']:.1f}s, exit {t['exit']:.1f}s"
+            f"    trial {i}: asked {t.get('asked', float('nan')):.1f}s, slot {t['slot']:.1f}s, exit {t['exit']:.1f}s, "
+            f"first step {t.get('first_iter_seconds') or float('nan'):.1f}s"
             for i, t in sorted(sweep_r["trials"].items(), key=lambda kv: kv[1].get("slot", 1e9))
             if "slot" in t
         ),

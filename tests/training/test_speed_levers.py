@@ -174,6 +174,48 @@ def test_one_compiled_graph_serves_every_batch_size_above_one(tiny_model):
         assert got == pytest.approx(loss_at(batch), rel=1.5e-4), batch
 
 
+def test_model_train_walks_the_model_again_only_after_a_mode_change(tiny_model, monkeypatch):
+    """mmengine calls ``model.train()`` before every iteration; the walk is skipped while no module's mode was
+    set since. A validation point's ``eval()`` must still leave every module, LoRA's dropout included, training
+    again at the next ``train()``: else the steps after it would train without dropout (bf16 autocast here)."""
+    from sweep.training import patches
+
+    monkeypatch.setattr(torch.nn.Module, "train", torch.nn.Module.train)  # undone after the test
+    patches._train_mode_walked_on_change()
+    base, model = _lora_model(tiny_model, torch.bfloat16, dropout=0.5)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts, "LoRA's dropout modules"
+
+    def loss(seed: int) -> float:
+        torch.manual_seed(seed)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss.item()
+
+    def boom(mode: bool = True):
+        raise AssertionError("walked")
+
+    model.train()
+    dropouts[0].train = boom  # a walk would call it
+    model.train()  # nothing changed since the walk: skipped
+    dropouts[-1].eval()  # any module's mode set: the next train() walks
+    with pytest.raises(AssertionError, match="walked"):
+        model.train()
+    del dropouts[0].train
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.extra = torch.nn.Dropout(0.1)  # built after the walk: in training mode already
+    model.train()
+    assert model.extra.training
+
+    model.eval()  # a validation point: every module evaluates, always walked
+    assert not any(m.training for m in model.modules())
+    assert loss(1) == loss(2), "no dropout in eval mode"
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert loss(1) != loss(2), "dropout draws again in training mode"
+
+
 def test_gpu_only_fused_losses_are_refused_before_anything_runs(tmp_path, tiny_model):
     from sweep.preflight import check
     from sweep.xtuner.render import Device

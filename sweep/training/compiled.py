@@ -80,7 +80,7 @@ def use_compiled_layers(llm: Any, on: bool, *, fused_dropout: bool = False, exac
         setattr(layer, _MARK, on)
 
 
-def _batch_dynamic(args: tuple, kwargs: dict[str, Any]) -> None:
+def _batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Mark dimension 0 dynamic on the layer's inputs that carry the batch (hidden states, positions, RoPE's
     cos and sin): marked on the hidden states alone, dynamo would specialise it again where they meet."""
     import torch

@@ -123,32 +123,42 @@ def _no_pause_between_epochs() -> None:
 
 
 def _train_mode_walked_on_change() -> None:
-    """``module.train()`` skips its walk where nothing can have changed since its own last walk.
+    """``module.train()`` skips its walk where no module can have left training mode since its own last walk.
 
-    mmengine's iteration-based loop calls ``runner.model.train()`` before every iteration: on a LoRA model of
-    the Qwen2-1.5B shape that walk visits 2,333 modules each step, outside the step, where the GPU of a trial
-    alone waits for it (docs/benchmarks.md measures it). Every ``train``/``eval`` call on any module bumps a counter, and a module records
-    the counter its own walk ended at. ``train(True)`` is skipped only when that record is still current: no
-    module's mode was set since, so every flag below it is still what the walk set (modules built since
-    start in training mode too). ``eval()`` always walks. Code that assigns ``module.training`` itself
-    bypasses the counter; nothing in a trial's stack does.
+    mmengine's iteration-based loop calls ``runner.model.train()`` before every iteration. On a LoRA model of
+    the Qwen2-1.5B shape that walk visits thousands of modules each step, outside the step, where the GPU of a
+    trial alone waits for it (docs/benchmarks.md measures it). A token stands for "nothing left training mode":
+    every ``eval()``/``train(False)`` and every module attached anywhere (it may come in eval mode) replaces it.
+    A ``train(True)`` walk records the token it began under, and is skipped while that token is still current,
+    so every flag below it is still True. ``eval()`` always walks. What the skip also skips: a submodule's own
+    ``train()`` override (PEFT's DoRA clears an eval-mode cache there: unaffected), and ``module.training``
+    assigned directly, which nothing in a trial's stack does. Tokens are compared by identity: a copied or
+    unpickled module never matches, and concurrent jobs' threads can only make a walk happen, never skip one.
     """
     import torch
+    from torch.nn.modules import module as torch_module
 
     original = torch.nn.Module.train
     if getattr(original, "_sweep_walk_on_change", False):
         return
-    calls = [0]
+    token = [object()]
 
-    def train(self, mode: bool = True):
-        if mode is True and self.__dict__.get("_sweep_walked") == calls[0]:
+    def changed(*_: Any) -> None:
+        token[0] = object()
+
+    def train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+        if mode is not True:
+            changed()
+            return original(self, mode)
+        began = token[0]
+        if self.__dict__.get("_sweep_walked") is began:
             return self
-        calls[0] += 1
         result = original(self, mode)
-        self.__dict__["_sweep_walked"] = calls[0] if mode is True else None  # no Module.__setattr__: not a module
+        self.__dict__["_sweep_walked"] = began  # not through Module.__setattr__: a plain attribute
         return result
 
     train._sweep_walk_on_change = True  # type: ignore[attr-defined]
+    torch_module.register_module_module_registration_hook(changed)
     torch.nn.Module.train = train
 
 

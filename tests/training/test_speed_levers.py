@@ -145,8 +145,10 @@ def test_compiled_layers_keep_the_eager_bf16_curve_only_with_exact_casts(tiny_mo
 
 
 def test_one_compiled_graph_serves_every_batch_size_above_one(tiny_model):
-    """A sweep's trials differ in batch size: each static graph was a full compile (9-26 s on the H200). With
-    the batch marked dynamic, batch 3's graph also runs batch 2 and 4, to eager's loss in bf16 autocast."""
+    """A sweep's trials differ in batch size, and each static graph was a full compile (docs/benchmarks.md). With
+    the batch marked dynamic, batch 3's graph also runs batch 2 and 4, to eager's loss in bf16 autocast. The
+    positions come in with a batch dimension (as XTuner's varlen attention passes them): RoPE's cos and sin then
+    carry it too, and must be marked with the hidden states."""
     base, model = _lora_model(tiny_model, torch.bfloat16)
     model.config.use_cache = False  # as XTuner trains (SupervisedFinetune sets it)
     compiled.use_compiled_layers(base, True, exact_casts=True)
@@ -155,8 +157,9 @@ def test_one_compiled_graph_serves_every_batch_size_above_one(tiny_model):
 
     def loss_at(batch: int) -> float:
         ids = torch.randint(0, 1000, (batch, 32), generator=torch.Generator().manual_seed(batch))
+        positions = torch.arange(32).expand(batch, 32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
         loss.backward()
         model.zero_grad()
         return loss.item()
@@ -204,9 +207,17 @@ def test_model_train_walks_the_model_again_only_after_a_mode_change(tiny_model, 
     del dropouts[0].train
     model.train()
     assert all(m.training for m in model.modules())
-    model.extra = torch.nn.Dropout(0.1)  # built after the walk: in training mode already
+    model.late = torch.nn.Dropout(0.1).eval()  # attached after the walk, in eval mode: the next train() walks
     model.train()
-    assert model.extra.training
+    assert model.late.training
+
+    other = torch.nn.Sequential(torch.nn.Dropout(0.1))  # another job's model in the same process
+    other.train()
+    model.train()
+    other[0].train = dropouts[0].train = boom
+    model.train()  # one job's walk leaves the other's record current: both skip
+    other.train()
+    del other[0].train, dropouts[0].train
 
     model.eval()  # a validation point: every module evaluates, always walked
     assert not any(m.training for m in model.modules())

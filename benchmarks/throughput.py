@@ -382,8 +382,16 @@ def stepping_lines(sweep_r: dict) -> list[str]:
         rate = tokens / seconds if seconds else 0.0
         lines.append(f"      {k} stepping: {seconds:6.1f}s" + (f", {rate:,.0f} tokens/s, MFU {rate * 4 * PARAMS / PEAK_FLOPS:.1%}"
                                                              if k else " (between steps: set-up, validation, waiting)"))  # fmt: skip
+    if not lines:
+        return []
+    firsts = [t["steps_at"][0] for t in sweep_r.get("trials", {}).values() if t.get("steps_at")]
+    later = stepping([(t.get("steps_at") or [])[1:] for t in sweep_r.get("trials", {}).values()])
+    without = ", ".join(f"{k} at once {tokens / seconds:,.0f} tokens/s ({seconds:.0f}s)"
+                        for k, (seconds, tokens) in sorted(later.items()) if k and seconds)  # fmt: skip
     return ["    the GPU's tokens/s by trials stepping at once (steps placed back to back after each validation "
-            "point):", *lines] if lines else []  # fmt: skip
+            "point):", *lines,
+            f"      each trial's first step left out ({len(firsts)} steps, {sum(e - s for s, e, _ in firsts):.1f}s in all; "
+            f"with speed.compile the compile is in it): {without}"]  # fmt: skip
 
 
 def timeline_lines(sweep_r: dict) -> list[str]:

@@ -216,6 +216,9 @@ def test_the_gpus_tokens_per_second_by_trials_stepping_at_once():
     assert sum(t for _, t in by_k.values()) == 4 * 100 + 2 * 100 + 80, "every token counted once"
     lines = throughput.stepping_lines({"trials": {str(i): {"steps_at": s} for i, s in enumerate(steps)}})
     assert "      2 stepping:    2.0s, 150 tokens/s" in "\n".join(lines)
+    # without first steps: one's 3-6 s and two's 6-8 s, never at once; the late trial's only step is a first step
+    assert lines[-1] == ("      each trial's first step left out (3 steps, 4.0s in all; with speed.compile the compile "
+                         "is in it): 1 at once 80 tokens/s (5s)")  # fmt: skip
 
 
 def test_a_run_of_part_of_the_trials_compares_with_those_trials_of_stock_only(tmp_path):

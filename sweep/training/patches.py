@@ -128,7 +128,8 @@ def _train_mode_walked_on_change() -> None:
     mmengine's iteration-based loop calls ``runner.model.train()`` before every iteration. On a LoRA model of
     the Qwen2-1.5B shape that walk visits thousands of modules each step, outside the step, where the GPU of a
     trial alone waits for it (docs/benchmarks.md measures it). A token stands for "nothing left training mode":
-    every ``eval()``/``train(False)`` and every module attached anywhere (it may come in eval mode) replaces it.
+    every ``eval()``/``train(False)`` replaces it, and so does attaching a module that is in eval mode (not every
+    attachment: Qwen2's forward slices its ModuleList of layers, which attaches each layer to a new list).
     A ``train(True)`` walk records the token it began under, and is skipped while that token is still current,
     so every flag below it is still True. ``eval()`` always walks. What the skip also skips: a submodule's own
     ``train()`` override (PEFT's DoRA clears an eval-mode cache there: unaffected), and ``module.training``
@@ -143,8 +144,12 @@ def _train_mode_walked_on_change() -> None:
         return
     token = [object()]
 
-    def changed(*_: Any) -> None:
+    def changed() -> None:
         token[0] = object()
+
+    def attached(parent: torch.nn.Module, name: str, child: torch.nn.Module | None) -> None:
+        if child is not None and not child.training:
+            changed()
 
     def train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
         if mode is not True:
@@ -158,7 +163,7 @@ def _train_mode_walked_on_change() -> None:
         return result
 
     train._sweep_walk_on_change = True  # type: ignore[attr-defined]
-    torch_module.register_module_module_registration_hook(changed)
+    torch_module.register_module_module_registration_hook(attached)
     torch.nn.Module.train = train
 
 

@@ -199,8 +199,9 @@ def test_model_train_walks_the_model_again_only_after_a_mode_change(tiny_model, 
         raise AssertionError("walked")
 
     model.train()
+    loss(0)  # a training forward: Qwen2's slices its ModuleList of layers, attaching each to a new list
     dropouts[0].train = boom  # a walk would call it
-    model.train()  # nothing changed since the walk: skipped
+    model.train()  # nothing left training mode since the walk: skipped
     dropouts[-1].eval()  # any module's mode set: the next train() walks
     with pytest.raises(AssertionError, match="walked"):
         model.train()

@@ -288,7 +288,6 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "bs": TRIALS[index][0], "r": TRIALS[index][1], "iters": len(train),
             "train_seconds": sum(times), "tokens": tokens,
             "steady_iter_seconds": sorted(times[3:])[len(times[3:]) // 2] if len(times) > 3 else None,
-            "first_iter_seconds": times[0] if times else None,  # with speed.compile: the layers' compile in it
             "last_loss": train[-1]["train/loss"] if train else None,
             "losses": [e["train/loss"] for e in train],
             "rows_sha256": _rows_sha256(trial_dir),
@@ -374,9 +373,14 @@ def stepping(trials: list[list[list[float]]]) -> dict[int, tuple[float, float]]:
     return out
 
 
+def _first_step_seconds(trial: dict) -> float:
+    return trial["steps_at"][0][1] - trial["steps_at"][0][0] if trial.get("steps_at") else float("nan")
+
+
 def stepping_lines(sweep_r: dict) -> list[str]:
     """What the GPU gave with 1, 2, 3 ... trials stepping at once: whether more trials at once train more tokens."""
-    by_k = stepping([t.get("steps_at") or [] for t in sweep_r.get("trials", {}).values()])
+    each = [t.get("steps_at") or [] for t in sweep_r.get("trials", {}).values()]
+    by_k = stepping(each)
     lines = []
     for k, (seconds, tokens) in sorted(by_k.items()):
         rate = tokens / seconds if seconds else 0.0
@@ -384,8 +388,8 @@ def stepping_lines(sweep_r: dict) -> list[str]:
                                                              if k else " (between steps: set-up, validation, waiting)"))  # fmt: skip
     if not lines:
         return []
-    firsts = [t["steps_at"][0] for t in sweep_r.get("trials", {}).values() if t.get("steps_at")]
-    later = stepping([(t.get("steps_at") or [])[1:] for t in sweep_r.get("trials", {}).values()])
+    firsts = [steps[0] for steps in each if steps]
+    later = stepping([steps[1:] for steps in each])
     without = ", ".join(f"{k} at once {tokens / seconds:,.0f} tokens/s ({seconds:.0f}s)"
                         for k, (seconds, tokens) in sorted(later.items()) if k and seconds)  # fmt: skip
     return ["    the GPU's tokens/s by trials stepping at once (steps placed back to back after each validation "
@@ -414,7 +418,7 @@ def timeline_lines(sweep_r: dict) -> list[str]:
         f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s",
         *(
             f"    trial {i}: asked {t.get('asked', float('nan')):.1f}s, slot {t['slot']:.1f}s, exit {t['exit']:.1f}s, "
-            f"first step {t.get('first_iter_seconds') or float('nan'):.1f}s"
+            f"first step {_first_step_seconds(t):.1f}s"  # with speed.compile: the layers' compile in it
             for i, t in sorted(sweep_r["trials"].items(), key=lambda kv: kv[1].get("slot", 1e9))
             if "slot" in t
         ),

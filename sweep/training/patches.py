@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sweep.training import base_model, llava
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 from sweep.xtuner import maps
 
 _PREPARED = False
@@ -122,26 +125,28 @@ def _no_pause_between_epochs() -> None:
     iterator.__next__ = __next__
 
 
-def _train_mode_walked_on_change() -> None:
+def _train_mode_walked_on_change() -> RemovableHandle | None:
     """``module.train()`` skips its walk where no module can have left training mode since its own last walk.
 
     mmengine's iteration-based loop calls ``runner.model.train()`` before every iteration. On a LoRA model of
     the Qwen2-1.5B shape that walk visits thousands of modules each step, outside the step, where the GPU of a
     trial alone waits for it (docs/benchmarks.md measures it). A token stands for "nothing left training mode":
-    every ``eval()``/``train(False)`` replaces it, and so does attaching a module that is in eval mode (not every
-    attachment: Qwen2's forward slices its ModuleList of layers, which attaches each layer to a new list).
+    every ``eval()``/``train(False)`` replaces it, and so does attaching a module that is in eval mode (its own
+    flag is read, not its children's; not every attachment: Qwen2's forward slices its ModuleList of layers,
+    which attaches each layer to a new list, every step).
     A ``train(True)`` walk records the token it began under, and is skipped while that token is still current,
     so every flag below it is still True. ``eval()`` always walks. What the skip also skips: a submodule's own
     ``train()`` override (PEFT's DoRA clears an eval-mode cache there: unaffected), and ``module.training``
     assigned directly, which nothing in a trial's stack does. Tokens are compared by identity: a copied or
     unpickled module never matches, and concurrent jobs' threads can only make a walk happen, never skip one.
+    Returns the registration hook's handle (None where the patch was already in place).
     """
     import torch
     from torch.nn.modules import module as torch_module
 
     original = torch.nn.Module.train
     if getattr(original, "_sweep_walk_on_change", False):
-        return
+        return None
     token = [object()]
 
     def changed() -> None:
@@ -163,8 +168,9 @@ def _train_mode_walked_on_change() -> None:
         return result
 
     train._sweep_walk_on_change = True  # type: ignore[attr-defined]
-    torch_module.register_module_module_registration_hook(attached)
+    handle = torch_module.register_module_module_registration_hook(attached)
     torch.nn.Module.train = train
+    return handle
 
 
 def _widen_short_schedules() -> None:

@@ -177,14 +177,16 @@ def test_one_compiled_graph_serves_every_batch_size_above_one(tiny_model):
         assert got == pytest.approx(loss_at(batch), rel=1.5e-4), batch
 
 
-def test_model_train_walks_the_model_again_only_after_a_mode_change(tiny_model, monkeypatch):
+def test_model_train_walks_the_model_again_only_after_a_mode_change(tiny_model, monkeypatch, request):
     """mmengine calls ``model.train()`` before every iteration; the walk is skipped while no module's mode was
     set since. A validation point's ``eval()`` must still leave every module, LoRA's dropout included, training
     again at the next ``train()``: else the steps after it would train without dropout (bf16 autocast here)."""
     from sweep.training import patches
 
     monkeypatch.setattr(torch.nn.Module, "train", torch.nn.Module.train)  # undone after the test
-    patches._train_mode_walked_on_change()
+    handle = patches._train_mode_walked_on_change()
+    assert handle is not None, "installed here (no training process in this one)"
+    request.addfinalizer(handle.remove)  # and the module registration hook with it
     base, model = _lora_model(tiny_model, torch.bfloat16, dropout=0.5)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]

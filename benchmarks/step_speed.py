@@ -12,7 +12,8 @@ device's 10-minute limit:
 
 A sweep variant is `BATCH:LEVERS`, levers joined by `+` from: off (no lever), chunked, cce, liger (speed.fused_loss),
 compile (speed.compile), fastdrop (speed.compile_dropout: fused), exact (speed.compile_exact_casts),
-loader (speed.data_workers: 2; else 0), fusedopt (speed.fused_optimizer), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
+loader (speed.data_workers: 2; else 0), fusedopt (speed.fused_optimizer), ligerk (speed.fused_kernels: on), lora16
+(speed.lora_input_16bit), nodrop (lora_dropout 0 instead of 0.1: the math changes, for
 comparing compiled and eager curves without dropout masks), rngrecompute (functorch's `functionalize_rng_ops`:
 the compiled backward draws the dropout masks again from their seed instead of keeping them; CUDA only, not a
 `speed:` setting: with torch 2.9's inductor and these settings the first step never finished on an H200, see
@@ -57,6 +58,8 @@ LEVERS = {
     "profile",
     "loader",
     "rngrecompute",
+    "ligerk",
+    "lora16",
 }
 
 
@@ -136,7 +139,8 @@ search_space: {{}}
 eval_every: 100000000
 speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activation_checkpointing: "off",
         fused_optimizer: {str("fusedopt" in levers).lower()}, compile_dropout: {"fused" if "fastdrop" in levers else "eager"},
-        compile_exact_casts: {str("exact" in levers).lower()}, data_workers: {2 if "loader" in levers else 0}}}
+        compile_exact_casts: {str("exact" in levers).lower()}, data_workers: {2 if "loader" in levers else 0},
+        fused_kernels: {"on" if "ligerk" in levers else "off"}, lora_input_16bit: {str("lora16" in levers).lower()}}}
 """
     )
     spec = load_spec(spec_file)
@@ -245,6 +249,17 @@ def report() -> int:
     for name, r in results.items():
         if r.get("losses"):
             print(f"{name:28s} " + " ".join(f"{x:.4f}" for x in r["losses"]))
+    print("\nlargest relative loss difference to the run of the same batch, loss and dropout without other levers:")
+    for name, r in results.items():
+        if not name.startswith("sweep:") or not r.get("losses"):
+            continue
+        levers = set(r.get("levers") or ()) & {"chunked", "cce", "liger", "nodrop"}
+        ref = results.get(f"sweep:{r['batch']}:{'+'.join(sorted(levers)) or 'off'}")
+        if ref is None or ref is r or not ref.get("losses"):
+            continue
+        diffs = [abs(x - y) / abs(y) for x, y in zip(r["losses"], ref["losses"], strict=False) if y]
+        step = max(range(len(diffs)), key=diffs.__getitem__)
+        print(f"{name:28s} {diffs[step]:.2e} (step {step + 1})")
     failed = [name for name, r in results.items() if r.get("failed")]
     if failed:
         print(f"\n{len(failed)} run(s) failed ({', '.join(failed)}): no speed-up is claimed")

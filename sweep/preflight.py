@@ -65,6 +65,12 @@ def check_speed(spec: Spec, device: Device | None) -> None:
             raise SpecError(f"speed.fused_loss: {impl} runs on CUDA GPUs only; on this machine use chunked or off")
         if not speed.installed(module):
             raise SpecError(f"speed.fused_loss: {impl} needs the package {package} (pip install {package})")
+    if spec.speed.fused_kernels == "on":
+        module, package = speed.FUSED_KERNELS_PACKAGE
+        if device is not None and not device.cuda:
+            raise SpecError("speed.fused_kernels: on runs Triton kernels, on CUDA GPUs only; on this machine use off")
+        if not speed.installed(module):
+            raise SpecError(f"speed.fused_kernels: on needs the package {package} (pip install {package})")
     if impl not in ("off", "auto") and (key := speed.scales_logits(spec.model.path)):
         raise SpecError(
             f"speed.fused_loss: {impl} cannot be used with {spec.model.path}: its config.json sets {key}, which "

@@ -47,6 +47,18 @@ def fused_loss(spec: Spec, device: Device | None) -> str:
     return next((impl for impl, (module, _) in FUSED_LOSS_PACKAGES.items() if installed(module)), "off")
 
 
+#: The package ``speed.fused_kernels`` imports, and how to get it.
+FUSED_KERNELS_PACKAGE = ("liger_kernel", "liger-kernel")
+
+
+def fused_kernels(spec: Spec, device: Device | None) -> bool:
+    """``speed.fused_kernels`` as this trial runs it: ``auto`` is on for CUDA where Liger-Kernel is installed."""
+    setting = spec.speed.fused_kernels
+    if setting != "auto":
+        return setting == "on"
+    return device is not None and device.cuda and installed(FUSED_KERNELS_PACKAGE[0])
+
+
 def fused_optimizer(spec: Spec, device: Device | None) -> bool:
     """``speed.fused_optimizer``: ``auto`` is on for CUDA (one kernel per step instead of a loop of them)."""
     setting = spec.speed.fused_optimizer

@@ -27,7 +27,7 @@ from objectives import WEIGHTED, weighted
 from objectives.noise import se_name, weighted_se
 from objectives.selection import Keeper, Point
 from sweep import atomic, groups
-from sweep.training import baseline, compiled, cotrain, fused_loss, job, llava
+from sweep.training import baseline, compiled, cotrain, fused_loss, job, kernels, llava
 from sweep.training.amp import keep_frozen_weights_16bit, training_autocast, trains_under_autocast
 from sweep.training.memory import PEAK_KEY
 from sweep.training.metrics import ValLossMetric, general_loss
@@ -97,6 +97,8 @@ class SweepHook(Hook):
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # the Transformers model PEFT wraps
         if self.settings.fused_loss != "off":
             fused_loss.install(base, self.settings.fused_loss)
+        fused = kernels.use_fused_kernels(base, self.settings.fused_kernels)
+        input_16bit = kernels.keep_lora_input_16bit(llm, self.settings.lora_input_16bit)
         compiled.use_compiled_layers(base, self.settings.compile, fused_dropout=self.settings.compile_dropout == "fused",
                                      exact_casts=self.settings.compile_exact_casts)  # fmt: skip
         if self.settings.general_val:
@@ -109,7 +111,10 @@ class SweepHook(Hook):
             self.answers = Answers(self.settings.generation)
         joined = self._join_other_trials(runner)  # last: the set-up's draws from the global generators are done
         self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
-                                  self.settings.fused_loss, self.settings.compile, job_began=job.began(),
+                                  self.settings.fused_loss, self.settings.compile,
+                                  fused_kernels=fused if self.settings.fused_kernels else 0,
+                                  lora_input_16bit=input_16bit if self.settings.lora_input_16bit else 0,
+                                  job_began=job.began(),
                                   runner_built=self._runner_built, joined_steps=joined))  # fmt: skip
 
     def _join_other_trials(self, runner) -> bool:

@@ -126,6 +126,8 @@ class HookSettings:
     compile: bool = False  # speed.compile
     compile_dropout: str = "fused"  # speed.compile_dropout
     compile_exact_casts: bool = True  # speed.compile_exact_casts
+    fused_kernels: bool = False  # speed.fused_kernels as this trial runs it
+    lora_input_16bit: bool = False  # speed.lora_input_16bit
     groups: list[str] | None = None  # the validation rows' groups: metrics per group too (sweep.groups)
     keep: str = "best"  # objective.keep: which point's adapter is kept (objectives.selection)
 
@@ -162,6 +164,8 @@ class Start(Event):
     frozen_weights_16bit: int = 0  # elements of frozen weights put back in 16 bits
     fused_loss: str = "off"  # the loss implementation training uses
     compiled: bool = False  # decoder layers run compiled in training steps (compiling is in the first steps' time)
+    fused_kernels: int = 0  # norms and MLPs switched to Liger's kernels (speed.fused_kernels; they run on CUDA only)
+    lora_input_16bit: int = 0  # LoRA layers that take a 16-bit input as it comes (speed.lora_input_16bit)
     # when (wall clock) the training process began this job and mmengine's runner was built (its before_run): the
     # set-up before ``time`` split into the job's hand-over, the runner (config, model, LoRA, data loaders,
     # optimizer) and the rest (weight init, resume, the hooks' before_train)

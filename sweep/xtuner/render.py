@@ -185,6 +185,8 @@ def render(
         compile=spec.speed.compile,
         compile_dropout=spec.speed.compile_dropout,
         compile_exact_casts=spec.speed.compile_exact_casts,
+        fused_kernels=speed.fused_kernels(spec, device),
+        lora_input_16bit=spec.speed.lora_input_16bit,
         groups=list(files.groups) or None,
         keep=objective.keep,
     )

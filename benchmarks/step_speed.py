@@ -140,7 +140,7 @@ eval_every: 100000000
 speed: {{fused_loss: {fused}, compile: {str("compile" in levers).lower()}, activation_checkpointing: "off",
         fused_optimizer: {str("fusedopt" in levers).lower()}, compile_dropout: {"fused" if "fastdrop" in levers else "eager"},
         compile_exact_casts: {str("exact" in levers).lower()}, data_workers: {2 if "loader" in levers else 0},
-        fused_kernels: {"on" if "ligerk" in levers else "off"}, lora_input_16bit: {str("lora16" in levers).lower()}}}
+        fused_kernels: {"on" if "ligerk" in levers else "off"}, lora_input_16bit: {"on" if "lora16" in levers else "off"}}}
 """
     )
     spec = load_spec(spec_file)

@@ -285,9 +285,10 @@ class SpeedSpec(_Strict):
     compile: bool = False  # each decoder layer under torch.compile (sweep.training.compiled)
     # Liger-Kernel's fused RMSNorm and SiLU-times-up kernels in eager decoder layers (sweep.training.kernels); auto:
     # on a GPU where liger-kernel is installed, else off
-    fused_kernels: Literal["auto", "on", "off"] = "off"
-    # LoRA layers take a 16-bit input as it is, not cast to the adapter's fp32 (PEFT's cast_input_dtype_enabled)
-    lora_input_16bit: bool = False
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
+    # LoRA layers take a 16-bit input as it is, not cast to the adapter's fp32 (PEFT's cast_input_dtype_enabled);
+    # auto: on CUDA, whose dropout kernel scales in fp32 for either dtype (the CPU's rounds 1/(1-p) to bf16)
+    lora_input_16bit: Literal["auto", "on", "off"] = "auto"
     # compiled layers' LoRA dropout masks: "eager" draws them as an eager step does (the same masks, an eager
     # kernel beside the compiled graph), "fused" inside the compiled kernel (other masks, same distribution)
     compile_dropout: Literal["eager", "fused"] = "fused"
@@ -308,7 +309,15 @@ class SpeedSpec(_Strict):
                              "used with speed.compile: true (choose one)")  # fmt: skip
         return self
 
-    @field_validator("activation_checkpointing", "fused_loss", "fused_kernels", "fused_optimizer", "mps", mode="before")
+    @field_validator(
+        "activation_checkpointing",
+        "fused_loss",
+        "fused_kernels",
+        "lora_input_16bit",
+        "fused_optimizer",
+        "mps",
+        mode="before",
+    )
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         """YAML 1.1 reads a bare ``on``/``off`` as a boolean: take it as the word the user wrote."""

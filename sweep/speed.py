@@ -59,6 +59,12 @@ def fused_kernels(spec: Spec, device: Device | None) -> bool:
     return device is not None and device.cuda and installed(FUSED_KERNELS_PACKAGE[0])
 
 
+def lora_input_16bit(spec: Spec, device: Device | None) -> bool:
+    """``speed.lora_input_16bit`` as this trial runs it: ``auto`` is on for CUDA."""
+    setting = spec.speed.lora_input_16bit
+    return setting == "on" or (setting == "auto" and device is not None and device.cuda)
+
+
 def fused_optimizer(spec: Spec, device: Device | None) -> bool:
     """``speed.fused_optimizer``: ``auto`` is on for CUDA (one kernel per step instead of a loop of them)."""
     setting = spec.speed.fused_optimizer

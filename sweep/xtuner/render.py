@@ -186,7 +186,7 @@ def render(
         compile_dropout=spec.speed.compile_dropout,
         compile_exact_casts=spec.speed.compile_exact_casts,
         fused_kernels=speed.fused_kernels(spec, device),
-        lora_input_16bit=spec.speed.lora_input_16bit,
+        lora_input_16bit=speed.lora_input_16bit(spec, device),
         groups=list(files.groups) or None,
         keep=objective.keep,
     )

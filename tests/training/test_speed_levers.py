@@ -309,7 +309,7 @@ def test_the_fused_optimizer_and_data_workers_train_the_same_curve_in_bf16(tmp_p
 def test_a_trial_with_lora_input_16bit_trains_the_same_curve_in_bf16(tmp_path, tiny_model, plain):
     """Through a real sweep trial (bf16 weights, bf16 AMP on the CPU, no dropout): the same losses to the bit, and
     the trial's start event says how many LoRA layers took their input as it came."""
-    losses = _train_losses(tmp_path, tiny_model, "off", "lora_input_16bit: true")
+    losses = _train_losses(tmp_path, tiny_model, "off", "lora_input_16bit: on")
     assert losses == plain
     (stream,) = tmp_path.rglob("trial_0000/sweep_metrics.jsonl")
     start = next(e for e in map(json.loads, stream.read_text().splitlines()) if e["kind"] == "start")

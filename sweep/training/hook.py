@@ -154,8 +154,10 @@ class SweepHook(Hook):
         ids = data.get("input_ids")
         tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
         tokens *= get_world_size()
+        reserved_mb = None
         if torch.cuda.is_available():  # the peak StepMemoryHook read before LoggerHook reset it
             memory_mb = runner.message_hub.get_info(PEAK_KEY, torch.cuda.max_memory_allocated() / 2**20)
+            reserved_mb = torch.cuda.max_memory_reserved() / 2**20  # what the sweep plans by (no sync: a counter)
         else:
             memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         loss = (outputs or {}).get("loss")
@@ -164,6 +166,7 @@ class SweepHook(Hook):
             "train/lr": float(runner.optim_wrapper.get_lr()["lr"][0]),
             "perf/tokens_per_sec": tokens / seconds if seconds > 0 else 0.0,
             "perf/memory_mb": memory_mb,
+            protocol.RESERVED_KEY: reserved_mb,
             "perf/iter_seconds": seconds,
         }
         self._emit(protocol.Train(done, self.step, metrics))

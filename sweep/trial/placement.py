@@ -3,8 +3,8 @@
 One small LoRA trial leaves most of an H100 idle (about 3 % model FLOPs at batch 1), so a sweep packs
 trials onto GPUs by memory. A trial's memory is estimated from its batch size and sequence length
 (weights, the fp32 logits and their gradient, the activations kept per layer) and the estimate is
-calibrated by the peak each finished trial really reached, so the packing gets tighter or looser
-as evidence comes in. ``CUDA_VISIBLE_DEVICES`` then points each trial's process at its GPU(s).
+calibrated by the peak each trial really reached (after its first iterations, then at its end), so the
+packing gets tighter or looser as evidence comes in; a running trial's own slot shrinks to its measured peak. ``CUDA_VISIBLE_DEVICES`` then points each trial's process at its GPU(s).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from sweep.trial.protocol import FUSED_LOSS_CHUNK
 log = logging.getLogger("sweep")
 CONTEXT_MB = 600.0  # a CUDA context and the allocator's slack, per process
 HEADROOM = 0.92  # of each GPU's memory that trials may plan to use
+FITTED_MARGIN = 1.10  # a running trial's slot, fitted to its measured reserve: room for a later validation point
 MAX_PER_GPU = 8
 
 
@@ -73,6 +74,7 @@ class MemoryModel:
     calibration: float = 2.7
     measured: list[tuple[float, float]] = field(default_factory=list)  # (formula, measured) pairs
     floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
+    _keys: list[Hashable] = field(default_factory=list, repr=False, compare=False)  # whose peak each measurement is
     fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -111,17 +113,23 @@ class MemoryModel:
         least = min(y / x for x, y in zip(xs, ys, strict=True))
         return max(base + slope * formula, least * formula) * 1.05
 
-    def observe(self, batch_size: int, max_length: int, checkpointing: bool, peak_mb: float) -> None:
-        """A finished trial's measured peak: the calibration becomes the largest ratio seen, plus 5 %.
+    def observe(self, batch_size: int, max_length: int, checkpointing: bool, peak_mb: float,
+                key: Hashable | None = None) -> None:  # fmt: skip
+        """A trial's measured peak: the calibration becomes the largest ratio seen, plus 5 %.
 
         Evidence replaces the default (a smaller model than the fit's packs tighter), but the plan
-        never drops below a ratio that once ran out of memory.
+        never drops below a ratio that once ran out of memory. A peak observed again under the same ``key`` (a
+        running trial's, then the same trial's at its end) replaces the one before.
         """
         formula = self.formula(batch_size, max_length, checkpointing)
         if formula <= 0 or peak_mb <= 0:
             return
         with self._lock:
-            self.measured.append((formula, peak_mb))
+            if key is not None and key in self._keys:
+                self.measured[self._keys.index(key)] = (formula, peak_mb)
+            else:
+                self.measured.append((formula, peak_mb))
+                self._keys.append(key)
             self.calibration = max(self.floor, max(p / f for f, p in self.measured) * 1.05)
 
     def out_of_memory(self) -> None:
@@ -198,6 +206,13 @@ class GpuSlots:
                 self.used[g] += need_mb
                 self.count[g] += 1
             return chosen, need_mb
+
+    def resize(self, gpus: list[int], from_mb: float, to_mb: float) -> None:
+        """A running trial's reservation becomes ``to_mb`` (what ``release`` then gives back); waiters are woken."""
+        with self._cond:
+            for g in gpus:
+                self.used[g] = max(0.0, self.used[g] - from_mb + to_mb)
+            self._cond.notify_all()
 
     def shared(self, gpus: list[int]) -> bool:
         """Whether another trial runs on any of these GPUs now."""

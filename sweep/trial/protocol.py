@@ -48,6 +48,13 @@ VAL_METRIC_TYPE = "sweep.training.metrics.ValLossMetric"
 CPU_AMP_WRAPPER_TYPE = "sweep.training.amp.CpuAmpOptimWrapper"
 MEMORY_HOOK_TYPE = "sweep.training.memory.StepMemoryHook"
 
+#: A training iteration's metric: the allocator's reserve so far (``torch.cuda.max_memory_reserved``), in MB; the peak
+#: the sweep plans trials by, sent with every iteration so that a trial's slot fits it after its first iterations.
+RESERVED_KEY = "perf/reserved_mb"
+#: After this many iterations a trial has reached its peak (optimizer states exist from the first one on; packed rows
+#: give every step the same shape), and its GPU slot is fitted to the reserve it reports.
+PEAK_AFTER_ITERS = 2
+
 #: ``speed.fused_loss``'s logits exist for at most this many positions at once (what the memory plan counts on).
 FUSED_LOSS_CHUNK = 2048
 #: Model config keys that rescale or cap the logits (Gemma, Cohere, Granite, MiniCPM): no fused loss for them.

@@ -32,7 +32,7 @@ from sweep.registry.tracking import Tracker
 from sweep.search import suggest
 from sweep.spec import Spec
 from sweep.trial import launcher, protocol
-from sweep.trial.placement import GpuSlots, MemoryModel
+from sweep.trial.placement import CONTEXT_MB, FITTED_MARGIN, GpuSlots, MemoryModel
 from sweep.trial.pool import WorkerPool
 from sweep.trial.protocol import TrialFiles
 from sweep.xtuner.render import Device, render
@@ -40,7 +40,7 @@ from sweep.xtuner.tokenized import tokenize_once
 
 log = logging.getLogger("sweep")
 METRIC_INTERVAL_S = 5.0  # per-iteration metrics go to MLflow in batches at most this often
-TRAIN_KEYS = ("train/loss", "train/lr", "perf/tokens_per_sec", "perf/memory_mb")
+TRAIN_KEYS = ("train/loss", "train/lr", "perf/tokens_per_sec", "perf/memory_mb", protocol.RESERVED_KEY)
 
 
 class TrialFailed(RuntimeError):
@@ -133,6 +133,7 @@ class Trial:
         self.work = ctx.root / f"trial_{trial.number:04d}"
         self.train_log = self.work / "train.log"
         self.pending: list[tuple[str, float, int]] = []  # training metrics not yet sent to MLflow
+        self.slot: tuple[list[int], float] | None = None  # the GPUs training runs on and the MB reserved there
         self.sent = time.monotonic()
 
     def run(self) -> float | list[float]:
@@ -250,6 +251,7 @@ class Trial:
                 return max(need, slots.one_gpu_mb) if alone else need
 
             gpu_ids, need_mb = _acquire(slots, estimate, self.spec.gpus_per_trial, trial.number)
+            self.slot = (gpu_ids, need_mb)
             shared = slots.shared(gpu_ids)
             trial.set_user_attr("gpus", gpu_ids)
             ctx.tracker.set_tags(self.run_id, {"gpus": ",".join(map(str, gpu_ids)),
@@ -271,16 +273,41 @@ class Trial:
                     ctx.memory.out_of_memory()  # plan every later trial larger
         finally:
             if slots is not None and gpu_ids:
-                slots.release(gpu_ids, need_mb)
+                slots.release(gpu_ids, self.slot[1] if self.slot else need_mb)  # fitted while it ran, maybe
+            self.slot = None
         return rc, gpu_ids, oom_beside
 
     def _observe_peak(self, gpu_ids: list[int]) -> None:
         """The finished training run's peak GPU memory, taught to the memory model that plans the next trials."""
-        ctx, p, end = self.ctx, self.prepared, self.watch.end
-        peak = end.peak_memory_mb if end else None
-        # a worker that trains trials at once reports their joint peak, which is no one trial's
-        if peak and ctx.memory is not None and len(gpu_ids) == 1 and (ctx.pool is None or ctx.pool.at_once == 1):
-            ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, peak)
+        end = self.watch.end
+        if end and end.peak_memory_mb and self._own_peak(gpu_ids):
+            p = self.prepared
+            self.ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, end.peak_memory_mb,
+                                    key=self.trial.number)  # fmt: skip
+
+    def _own_peak(self, gpu_ids: list[int]) -> bool:
+        """Whether the peaks this trial reports are its own: not a multi-GPU trial's, and not the joint peak of a
+        worker that trains trials at once."""
+        ctx = self.ctx
+        return ctx.memory is not None and len(gpu_ids) == 1 and (ctx.pool is None or ctx.pool.at_once == 1)
+
+    def _fit_slot(self, reserved_mb: float) -> None:
+        """After its first iterations a trial has reached its peak: the memory model learns it then, not at the
+        trial's end, and the trial's slot shrinks to it (plus a margin), so that a trial waiting for memory starts
+        beside it now. The first guess of a trial's memory is a formula, and on an H100 it planned a batch-4 trial
+        at 50.7 GB that used 30 GB (docs/benchmarks.md)."""
+        if self.slot is None or self.ctx.slots is None or not self._own_peak(self.slot[0]):
+            return
+        p, (gpu_ids, need_mb) = self.prepared, self.slot
+        self.ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, reserved_mb,
+                                key=self.trial.number)  # fmt: skip
+        fitted = CONTEXT_MB + reserved_mb * FITTED_MARGIN
+        if fitted < need_mb:
+            self.ctx.slots.resize(gpu_ids, need_mb, fitted)
+            self.slot = (gpu_ids, fitted)
+            log.info("trial %d: measured %.0f MB after %d iterations; its slot on GPU %s shrinks from %.0f to %.0f MB",
+                     self.trial.number, reserved_mb, protocol.PEAK_AFTER_ITERS, ",".join(map(str, gpu_ids)),
+                     need_mb, fitted)  # fmt: skip
 
     # -- 3. watch: called every 0.2 s while training runs --------------------------------------------------
     def poll(self) -> None:
@@ -291,6 +318,8 @@ class Trial:
                 self.pending += [(k, ev.metrics[k], ev.step) for k in TRAIN_KEYS if ev.metrics.get(k) is not None]
                 if ev.metrics.get("train/loss") is not None and ev.step is not None:
                     watch.train_loss.append((int(ev.step), float(ev.metrics["train/loss"])))
+                if ev.iter == protocol.PEAK_AFTER_ITERS and ev.metrics.get(protocol.RESERVED_KEY):
+                    self._fit_slot(float(ev.metrics[protocol.RESERVED_KEY]))
                 progress.trial_step(trial.number, int(ev.step))
             elif isinstance(ev, protocol.Start):
                 watch.final_step = ev.final_step

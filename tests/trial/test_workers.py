@@ -346,6 +346,80 @@ def test_out_of_memory_beside_another_trial_runs_again_alone(tmp_path, tiny_mode
     assert tags["retried_after_oom"] == "shared GPU" and tags["state"] == "COMPLETE"
 
 
+RESERVE_HOOK = """\
+import dataclasses
+import sweep.training.hook as hook
+from sweep.trial import protocol
+
+_emit = hook.SweepHook._emit
+
+
+def emit(self, event):  # what a GPU would report: a reserve of 4,000 MB from the first iteration on, 4,321 at the end
+    if isinstance(event, protocol.Train):
+        event = protocol.Train(event.iter, event.step, {**event.metrics, protocol.RESERVED_KEY: 4_000.0})
+    elif isinstance(event, protocol.End):
+        event = dataclasses.replace(event, peak_memory_mb=4_321.0)
+    _emit(self, event)
+
+
+hook.SweepHook._emit = emit
+"""
+
+
+def test_a_trial_slot_fits_its_measured_peak_after_its_first_iterations(tmp_path, tiny_model, monkeypatch):
+    """A trial's first memory guess is a formula (on an H100 it planned a batch-4 trial at 50.7 GB that used 30 GB,
+    docs/benchmarks.md): after its first iterations the trial's slot shrinks to the reserve it reports, so a trial
+    waiting for that memory starts beside it instead of after it, and the memory model learns the peak then."""
+    import threading
+
+    from sweep.trial.placement import CONTEXT_MB, FITTED_MARGIN, GpuSlots, MemoryModel, ModelShape
+    from sweep.trial.run import run_trial
+
+    monkeypatch.setenv("PYTHONPATH", _beside_checkout(inject_into_training(tmp_path / "inject", RESERVE_HOOK)))
+    context = _slot_study(tmp_path, tiny_model, "fit")
+    memory = MemoryModel(ModelShape.from_dir(tiny_model))
+    fitted = CONTEXT_MB + 4_000.0 * FITTED_MARGIN
+    events: list[tuple[str, float, list]] = []
+
+    class Slots(GpuSlots):
+        def resize(self, gpus: list[int], from_mb: float, to_mb: float) -> None:
+            events.append(("resize", to_mb, list(memory.measured)))
+            super().resize(gpus, from_mb, to_mb)
+
+        def release(self, gpus: list[int], need_mb: float) -> None:
+            events.append(("release", need_mb, list(memory.measured)))
+            super().release(gpus, need_mb)
+
+    slots = Slots({0: 80_000.0})
+    ours = 50_000.0  # the formula's guess for our trial, as a fresh sweep's first trials get
+    monkeypatch.setattr(MemoryModel, "estimate", lambda self, *args, **kwargs: ours)
+    waiter = threading.Thread(target=lambda: events.append(("waiter placed", slots.acquire(30_000.0)[0], [])))
+
+    def start_waiter_once_ours_holds_its_slot() -> None:
+        while slots.count[0] == 0:
+            time.sleep(0.05)
+        assert slots.used[0] + 30_000.0 > 80_000.0 * 0.92, "the waiter does not fit beside our first guess"
+        waiter.start()
+
+    threading.Thread(target=start_waiter_once_ours_holds_its_slot, daemon=True).start()
+    study = optuna.create_study(study_name="fit", storage=f"sqlite:///{tmp_path / 's.db'}")
+
+    study.optimize(lambda t: run_trial(t, context(slots, memory)), n_trials=1)
+    waiter.join(timeout=30)
+
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    kinds = [kind for kind, _, _ in events]
+    assert kinds == ["resize", "waiter placed", "release"], f"placed beside our trial, before it ended: {events}"
+    assert events[0][1] == fitted and [p for _, p in events[0][2]] == [4_000.0], "learnt after the first iterations"
+    assert events[2][1] == fitted, "the release gives back what the slot holds now, not the first guess"
+    assert [p for _, p in memory.measured] == [4_321.0], "the end's peak replaces the trial's early one"
+    assert slots.used == {0: 30_000.0} and slots.count == {0: 1}, "only the waiter holds memory now"
+    stream = Path(trial.user_attrs["work_dir"]) / "sweep_metrics.jsonl"
+    trains = [json.loads(line) for line in stream.read_text().splitlines() if '"train"' in line]
+    assert len(trains) > protocol.PEAK_AFTER_ITERS, "the trial went on training after its slot shrank"
+
+
 PEAK_HOOK = """\
 import dataclasses
 import sweep.training.hook as hook

@@ -287,7 +287,7 @@ class SpeedSpec(_Strict):
     # on a GPU where liger-kernel is installed, else off
     fused_kernels: Literal["auto", "on", "off"] = "auto"
     # LoRA layers take a 16-bit input as it is, not cast to the adapter's fp32 (PEFT's cast_input_dtype_enabled);
-    # auto: on CUDA, whose dropout kernel scales in fp32 for either dtype (the CPU's rounds 1/(1-p) to bf16)
+    # auto: on CUDA (other dropout masks of the same distribution; the CPU's dropout would round 1/(1-p) to bf16)
     lora_input_16bit: Literal["auto", "on", "off"] = "auto"
     # compiled layers' LoRA dropout masks: "eager" draws them as an eager step does (the same masks, an eager
     # kernel beside the compiled graph), "fused" inside the compiled kernel (other masks, same distribution)

@@ -123,7 +123,8 @@ class SweepHook(Hook):
         try:
             if cotrain.shared_from(_base_llm(runner)) is None:
                 return False  # this worker trains one job at a time
-            cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
+            steps, _ = cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
+            kernels.use_fused_kernels(steps.joint, self.settings.fused_kernels)  # the model the joined pass runs
             return True
         finally:
             job.setup_done()

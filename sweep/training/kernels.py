@@ -15,7 +15,8 @@ back (docs/benchmarks.md). These two levers take the largest chains that need no
   dropout for nothing: the matmul sees the same 16-bit values. PEFT's own switch (``cast_input_dtype_enabled``)
   turns the cast off; inputs in fp32 (the norms' outputs) are unchanged.
 
-Both are set per trial on the shared base model, so a resident worker's next trial gets what its spec asks.
+Both are set per trial on the trial's model (and on the joint model of joined steps), so a resident worker's next
+trial gets what its spec asks.
 Compiled layers (``speed.compile``) trace the plain forwards: inductor fuses those chains itself.
 """
 
@@ -28,16 +29,15 @@ import torch
 _MARK = "_sweep_fused_kernel"  # on a norm or MLP instance: whether its forward runs the fused kernel now
 
 
-def fused_kernels_available() -> bool:
-    """Whether Liger-Kernel's Triton kernels can run here (a CUDA device and the package)."""
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+#: Norm classes whose math is Llama's, ``weight * (x / rms(x))``, by name prefix: Gemma's norms also end in RMSNorm but
+#: scale by ``1 + weight``, and any other model keeps its own code.
+LLAMA_STYLE_NORMS = ("Llama", "Qwen2", "Qwen3", "Mistral", "Mixtral", "InternLM2", "InternLM3")
 
 
 def _is_rms_norm(module: torch.nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor) \
-        and _eps(module) is not None  # fmt: skip
+    name = type(module).__name__
+    return name.endswith("RMSNorm") and name.startswith(LLAMA_STYLE_NORMS) and _eps(module) is not None \
+        and isinstance(getattr(module, "weight", None), torch.Tensor)  # fmt: skip
 
 
 def _eps(module: torch.nn.Module) -> float | None:
@@ -56,10 +56,10 @@ def _use_fused(module: torch.nn.Module, x: torch.Tensor) -> bool:
 
 
 def _fused_rms_norm(eager: Any) -> Any:
-    def forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # the kernel returns the input's dtype, Transformers' norm promotes it with the weight's: equal ones only
-        if not _use_fused(self, hidden_states) or hidden_states.dtype != self.weight.dtype:
-            return eager(self, hidden_states)
+        if args or kwargs or not _use_fused(self, hidden_states) or hidden_states.dtype != self.weight.dtype:
+            return eager(self, hidden_states, *args, **kwargs)
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
         # "llama" casting is Transformers' Llama/Qwen2 order; in_place=False leaves the incoming gradient intact
@@ -69,9 +69,9 @@ def _fused_rms_norm(eager: Any) -> Any:
 
 
 def _fused_swiglu(eager: Any) -> Any:
-    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not _use_fused(self, x):
-            return eager(self, x)
+    def forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not _use_fused(self, x):
+            return eager(self, x, *args, **kwargs)
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
         return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
@@ -84,7 +84,7 @@ def use_fused_kernels(model: Any, on: bool) -> int:
 
     The class's forward is wrapped once (an instance attribute would follow a deep copy, such as joined steps'
     shared copy, back to the original module); each instance carries its own flag, so the switch is per model
-    and a resident worker's next trial can turn it off again.
+    (joined steps switch their own copy, ``cotrain``) and a resident worker's next trial can turn it off again.
     """
     switched = 0
     for module in model.modules():

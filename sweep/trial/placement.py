@@ -75,6 +75,10 @@ class MemoryModel:
     measured: list[tuple[float, float]] = field(default_factory=list)  # (formula, measured) pairs
     floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
     _keys: list[Hashable] = field(default_factory=list, repr=False, compare=False)  # whose peak each measurement is
+    _first: float = field(default=0.0, repr=False, compare=False)  # the calibration before any measurement
+
+    def __post_init__(self) -> None:
+        self._first = self.calibration
     fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -131,6 +135,16 @@ class MemoryModel:
                 self.measured.append((formula, peak_mb))
                 self._keys.append(key)
             self.calibration = max(self.floor, max(p / f for f, p in self.measured) * 1.05)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop the peak observed under ``key`` (a trial that failed after its early reading)."""
+        with self._lock:
+            if key not in self._keys:
+                return
+            index = self._keys.index(key)
+            del self.measured[index], self._keys[index]
+            ratios = [p / f for f, p in self.measured]
+            self.calibration = max(self.floor, max(ratios) * 1.05 if ratios else self._first)
 
     def out_of_memory(self) -> None:
         """A trial ran out of memory beside others: plan every later trial larger."""

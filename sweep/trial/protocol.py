@@ -51,8 +51,8 @@ MEMORY_HOOK_TYPE = "sweep.training.memory.StepMemoryHook"
 #: A training iteration's metric: the allocator's reserve so far (``torch.cuda.max_memory_reserved``), in MB; the peak
 #: the sweep plans trials by, sent with every iteration so that a trial's slot fits it after its first iterations.
 RESERVED_KEY = "perf/reserved_mb"
-#: After this many iterations a trial has reached its peak (optimizer states exist from the first one on; packed rows
-#: give every step the same shape), and its GPU slot is fitted to the reserve it reports.
+#: A trial of packed rows (every step the same shape) has reached its peak this many iterations after its first optimizer
+#: step (which creates the optimizer's states), and its GPU slot is then fitted to the reserve it reports.
 PEAK_AFTER_ITERS = 2
 
 #: ``speed.fused_loss``'s logits exist for at most this many positions at once (what the memory plan counts on).

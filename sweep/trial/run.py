@@ -105,6 +105,7 @@ class Prepared:
     batch_size: int
     max_length: int
     checkpointing: bool | None
+    fit_at: int | None = None  # the iteration after which its GPU slot is fitted to its measured reserve (None: never)
 
 
 @dataclass
@@ -133,7 +134,8 @@ class Trial:
         self.work = ctx.root / f"trial_{trial.number:04d}"
         self.train_log = self.work / "train.log"
         self.pending: list[tuple[str, float, int]] = []  # training metrics not yet sent to MLflow
-        self.slot: tuple[list[int], float] | None = None  # the GPUs training runs on and the MB reserved there
+        # the GPUs training runs on, the MB reserved there, and whether it must run alone (an out-of-memory's retry)
+        self.slot: tuple[list[int], float, bool] | None = None
         self.sent = time.monotonic()
 
     def run(self) -> float | list[float]:
@@ -197,7 +199,14 @@ class Trial:
             config.write_text(rendered, encoding="utf-8")
         # a trial that is not kept drops its copies; this says how to make them again (keep_adapters)
         data_mod.write_reference(work, ctx.data, mix_ratio, mix_seed, copies)
-        return Prepared(values, files, config, rendered, batch_size, max_length, checkpointing)
+        # packed rows give every step one shape, so the peak is reached once the optimizer's states exist; rows of
+        # their own lengths (or pictures) may peak at any step: their slot keeps its plan
+        packed = bool(
+            ((ctx.base_cfg.get("train_dataloader") or {}).get("dataset") or {}).get("pack_to_max_length", True)
+        )
+        fit_at = (int(values.get("accumulative_counts") or 1) - 1 + protocol.PEAK_AFTER_ITERS
+                  if packed and not spec.multimodal else None)  # fmt: skip
+        return Prepared(values, files, config, rendered, batch_size, max_length, checkpointing, fit_at)
 
     def start_run(self) -> str:
         """The trial's MLflow run (nested under the study's) and its Optuna attributes."""
@@ -251,7 +260,7 @@ class Trial:
                 return max(need, slots.one_gpu_mb) if alone else need
 
             gpu_ids, need_mb = _acquire(slots, estimate, self.spec.gpus_per_trial, trial.number)
-            self.slot = (gpu_ids, need_mb)
+            self.slot = (gpu_ids, need_mb, alone)
             shared = slots.shared(gpu_ids)
             trial.set_user_attr("gpus", gpu_ids)
             ctx.tracker.set_tags(self.run_id, {"gpus": ",".join(map(str, gpu_ids)),
@@ -266,7 +275,9 @@ class Trial:
             trial.set_user_attr("train_wall_seconds", round(time.monotonic() - started, 2))
             if rc == 0:
                 self._observe_peak(gpu_ids)
-            elif not alone and slots is not None and ctx.memory is not None:
+            elif ctx.memory is not None:
+                ctx.memory.forget(trial.number)  # its early reading is no evidence of a run that failed
+            if rc != 0 and not alone and slots is not None and ctx.memory is not None:
                 shared = shared or slots.shared(gpu_ids)
                 if shared and launcher.is_oom(rc, launcher.log_tail(self.train_log)):
                     oom_beside = True
@@ -298,16 +309,22 @@ class Trial:
         at 50.7 GB that used 30 GB (docs/benchmarks.md)."""
         if self.slot is None or self.ctx.slots is None or not self._own_peak(self.slot[0]):
             return
-        p, (gpu_ids, need_mb) = self.prepared, self.slot
+        p, (gpu_ids, need_mb, alone) = self.prepared, self.slot
         self.ctx.memory.observe(p.batch_size, p.max_length, p.checkpointing is not False, reserved_mb,
                                 key=self.trial.number)  # fmt: skip
         fitted = CONTEXT_MB + reserved_mb * FITTED_MARGIN
-        if fitted < need_mb:
+        if fitted < need_mb and not alone:  # a retry after an out-of-memory beside others keeps its GPU to itself
             self.ctx.slots.resize(gpu_ids, need_mb, fitted)
-            self.slot = (gpu_ids, fitted)
-            log.info("trial %d: measured %.0f MB after %d iterations; its slot on GPU %s shrinks from %.0f to %.0f MB",
-                     self.trial.number, reserved_mb, protocol.PEAK_AFTER_ITERS, ",".join(map(str, gpu_ids)),
-                     need_mb, fitted)  # fmt: skip
+            self.slot = (gpu_ids, fitted, alone)
+            log.info(
+                "trial %d: measured %.0f MB after %d iterations; its slot on GPU %s shrinks from %.0f to %.0f MB",
+                self.trial.number,
+                reserved_mb,
+                p.fit_at,
+                ",".join(map(str, gpu_ids)),
+                need_mb,
+                fitted,
+            )
 
     # -- 3. watch: called every 0.2 s while training runs --------------------------------------------------
     def poll(self) -> None:
@@ -318,7 +335,7 @@ class Trial:
                 self.pending += [(k, ev.metrics[k], ev.step) for k in TRAIN_KEYS if ev.metrics.get(k) is not None]
                 if ev.metrics.get("train/loss") is not None and ev.step is not None:
                     watch.train_loss.append((int(ev.step), float(ev.metrics["train/loss"])))
-                if ev.iter == protocol.PEAK_AFTER_ITERS and ev.metrics.get(protocol.RESERVED_KEY):
+                if ev.iter == self.prepared.fit_at and ev.metrics.get(protocol.RESERVED_KEY):
                     self._fit_slot(float(ev.metrics[protocol.RESERVED_KEY]))
                 progress.trial_step(trial.number, int(ev.step))
             elif isinstance(ev, protocol.Start):

@@ -130,6 +130,21 @@ def test_a_bf16_norm_input_with_an_fp32_weight_keeps_the_modules_own_forward(tin
     kernels.use_fused_kernels(torch.nn.Sequential(norm), False)
 
 
+def test_a_norm_of_other_math_keeps_its_own_forward(stand_ins):
+    """Gemma's norms also end in RMSNorm but scale by 1 + weight: only Llama-style norms are switched."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    gemma, qwen = GemmaRMSNorm(16), Qwen2RMSNorm(16)
+    assert kernels.use_fused_kernels(torch.nn.Sequential(gemma, qwen), True) == 1
+    x = torch.randn(2, 3, 16)
+    want = gemma.__class__.forward(gemma, x)
+    assert torch.equal(gemma(x), want) and stand_ins.calls["rms_norm"] == 0
+    qwen(x)
+    assert stand_ins.calls["rms_norm"] == 1
+    kernels.use_fused_kernels(torch.nn.Sequential(qwen), False)
+
+
 def test_fused_kernels_are_refused_where_they_cannot_run(tmp_path, tiny_model, monkeypatch):
     from sweep import speed
     from sweep.preflight import check

@@ -234,3 +234,20 @@ def test_a_waiting_trial_is_placed_by_what_finished_trials_taught():
     slots.release(gpus, reserved)
     slots.release(running, small)
     assert slots.used == {0: 0.0} and slots.count == {0: 0}, "what was reserved is what is given back"
+
+
+def test_a_failed_trials_early_peak_is_forgotten():
+    """A trial's peak read after its first iterations is replaced at its end, or dropped if it failed: a run that
+    went out of memory or crashed says nothing about what its size needs."""
+    model = MemoryModel(QWEN2_1_5B)
+    first = model.calibration
+    model.observe(4, 2048, False, 30_000.0, key=1)
+    model.observe(1, 2048, False, 11_000.0, key=2)
+    model.observe(4, 2048, False, 31_000.0, key=1)  # trial 1's end replaces its early reading
+    assert [p for _, p in model.measured] == [31_000.0, 11_000.0]
+    model.forget(1)
+    assert [p for _, p in model.measured] == [11_000.0]
+    assert model.calibration == pytest.approx(11_000.0 / model.formula(1, 2048, False) * 1.05)
+    model.forget(2)
+    model.forget(3)  # never observed: nothing to drop
+    assert model.measured == [] and model.calibration == first

@@ -79,6 +79,7 @@ class MemoryModel:
 
     def __post_init__(self) -> None:
         self._first = self.calibration
+
     fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -112,7 +112,7 @@ class SweepHook(Hook):
         joined = self._join_other_trials(runner)  # last: the set-up's draws from the global generators are done
         self._emit(protocol.Start(self.max_iters, self.iters_per_epoch, self.final_step, get_world_size(), in_16bit,
                                   self.settings.fused_loss, self.settings.compile,
-                                  fused_kernels=fused if self.settings.fused_kernels else 0,
+                                  fused_kernels=fused if self.settings.fused_kernels and not joined else 0,
                                   lora_input_16bit=input_16bit if self.settings.lora_input_16bit else 0,
                                   job_began=job.began(),
                                   runner_built=self._runner_built, joined_steps=joined))  # fmt: skip
@@ -123,8 +123,9 @@ class SweepHook(Hook):
         try:
             if cotrain.shared_from(_base_llm(runner)) is None:
                 return False  # this worker trains one job at a time
-            steps, _ = cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
-            kernels.use_fused_kernels(steps.joint, self.settings.fused_kernels)  # the model the joined pass runs
+            # the joined pass runs its joint model, whose norms and MLPs keep their own code (fused kernels there have
+            # not run on a GPU yet)
+            cotrain.join(_unwrap(runner.model), runner.optim_wrapper, self.settings.fused_loss)
             return True
         finally:
             job.setup_done()

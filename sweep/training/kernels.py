@@ -15,8 +15,8 @@ back (docs/benchmarks.md). These two levers take the largest chains that need no
   dropout for nothing: the matmul sees the same 16-bit values. PEFT's own switch (``cast_input_dtype_enabled``)
   turns the cast off; inputs in fp32 (the norms' outputs) are unchanged.
 
-Both are set per trial on the trial's model (and on the joint model of joined steps), so a resident worker's next
-trial gets what its spec asks.
+Both are set per trial on the trial's model, so a resident worker's next trial gets what its spec asks. Joined steps
+(``cotrain``) run a joint model that keeps its own norm and MLP code.
 Compiled layers (``speed.compile``) trace the plain forwards: inductor fuses those chains itself.
 """
 
@@ -84,7 +84,7 @@ def use_fused_kernels(model: Any, on: bool) -> int:
 
     The class's forward is wrapped once (an instance attribute would follow a deep copy, such as joined steps'
     shared copy, back to the original module); each instance carries its own flag, so the switch is per model
-    (joined steps switch their own copy, ``cotrain``) and a resident worker's next trial can turn it off again.
+    and a resident worker's next trial can turn it off again.
     """
     switched = 0
     for module in model.modules():

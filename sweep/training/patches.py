@@ -16,10 +16,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sweep.training import base_model, llava
+from sweep.xtuner import maps
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
-from sweep.xtuner import maps
 
 _PREPARED = False
 

@@ -72,16 +72,19 @@ class MemoryModel:
     # fitted to the allocator's peaks (torch.cuda.max_memory_reserved) of XTuner LoRA trials measured on
     # H100/H200 GPUs (docs/benchmarks.md)
     calibration: float = 2.7
-    measured: list[tuple[float, float]] = field(default_factory=list)  # (formula, measured) pairs
     floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
-    _keys: list[Hashable] = field(default_factory=list, repr=False, compare=False)  # whose peak each measurement is
-    _first: float = field(default=0.0, repr=False, compare=False)  # the calibration before any measurement
+    fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
+    # (formula, measured peak) by whose peak it is: a trial's number, or a fresh key for an unnamed observation
+    _peaks: dict[Hashable, tuple[float, float]] = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._first = self.calibration
+        self._first = self.calibration  # what forgetting every measurement returns to
 
-    fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    @property
+    def measured(self) -> list[tuple[float, float]]:
+        """The (formula, measured peak) pairs the plan is calibrated by, in the order first observed."""
+        return list(self._peaks.values())
 
     def formula(self, batch_size: int, max_length: int, checkpointing: bool = True) -> float:
         tokens = batch_size * max_length
@@ -106,7 +109,7 @@ class MemoryModel:
         planned the small trials larger than they grew. The line's intercept is then negative: below the measured
         sizes the smallest ratio bounds it.
         """
-        xs, ys = [f for f, _ in self.measured], [p for _, p in self.measured]
+        xs, ys = [f for f, _ in self._peaks.values()], [p for _, p in self._peaks.values()]
         if len(xs) < 2 or max(xs) < 1.2 * min(xs):
             return None
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -130,22 +133,20 @@ class MemoryModel:
         if formula <= 0 or peak_mb <= 0:
             return
         with self._lock:
-            if key is not None and key in self._keys:
-                self.measured[self._keys.index(key)] = (formula, peak_mb)
-            else:
-                self.measured.append((formula, peak_mb))
-                self._keys.append(key)
-            self.calibration = max(self.floor, max(p / f for f, p in self.measured) * 1.05)
+            self._peaks[object() if key is None else key] = (formula, peak_mb)
+            self._recalibrate()
 
     def forget(self, key: Hashable) -> None:
         """Drop the peak observed under ``key`` (a trial that failed after its early reading)."""
         with self._lock:
-            if key not in self._keys:
-                return
-            index = self._keys.index(key)
-            del self.measured[index], self._keys[index]
-            ratios = [p / f for f, p in self.measured]
-            self.calibration = max(self.floor, max(ratios) * 1.05 if ratios else self._first)
+            if self._peaks.pop(key, None) is not None:
+                self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        """The largest measured ratio plus 5 % (the first calibration without any), never below the floor. Called
+        with the lock held."""
+        ratios = [p / f for f, p in self._peaks.values()]
+        self.calibration = max(self.floor, max(ratios) * 1.05 if ratios else self._first)
 
     def out_of_memory(self) -> None:
         """A trial ran out of memory beside others: plan every later trial larger."""

@@ -35,7 +35,7 @@ from sweep.trial import launcher, protocol
 from sweep.trial.placement import CONTEXT_MB, FITTED_MARGIN, GpuSlots, MemoryModel
 from sweep.trial.pool import WorkerPool
 from sweep.trial.protocol import TrialFiles
-from sweep.xtuner.render import Device, render
+from sweep.xtuner.render import Device, packs_rows, render
 from sweep.xtuner.tokenized import tokenize_once
 
 log = logging.getLogger("sweep")
@@ -201,11 +201,8 @@ class Trial:
         data_mod.write_reference(work, ctx.data, mix_ratio, mix_seed, copies)
         # packed rows give every step one shape, so the peak is reached once the optimizer's states exist; rows of
         # their own lengths (or pictures) may peak at any step: their slot keeps its plan
-        packed = bool(
-            ((ctx.base_cfg.get("train_dataloader") or {}).get("dataset") or {}).get("pack_to_max_length", True)
-        )
         fit_at = (int(values.get("accumulative_counts") or 1) - 1 + protocol.PEAK_AFTER_ITERS
-                  if packed and not spec.multimodal else None)  # fmt: skip
+                  if packs_rows(ctx.base_cfg) and not spec.multimodal else None)  # fmt: skip
         return Prepared(values, files, config, rendered, batch_size, max_length, checkpointing, fit_at)
 
     def start_run(self) -> str:
@@ -277,14 +274,13 @@ class Trial:
                 self._observe_peak(gpu_ids)
             elif ctx.memory is not None:
                 ctx.memory.forget(trial.number)  # its early reading is no evidence of a run that failed
-            if rc != 0 and not alone and slots is not None and ctx.memory is not None:
-                shared = shared or slots.shared(gpu_ids)
-                if shared and launcher.is_oom(rc, launcher.log_tail(self.train_log)):
+                shared = shared or (slots is not None and slots.shared(gpu_ids))
+                if not alone and shared and launcher.is_oom(rc, launcher.log_tail(self.train_log)):
                     oom_beside = True
                     ctx.memory.out_of_memory()  # plan every later trial larger
         finally:
-            if slots is not None and gpu_ids:
-                slots.release(gpu_ids, self.slot[1] if self.slot else need_mb)  # fitted while it ran, maybe
+            if slots is not None and self.slot is not None:
+                slots.release(gpu_ids, self.slot[1])  # what it holds now: fitted while it ran, maybe
             self.slot = None
         return rc, gpu_ids, oom_beside
 

@@ -102,7 +102,7 @@ def render(
     # Data: the trial's mixed training file and the study's validation file, in the spec's template.
     max_length = int(values["max_length"])
     old_ds = _get(cfg, "train_dataloader", "dataset") or {}
-    pack = bool(old_ds.get("pack_to_max_length", True))
+    pack = packs_rows(cfg)
     varlen = bool(cfg.get("use_varlen_attn", False))
     # XTuner packs each of map_num_proc shards on its own, so the packed rows depend on it: the base config's
     # value when it sets one (then a trial trains on the rows `xtuner train` would), else processes by data size
@@ -328,6 +328,12 @@ def _dataset(path: Path, tokenizer: dict, template: dict, max_length: int, pack:
         "use_varlen_attn": varlen,
         "map_num_proc": n_proc,
     }
+
+
+def packs_rows(base_cfg: dict) -> bool:
+    """Whether the base config packs its training rows into ``max_length`` sequences (XTuner's default), which every
+    trial then trains on: every step has one shape."""
+    return bool((_get(base_cfg, "train_dataloader", "dataset") or {}).get("pack_to_max_length", True))
 
 
 def _get(cfg: dict, *path: str) -> Any:

@@ -303,7 +303,19 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
     failed = [i for i, t in trials.items() if t.get("failed")]
     return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
             "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED, "mps": _mps_line(folder / "sweep.log"),
+            "workers_ready": workers_ready(folder / f"sweep-runs/{study}/workers", launched_at),
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
+
+
+def workers_ready(folder: Path, launched_at: float) -> list[float]:
+    """When each resident worker could first train, in seconds after `sweep run` was launched (its log's "ready at"
+    line): how much of the start before the first step the workers' own imports are."""
+    ready = []
+    for log in sorted(folder.glob("*.log")):
+        found = re.search(r": ready at ([0-9.]+)", log.read_text(errors="replace"))
+        if found:
+            ready.append(round(float(found.group(1)) - launched_at, 1))
+    return sorted(ready)
 
 
 def _mps_line(log: Path) -> str | None:
@@ -416,6 +428,11 @@ def timeline_lines(sweep_r: dict) -> list[str]:
         f"    timeline: launch to the first trial's slot {first:.1f}s; first slot to the last trial's exit "
         f"{last - first:.1f}s (at least one trial training {busy:.1f}s of it, at most {most} at once); "
         f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s",
+        *(
+            [f"    workers ready at {', '.join(f'{x:.1f}s' for x in sweep_r['workers_ready'])} after the launch"]
+            if sweep_r.get("workers_ready")
+            else []
+        ),
         *(
             f"    trial {i}: asked {t.get('asked', float('nan')):.1f}s, slot {t['slot']:.1f}s, exit {t['exit']:.1f}s, "
             f"first step {_first_step_seconds(t):.1f}s"  # with speed.compile: the layers' compile in it

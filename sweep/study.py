@@ -309,8 +309,11 @@ def _gpu_plan(
     if spec.gpus_per_trial > len(gpus):
         raise SpecError(f"gpus_per_trial: {spec.gpus_per_trial} GPUs per trial, but only {len(gpus)} visible")
     slots = GpuSlots(gpus, opts.trials_per_gpu)
+    cuda = Device(cuda=True)
     memory = MemoryModel(ModelShape.from_dir(spec.model.path, spec.model.quantize),
-                         fused_loss=speed.fused_loss(spec, Device(cuda=True)) != "off")  # fmt: skip
+                         fused_loss=speed.fused_loss(spec, cuda) != "off",
+                         lean=speed.fused_kernels(spec, cuda) and speed.lora_input_16bit(spec, cuda)
+                         and not spec.model.quantize)  # measured for 16-bit LoRA only  # fmt: skip
     need = memory.estimate(int(values["batch_size"]), int(values["max_length"]))
     n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))
     log.info(

@@ -27,6 +27,11 @@ CONTEXT_MB = 600.0  # a CUDA context and the allocator's slack, per process
 HEADROOM = 0.92  # of each GPU's memory that trials may plan to use
 FITTED_MARGIN = 1.10  # a running trial's slot, fitted to its measured reserve: room for a later validation point
 MAX_PER_GPU = 8
+# A trial's allocator peak (torch.cuda.max_memory_reserved) over ``MemoryModel.formula``, before any trial of the
+# sweep was measured: fitted to XTuner LoRA trials on H100/H200 GPUs, and with Liger's kernels and 16-bit LoRA inputs
+# (which keep no fp32 copies for the backward) to the peaks of the 12-trial H100 benchmark (docs/benchmarks.md).
+CALIBRATION = 2.7
+LEAN_CALIBRATION = 1.9
 
 
 def usable_cpus() -> int:
@@ -69,16 +74,17 @@ class MemoryModel:
     formula once trials of two sizes were measured)."""
 
     shape: ModelShape
-    # fitted to the allocator's peaks (torch.cuda.max_memory_reserved) of XTuner LoRA trials measured on
-    # H100/H200 GPUs (docs/benchmarks.md)
-    calibration: float = 2.7
+    calibration: float = 0.0  # 0: CALIBRATION, or LEAN_CALIBRATION for a ``lean`` trial
     floor: float = 0.0  # raised by an out-of-memory: measured peaks never plan below it again
     fused_loss: bool = False  # speed.fused_loss: the logits of at most one chunk of positions exist at once
+    lean: bool = False  # speed.fused_kernels and lora_input_16bit both on: no fp32 norm intermediates or LoRA inputs
     # (formula, measured peak) by whose peak it is: a trial's number, or a fresh key for an unnamed observation
     _peaks: dict[Hashable, tuple[float, float]] = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not self.calibration:
+            self.calibration = LEAN_CALIBRATION if self.lean else CALIBRATION
         self._first = self.calibration  # what forgetting every measurement returns to
 
     @property

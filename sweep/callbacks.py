@@ -1,8 +1,10 @@
-"""Optuna callbacks of a sweep: a dead worker's trial queued again, and the disk budget for adapters."""
+"""Optuna callbacks of a sweep: a dead worker's trial queued again, the disk budget for adapters, and MLflow's
+model logging made ready while trials train."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,6 +34,22 @@ class StaleTrialCallback:
             tracker.set_tags(run_id, {"state": "FAIL", "reason": "worker lost (no heartbeat)"})
             tracker.finish(run_id, "KILLED")
         log.warning("trial %d: its worker stopped sending heartbeats; failed and queued again", trial.number)
+
+
+class WarmModelLogging:
+    """Optuna callback: once the first trial of this process has ended, MLflow's scan of the installed packages, which
+    its first model logging needs, starts beside the trials still training (``Tracker.warm_model_logging``): it is
+    then done before the sweep's tail registers the champion. Not at the start: it would slow the first trials'
+    preparation in this process."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self._once = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, _study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        if self._once.acquire(blocking=False):
+            self.thread = self.tracker.warm_model_logging()
 
 
 def champion_run(tracker: Tracker, name: str) -> str | None:

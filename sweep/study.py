@@ -20,7 +20,7 @@ import yaml
 
 from sweep import data as data_mod
 from sweep import speed
-from sweep.callbacks import AdapterBudget, champion_run
+from sweep.callbacks import AdapterBudget, WarmModelLogging, champion_run
 from sweep.knobs import trial_values
 from sweep.preflight import Checked, check, detect_device
 from sweep.progress import SweepProgress
@@ -241,7 +241,7 @@ def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: P
     status = "FAILED"
     registered = None
     ran: Counter[str] = Counter()  # how this process's trials ended (other workers' are not ours to report)
-    callbacks: list = [progress, lambda _study, trial: ran.update([trial.state.name])]
+    callbacks: list = [progress, lambda _study, trial: ran.update([trial.state.name]), WarmModelLogging(tracker)]
     if spec.keep_adapters:
         name = spec.registered_model_name
         callbacks.append(AdapterBudget(spec.keep_adapters, champion_run=lambda: champion_run(tracker, name)))

@@ -11,6 +11,7 @@ takes seconds, and ``sweep run`` starts its training workers before its first ML
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
@@ -248,6 +249,27 @@ class Tracker:
             finally:
                 mlflow.set_tracking_uri(before[0])
                 mlflow.set_registry_uri(before[1])
+
+    def warm_model_logging(self) -> threading.Thread | None:
+        """Start, in a daemon thread, the scan MLflow's first ``log_model`` of this process makes: it checks the
+        model's pip requirements against every installed distribution (``importlib.metadata``), seconds on a full
+        environment. Started while trials train, it is no longer in the sweep's tail before the champion is logged.
+        A no-op (None) on an MLflow without that step; a failure only leaves the scan to ``log_model``."""
+        try:
+            from mlflow.utils import requirements_utils
+        except ImportError:
+            return None
+        scan = getattr(requirements_utils, "_init_modules_to_packages_map", None)
+        if scan is None:
+            return None
+
+        def run() -> None:
+            with contextlib.suppress(Exception):  # log_model scans again itself
+                scan()
+
+        thread = threading.Thread(target=run, name="mlflow-requirements-scan", daemon=True)
+        thread.start()
+        return thread
 
     def log_pyfunc(self, run_id: str, **log_model_args: Any) -> str:
         """``mlflow.pyfunc.log_model`` into an existing run; returns the model URI to register."""

@@ -314,7 +314,12 @@ def _gpu_plan(
                          fused_loss=speed.fused_loss(spec, cuda) != "off",
                          lean=speed.fused_kernels(spec, cuda) and speed.lora_input_16bit(spec, cuda)
                          and not spec.model.quantize)  # measured for 16-bit LoRA only  # fmt: skip
-    need = memory.estimate(int(values["batch_size"]), int(values["max_length"]))
+    batch, length = int(values["batch_size"]), int(values["max_length"])
+    # planned as the trial runs: without activation checkpointing where the spec or `auto` turns it off (run's
+    # _checkpointing); planned with it, a small first point started workers and threads for trials that never fit
+    choice = spec.speed.activation_checkpointing
+    checkpointing = memory.estimate(batch, length, False) > slots.one_gpu_mb if choice == "auto" else choice == "on"
+    need = memory.estimate(batch, length, checkpointing)
     n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))
     log.info(
         "GPUs %s (%s MB); a trial of the first point needs about %.0f MB; %d trial(s) at once",

@@ -176,6 +176,7 @@ class GpuSlots:
         self.used = dict.fromkeys(gpus, 0.0)
         self.count = dict.fromkeys(gpus, 0)
         self._cond = threading.Condition()
+        self._waiting: dict[int, tuple[float, int]] = {}  # order -> (MB, GPUs) of each trial waiting with an order
 
     @property
     def one_gpu_mb(self) -> float:
@@ -202,12 +203,17 @@ class GpuSlots:
         return self.acquire_estimated(lambda: need_mb, n, timeout)[0]
 
     def acquire_estimated(
-        self, estimate: Callable[[], float], n: int = 1, timeout: float | None = None
+        self, estimate: Callable[[], float], n: int = 1, timeout: float | None = None, order: int | None = None
     ) -> tuple[list[int], float]:
         """The GPUs for a trial and the MB reserved there (what ``release`` gives back), blocking until it fits.
 
         ``estimate`` is asked again each time a slot frees: a trial that waits while finished trials' peaks
         recalibrate the memory model is then placed by what they taught it, not by the guess it began waiting with.
+
+        ``order`` (the trial's number) keeps the earliest waiting trial from starving: a later one starts only where
+        the earliest waiting one would still fit beside it (``_leaves_room``). Without it, small trials that keep
+        fitting into the room a large one waits for would run first, one after another, and the large trial last,
+        alone (seen on an H100: docs/benchmarks.md).
         """
         if n > len(self.total):
             raise ValueError(f"gpus_per_trial {n}: only {len(self.total)} GPU(s) given ({sorted(self.total)})")
@@ -218,16 +224,46 @@ class GpuSlots:
             need_mb = estimate()
             if self.too_large(need_mb):  # it runs alone on a GPU (the caller has warned)
                 need_mb = self.one_gpu_mb
-            return self._choose(n, need_mb) is not None
+            if order is not None:
+                self._waiting[order] = (need_mb, n)
+            chosen = self._choose(n, need_mb)
+            return chosen is not None and self._leaves_room(order, chosen, need_mb)
 
         with self._cond:
             if not self._cond.wait_for(fits, timeout=timeout):
+                # still waiting, in its place: the caller asks again, or ``withdraw``s
                 raise TimeoutError(f"no GPU slot for {need_mb:.0f} MB within {timeout}s")
+            if order is not None:
+                self._waiting.pop(order, None)
+                self._cond.notify_all()  # a trial behind this one may start beside it
             chosen = self._choose(n, need_mb)
             for g in chosen:
                 self.used[g] += need_mb
                 self.count[g] += 1
             return chosen, need_mb
+
+    def withdraw(self, order: int) -> None:
+        """A trial that waited with ``order`` and will not start (the sweep stops): the trials behind it go on."""
+        with self._cond:
+            if self._waiting.pop(order, None) is not None:
+                self._cond.notify_all()
+
+    def _leaves_room(self, order: int | None, chosen: list[int], need_mb: float) -> bool:
+        """Whether the earliest waiting trial before ``order`` (an unordered trial counts as the last) would still
+        fit with this trial on ``chosen``. Called with the lock held."""
+        earlier = [k for k in self._waiting if order is None or k < order]
+        if not earlier:
+            return True
+        head_mb, head_n = self._waiting[min(earlier)]
+        for g in chosen:
+            self.used[g] += need_mb
+            self.count[g] += 1
+        try:
+            return self._choose(head_n, head_mb) is not None
+        finally:
+            for g in chosen:
+                self.used[g] -= need_mb
+                self.count[g] -= 1
 
     def resize(self, gpus: list[int], from_mb: float, to_mb: float) -> None:
         """A running trial's reservation becomes ``to_mb`` (what ``release`` then gives back); waiters are woken."""

@@ -528,18 +528,22 @@ def _acquire(slots: GpuSlots, estimate: Callable[[], float], n: int, number: int
         log.warning("trial %d: its memory estimate (%.0f MB) exceeds every GPU; it runs alone and may go OOM",
                     number, first)  # fmt: skip
     waited = False
-    while True:
-        try:
-            gpus, need_mb = slots.acquire_estimated(estimate, n, timeout=1.0)
-        except TimeoutError:
-            if launcher.STOP.is_set():
-                raise launcher.Interrupted("the sweep is stopping; trial not started") from None
-            if not waited:
-                log.info("trial %d: waiting for a GPU slot (needs about %.0f MB)", number, estimate())
-                waited = True
-            continue
-        log.info("trial %d: on GPU %s (estimated %.0f MB)", number, ",".join(map(str, gpus)), need_mb)
-        return gpus, need_mb
+    try:
+        while True:
+            try:
+                gpus, need_mb = slots.acquire_estimated(estimate, n, timeout=1.0, order=number)
+            except TimeoutError:
+                if launcher.STOP.is_set():
+                    raise launcher.Interrupted("the sweep is stopping; trial not started") from None
+                if not waited:
+                    log.info("trial %d: waiting for a GPU slot (needs about %.0f MB)", number, estimate())
+                    waited = True
+                continue
+            log.info("trial %d: on GPU %s (estimated %.0f MB)", number, ",".join(map(str, gpus)), need_mb)
+            return gpus, need_mb
+    except BaseException:
+        slots.withdraw(number)  # its place in the queue goes: the trials behind it are not held for it
+        raise
 
 
 def _out_of_memory(

@@ -269,3 +269,96 @@ def test_a_failed_trials_early_peak_is_forgotten():
     model.forget(2)
     model.forget(3)  # never observed: nothing to drop
     assert model.measured == [] and model.calibration == first
+
+
+def _waiter(slots: GpuSlots, need: float, order: int, placed: list[int], stop: threading.Event) -> threading.Thread:
+    """A trial thread as `run._acquire` runs it: asks again each second until placed, withdraws when stopped."""
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                slots.acquire_estimated(lambda: need, timeout=0.05, order=order)
+            except TimeoutError:
+                continue
+            placed.append(order)
+            return
+        slots.withdraw(order)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_the_earliest_waiting_trial_is_not_starved_by_later_smaller_ones():
+    """Two trials fill a GPU; the large trial 0 waits; a small later trial would fit now, but only in the room that
+    trial 0 waits for: it waits too, and when a slot frees, trial 0 starts first. Without the order, small trials
+    kept starting one after another and the largest ran last, alone (H100, docs/benchmarks.md)."""
+    slots = GpuSlots({0: 100.0 / HEADROOM})  # 100 MB to plan
+    a, _ = slots.acquire_estimated(lambda: 40.0, order=1)
+    b, _ = slots.acquire_estimated(lambda: 40.0, order=2)
+    placed: list[int] = []
+    stop = threading.Event()
+    head = _waiter(slots, 50.0, 0, placed, stop)
+    _until(lambda: 0 in slots._waiting)
+    later = _waiter(slots, 15.0, 3, placed, stop)
+    time.sleep(0.3)  # many of its polls: it fits (80 + 15 of 100), but trial 0 would not fit beside it
+    assert placed == []
+    slots.release(a, 40.0)
+    _until(lambda: placed == [0])
+    assert placed == [0], "the earliest waiting trial takes the freed slot"
+    time.sleep(0.2)
+    assert placed == [0], "90 MB in use: the later trial (15) does not fit yet"
+    slots.release(b, 40.0)
+    _until(lambda: placed == [0, 3])
+    assert placed == [0, 3]
+    stop.set()
+    head.join(timeout=5)
+    later.join(timeout=5)
+
+
+def test_a_later_trial_starts_beside_a_waiting_one_where_both_fit_and_a_withdrawn_one_holds_nothing():
+    slots = GpuSlots({0: 100.0 / HEADROOM})
+    slots.acquire_estimated(lambda: 60.0, order=1)
+    placed: list[int] = []
+    stop, head_stop = threading.Event(), threading.Event()
+    head = _waiter(slots, 50.0, 0, placed, head_stop)  # 60 + 50 > 100: waits
+    _until(lambda: 0 in slots._waiting)
+    _waiter(slots, 30.0, 2, placed, stop)  # 60 + 30 fits, and 50 would not fit either way: it still waits
+    time.sleep(0.2)
+    assert placed == []
+    head_stop.set()  # trial 0 gives up (the sweep stops it): trial 2 is no longer held for it
+    head.join(timeout=5)
+    _until(lambda: placed == [2])
+    assert placed == [2] and 0 not in slots._waiting
+    stop.set()
+
+
+@pytest.mark.parametrize(("setting", "checkpointing"), [("auto", False), ("on", True), ("off", False)])
+def test_the_sweep_plans_its_workers_by_the_first_point_as_it_will_run(tmp_path, tiny_model, setting, checkpointing):
+    """`speed.activation_checkpointing: auto` turns checkpointing off where a trial fits without it; the count of
+    trials at once (and of workers started ahead) is planned by that trial, not by one that checkpoints. Planned with
+    checkpointing, a batch-1 first point started 7 workers on an H100 where 4 trials fit (docs/benchmarks.md)."""
+    from sweep.knobs import base_values, trial_values
+    from sweep.search import first_point
+    from sweep.spec import load_spec
+    from sweep.study import RunOptions, _gpu_plan
+    from sweep.xtuner.config import load_base_config
+    from tests.conftest import write_spec
+
+    spec = load_spec(write_spec(tmp_path, tiny_model, speed=f"speed: {{activation_checkpointing: {setting}}}",
+                                fixed="fixed: {max_length: 4096, batch_size: 8, max_epochs: 1}"))  # fmt: skip
+    values = trial_values(spec, first_point(spec), base_values(load_base_config(spec.base_config)))
+    probe = MemoryModel(ModelShape.from_dir(tiny_model))
+    with_it, without = probe.estimate(8, 4096, True), probe.estimate(8, 4096, False)
+    assert without > 1.5 * with_it
+    gpu_mb = 2.5 * without / HEADROOM  # two trials without checkpointing fit, more with it
+    options = RunOptions(storage="sqlite:///unused.db", tracking_uri="sqlite:///unused-mlflow.db", work_dir=tmp_path)
+    slots, _, n_jobs = _gpu_plan(spec, options, {0: gpu_mb}, values)
+    assert n_jobs == slots.capacity(with_it if checkpointing else without)
+    assert n_jobs == 2 if not checkpointing else n_jobs > 2

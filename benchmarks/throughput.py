@@ -127,14 +127,14 @@ def stock(start: int, end: int) -> None:
         (OUT / "stock.json").write_text(json.dumps(results, indent=1))
 
 
-def spec_text(study: str, n_trials: int, data_seed: int = 0) -> str:
+def spec_text(study: str, n_trials: int, data_seed: int = 0, iters: int = ITERS) -> str:
     """The sweep's spec: (b)'s, and with ``data_seed`` set to a trial's number, a one-trial study whose trial 0 mixes
     its rows with the seed that trial had in (b) (`sweep` mixes trial k's rows with data.seed + k)."""
     return f"""study: {study}
 base_config: {ROOT / "benchmarks/bench_base.py"}
 model: {{path: {MODEL}, template: qwen_chat}}
 data: {{task: {WORK / "train.jsonl"}, val: {WORK / "val.jsonl"}, seed: {data_seed}}}
-fixed: {{max_iters: {ITERS}, max_length: {MAX_LENGTH}, lr: 2.0e-4, lora_alpha: 16, lora_dropout: 0.1}}
+fixed: {{max_iters: {iters}, max_length: {MAX_LENGTH}, lr: 2.0e-4, lora_alpha: 16, lora_dropout: 0.1}}
 search_space:
   batch_size: {{type: categorical, choices: [1, 2, 3, 4]}}
   lora_r: {{type: categorical, choices: [8, 16, 64]}}
@@ -216,9 +216,19 @@ def _stock_iters(log: Path) -> dict:
 
 
 def sweep() -> None:
-    """The same trials through `sweep run`: GPU slots (trials share the GPU by memory), tokenize-once, checkpointing auto."""
+    """The same trials through `sweep run`: GPU slots (trials share the GPU by memory), tokenize-once, checkpointing auto.
+
+    First (unless BENCH_WARM=0) a one-trial, 2-iteration sweep of the same model and settings, not measured: the
+    machine is then as a user's is after their first sweep (the packages' files in the page cache, Triton's kernel
+    cache holding the fused kernels). On a fresh machine both cost a sweep's first trials seconds each (H100 runs in
+    docs/benchmarks.md); stock XTuner compiles no kernels."""
     OUT.mkdir(parents=True, exist_ok=True)
-    out = _run_sweep(WORK / "sweep", "throughput", ORDER, data_seed=0)
+    warmed = None
+    if os.environ.get("BENCH_WARM", "1") == "1":
+        warm = _run_sweep(WORK / "warm", "throughput-warm", ORDER[:1], data_seed=0, iters=2)
+        warmed = {"rc": warm["rc"], "wall": round(warm["wall"], 1)}
+        print(f"warm-up sweep (1 trial, 2 iterations, not measured): rc {warm['rc']} wall {warm['wall']:.1f}s")
+    out = _run_sweep(WORK / "sweep", "throughput", ORDER, data_seed=0) | {"warmed": warmed}
     (OUT / "sweep.json").write_text(json.dumps(out, indent=1))
     print(f"sweep: rc {out['rc']} wall {out['wall']:.1f}s")
     print(out["log_tail"][-1500:])
@@ -243,12 +253,12 @@ def alone(indices: list[int]) -> None:
         (OUT / "alone.json").write_text(json.dumps(results, indent=1))
 
 
-def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> dict:
+def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int, iters: int = ITERS) -> dict:
     """`sweep run` of the trials ``indices``, enqueued in that order (trial number k trains ``indices[k]``)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     spec = folder / "spec.yaml"
-    spec.write_text(spec_text(study, len(indices), data_seed))
+    spec.write_text(spec_text(study, len(indices), data_seed, iters))
     env = {**os.environ, **ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     enqueue = (
         "import optuna, sys; from sweep.spec import load_spec; from sweep.storage import open_study;"
@@ -301,9 +311,10 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int) -> 
             "steps_at": step_intervals(events, launched_at),
         }  # fmt: skip
     failed = [i for i, t in trials.items() if t.get("failed")]
-    return {"rc": rc, "wall": wall, "iters_asked": ITERS, "trials": trials, "failed": failed, "launched_at": launched_at,
+    return {"rc": rc, "wall": wall, "iters_asked": iters, "trials": trials, "failed": failed, "launched_at": launched_at,
             "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED, "mps": _mps_line(folder / "sweep.log"),
             "workers_ready": workers_ready(folder / f"sweep-runs/{study}/workers", launched_at),
+            "last_output": round((folder / "sweep.log").stat().st_mtime - launched_at, 1),
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
 
 
@@ -427,7 +438,8 @@ def timeline_lines(sweep_r: dict) -> list[str]:
     return [
         f"    timeline: launch to the first trial's slot {first:.1f}s; first slot to the last trial's exit "
         f"{last - first:.1f}s (at least one trial training {busy:.1f}s of it, at most {most} at once); "
-        f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s",
+        f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s"
+        + (f" (its last output at {sweep_r['last_output'] - last:.1f}s of it)" if "last_output" in sweep_r else ""),
         *(
             [f"    workers ready at {', '.join(f'{x:.1f}s' for x in sweep_r['workers_ready'])} after the launch"]
             if sweep_r.get("workers_ready")
@@ -614,6 +626,10 @@ def report() -> int:
               f"speed.trials_per_worker {sweep_r.get('trials_per_worker', 1)}: {joined} of "
               f"{len(sweep_r['trials'])} trials stepped joined with others over one shared base model")  # fmt: skip
         print(f"    {sweep_r.get('mps') or 'MPS: the sweep log says nothing of it (no GPU shared, or mps: off)'}")
+        warmed = sweep_r.get("warmed")
+        print("    machine: " + (f"warmed first by a 1-trial, 2-iteration sweep (rc {warmed['rc']}, {warmed['wall']}s, not "
+                                 "measured): page cache and Triton's kernel cache as after a user's first sweep"
+                                 if warmed else "not warmed first (BENCH_WARM=0, or a sweep.json older than the option)"))  # fmt: skip
         warm = []
         for i in map(str, ORDER):
             t = sweep_r["trials"].get(i)

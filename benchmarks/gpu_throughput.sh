@@ -15,6 +15,8 @@
 #                                                    # benchmarks objectives data | tar -x -C .bench/base`, carry .bench/base
 #   BENCH_SPEED="mps: off" STEPS=sweep bash ...       # (b) with its trials taking turns on the GPU (no MPS server),
 #                                                    # as before speed.mps became auto
+#   BENCH_WARM=0 STEPS=sweep bash ...                # (b) without its unmeasured 1-trial warm-up sweep first: a fresh
+#                                                    # machine's cold page cache and empty Triton cache in the figures
 # The device returns at most 8 files from $OUT: STEPS="sweep stock" writes 8; run `alone` in a call of its own.
 set -uo pipefail
 . benchmarks/gpu_install.sh

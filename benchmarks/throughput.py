@@ -32,7 +32,8 @@ steps, plus 300 steady steps) and printed as computed, not measured.
 
 Environment: BENCH_WORK (work folder, default /tmp/bench), OUT (results), BENCH_MODEL, BENCH_ITERS, BENCH_ROWS,
 BENCH_TRIALS_PER_WORKER and BENCH_SPEED ((b)'s speed settings: "compile: true" adds to trials_per_worker),
-BENCH_STOCK (the stock.json the report reads); for a CPU dry run BENCH_TRIALS (trial indices in the order run,
+BENCH_STOCK (the stock.json the report reads), BENCH_WARM (1, the default: (b) runs an unmeasured 1-trial, 2-iteration
+sweep first, as a user's machine is after their first sweep; 0: a fresh machine's figures); for a CPU dry run BENCH_TRIALS (trial indices in the order run,
 e.g. 11,0,7) and BENCH_MAX_LENGTH (packed length: at 2048 the tiny model took about 5 s a step per packed row
 on 2 shared CPU cores). On the CPU both sides train in fp32 (OptimWrapper), as `sweep` renders:
 

@@ -501,6 +501,9 @@ def sweep_failures(sweep_r: dict) -> list[str]:
         problems.append(f"(b) sweep: `sweep run` exited with code {sweep_r['rc']}")
     if sweep_r and sweep_r.get("iters_asked", ITERS) != ITERS:
         problems.append(f"(b) sweep: sweep.json holds a {sweep_r['iters_asked']}-iteration run, not {ITERS}")
+    if (sweep_r.get("warmed") or {}).get("rc") not in (0, None):
+        problems.append(f"(b) sweep: its warm-up sweep exited with code {sweep_r['warmed']['rc']}: the machine may "
+                        "not be warm, so (b) is neither a warm nor a cold figure")  # fmt: skip
     return problems
 
 

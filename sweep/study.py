@@ -241,7 +241,8 @@ def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: P
     status = "FAILED"
     registered = None
     ran: Counter[str] = Counter()  # how this process's trials ended (other workers' are not ours to report)
-    callbacks: list = [progress, lambda _study, trial: ran.update([trial.state.name]), WarmModelLogging(tracker)]
+    warm = WarmModelLogging(tracker)
+    callbacks: list = [progress, lambda _study, trial: ran.update([trial.state.name]), warm]
     if spec.keep_adapters:
         name = spec.registered_model_name
         callbacks.append(AdapterBudget(spec.keep_adapters, champion_run=lambda: champion_run(tracker, name)))
@@ -258,6 +259,8 @@ def _run(spec: Spec, opts: RunOptions, device: Device, checked: Checked, root: P
             )
         try:
             plan.end()  # the gate loads its own model: the idle workers' GPU memory (and MPS's) is given back first
+            if warm.thread is not None:  # a short sweep: the scan may still run; logging the champion would scan again
+                warm.thread.join(timeout=60)
             gated = promote(study, spec, tracker, prepared.folder, parent)
             registered = gated.as_dict() if gated else None
         except Exception as err:  # noqa: BLE001 - the trials are saved; only registering them failed

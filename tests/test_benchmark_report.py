@@ -64,6 +64,19 @@ def test_a_failed_sweep_trial_prints_no_speed_up_and_fails(tmp_path):
     assert "(b) sweep trial 9" in done.stdout
 
 
+def test_a_failed_warm_up_prints_no_speed_up_and_a_warmed_run_says_so(tmp_path):
+    _results(tmp_path)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep | {"warmed": {"rc": 0, "wall": 40.0}}))
+    done = _report(tmp_path)
+    assert done.returncode == 0 and "speed-up (a)/(b)" in done.stdout
+    assert "machine: warmed first by a 1-trial, 2-iteration sweep" in done.stdout
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep | {"warmed": {"rc": 1, "wall": 3.0}}))
+    done = _report(tmp_path)
+    assert done.returncode == 1 and "speed-up" not in done.stdout
+    assert "its warm-up sweep exited with code 1" in done.stdout
+
+
 def test_a_failed_stock_trial_prints_no_speed_up_and_fails(tmp_path):
     _results(tmp_path, stock_failed={0})
     done = _report(tmp_path)

@@ -187,16 +187,34 @@ class GpuSlots:
         """Whether a trial of ``need_mb`` fits on none of the GPUs: it then takes one alone (and may go OOM)."""
         return all(need_mb > t * HEADROOM for t in self.total.values())
 
-    def _fits(self, gpu: int, need_mb: float) -> bool:
-        return self.count[gpu] < self.per_gpu and self.used[gpu] + need_mb <= self.total[gpu] * HEADROOM
+    def _fits(self, gpu: int, need_mb: float, used: dict[int, float], count: dict[int, int]) -> bool:
+        return count[gpu] < self.per_gpu and used[gpu] + need_mb <= self.total[gpu] * HEADROOM
 
-    def _choose(self, n: int, need_mb: float) -> list[int] | None:
+    def _options(self, n: int, need_mb: float, used: dict[int, float], count: dict[int, int]) -> list[list[int]]:
+        """Where a trial of ``need_mb`` on ``n`` GPUs could go, best first, given ``used`` and ``count``."""
         if n == 1:
-            fitting = [g for g in self.total if self._fits(g, need_mb)]
+            fitting = [g for g in self.total if self._fits(g, need_mb, used, count)]
             # the emptiest GPU first: trials spread before they stack
-            return [min(fitting, key=lambda g: (self.count[g], self.used[g], g))] if fitting else None
-        idle = [g for g in sorted(self.total) if self.count[g] == 0 and need_mb <= self.total[g] * HEADROOM]
-        return idle[:n] if len(idle) >= n else None  # a multi-GPU trial takes whole GPUs
+            return [[g] for g in sorted(fitting, key=lambda g: (count[g], used[g], g))]
+        idle = [g for g in sorted(self.total) if count[g] == 0 and need_mb <= self.total[g] * HEADROOM]
+        return [idle[:n]] if len(idle) >= n else []  # a multi-GPU trial takes whole GPUs
+
+    def _choose(self, n: int, need_mb: float, order: int | None = None) -> list[int] | None:
+        """The best place for the trial that also leaves the earliest waiting trial before ``order`` room beside it
+        (an unordered trial counts as the last); None if there is none. Called with the lock held. The check works
+        on copies: adding and taking back float MB in ``used`` would leave a remainder on a GPU no trial holds."""
+        earlier = [k for k in self._waiting if order is None or k < order]
+        head = self._waiting[min(earlier)] if earlier else None
+        for chosen in self._options(n, need_mb, self.used, self.count):
+            if head is None:
+                return chosen
+            used, count = dict(self.used), dict(self.count)
+            for g in chosen:
+                used[g] += need_mb
+                count[g] += 1
+            if self._options(head[1], head[0], used, count):
+                return chosen
+        return None
 
     def acquire(self, need_mb: float, n: int = 1, timeout: float | None = None) -> list[int]:
         """``acquire_estimated`` for a fixed estimate: the GPUs."""
@@ -211,7 +229,7 @@ class GpuSlots:
         recalibrate the memory model is then placed by what they taught it, not by the guess it began waiting with.
 
         ``order`` (the trial's number) keeps the earliest waiting trial from starving: a later one starts only where
-        the earliest waiting one would still fit beside it (``_leaves_room``). Without it, small trials that keep
+        the earliest waiting one would still fit beside it (``_choose``). Without it, small trials that keep
         fitting into the room a large one waits for would run first, one after another, and the large trial last,
         alone (seen on an H100: docs/benchmarks.md).
         """
@@ -226,8 +244,7 @@ class GpuSlots:
                 need_mb = self.one_gpu_mb
             if order is not None:
                 self._waiting[order] = (need_mb, n)
-            chosen = self._choose(n, need_mb)
-            return chosen is not None and self._leaves_room(order, chosen, need_mb)
+            return self._choose(n, need_mb, order) is not None
 
         with self._cond:
             if not self._cond.wait_for(fits, timeout=timeout):
@@ -236,7 +253,7 @@ class GpuSlots:
             if order is not None:
                 self._waiting.pop(order, None)
                 self._cond.notify_all()  # a trial behind this one may start beside it
-            chosen = self._choose(n, need_mb)
+            chosen = self._choose(n, need_mb, order)
             for g in chosen:
                 self.used[g] += need_mb
                 self.count[g] += 1
@@ -247,23 +264,6 @@ class GpuSlots:
         with self._cond:
             if self._waiting.pop(order, None) is not None:
                 self._cond.notify_all()
-
-    def _leaves_room(self, order: int | None, chosen: list[int], need_mb: float) -> bool:
-        """Whether the earliest waiting trial before ``order`` (an unordered trial counts as the last) would still
-        fit with this trial on ``chosen``. Called with the lock held."""
-        earlier = [k for k in self._waiting if order is None or k < order]
-        if not earlier:
-            return True
-        head_mb, head_n = self._waiting[min(earlier)]
-        for g in chosen:
-            self.used[g] += need_mb
-            self.count[g] += 1
-        try:
-            return self._choose(head_n, head_mb) is not None
-        finally:
-            for g in chosen:
-                self.used[g] -= need_mb
-                self.count[g] -= 1
 
     def resize(self, gpus: list[int], from_mb: float, to_mb: float) -> None:
         """A running trial's reservation becomes ``to_mb`` (what ``release`` then gives back); waiters are woken."""
@@ -285,8 +285,9 @@ class GpuSlots:
     def release(self, gpus: list[int], need_mb: float) -> None:
         with self._cond:
             for g in gpus:
-                self.used[g] = max(0.0, self.used[g] - need_mb)
                 self.count[g] -= 1
+                # a GPU no trial holds is empty: float remainders of the MB added and taken back never block it
+                self.used[g] = max(0.0, self.used[g] - need_mb) if self.count[g] else 0.0
             self._cond.notify_all()
 
     def capacity(self, need_mb: float) -> int:

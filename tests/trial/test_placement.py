@@ -340,10 +340,13 @@ def test_a_later_trial_starts_beside_a_waiting_one_where_both_fit_and_a_withdraw
 
 
 @pytest.mark.parametrize(("setting", "checkpointing"), [("auto", False), ("on", True), ("off", False)])
-def test_the_sweep_plans_its_workers_by_the_first_point_as_it_will_run(tmp_path, tiny_model, setting, checkpointing):
+def test_the_sweep_plans_its_workers_by_the_first_point_as_it_will_run(
+    tmp_path, tiny_model, monkeypatch, setting, checkpointing
+):
     """`speed.activation_checkpointing: auto` turns checkpointing off where a trial fits without it; the count of
     trials at once (and of workers started ahead) is planned by that trial, not by one that checkpoints. Planned with
     checkpointing, a batch-1 first point started 7 workers on an H100 where 4 trials fit (docs/benchmarks.md)."""
+    from sweep import speed
     from sweep.knobs import base_values, trial_values
     from sweep.search import first_point
     from sweep.spec import load_spec
@@ -354,6 +357,7 @@ def test_the_sweep_plans_its_workers_by_the_first_point_as_it_will_run(tmp_path,
     spec = load_spec(write_spec(tmp_path, tiny_model, speed=f"speed: {{activation_checkpointing: {setting}}}",
                                 fixed="fixed: {max_length: 4096, batch_size: 8, max_epochs: 1}"))  # fmt: skip
     values = trial_values(spec, first_point(spec), base_values(load_base_config(spec.base_config)))
+    monkeypatch.setattr(speed, "installed", lambda module: False)  # plain kernels and loss, as `probe` plans them
     probe = MemoryModel(ModelShape.from_dir(tiny_model))
     with_it, without = probe.estimate(8, 4096, True), probe.estimate(8, 4096, False)
     assert without > 1.5 * with_it
@@ -362,3 +366,60 @@ def test_the_sweep_plans_its_workers_by_the_first_point_as_it_will_run(tmp_path,
     slots, _, n_jobs = _gpu_plan(spec, options, {0: gpu_mb}, values)
     assert n_jobs == slots.capacity(with_it if checkpointing else without)
     assert n_jobs == 2 if not checkpointing else n_jobs > 2
+
+
+def test_a_gpu_no_trial_holds_is_empty_whatever_float_remainders_were_left():
+    """Adding and taking back float MB leaves remainders (0.1 + 0.2 - 0.2 != 0.1): on an emptied GPU they would block a
+    trial that must run alone, which needs all of it, and the earliest-first rule then every trial behind it."""
+    slots = GpuSlots({0: H100, 1: H100})
+    a = slots.acquire(0.1)
+    slots._waiting[0] = (slots.one_gpu_mb, 1)  # an alone trial waits: later trials are placed to leave it a GPU
+    with slots._cond:
+        assert slots._choose(1, 0.2, order=5) == a, "beside the 0.1 MB trial: the other GPU stays whole"
+    assert slots.used == {0: 0.1, 1: 0.0}, "the places were tried on copies"
+    slots.withdraw(0)
+    slots.used[0] = 0.1 + 0.2 - 0.2  # 0.10000000000000003: what adding and taking back left before
+    slots.release(a, 0.1)
+    assert slots.used[0] == 0.0 and slots.count[0] == 0
+    assert slots.acquire(slots.one_gpu_mb, timeout=0.5) == [0], "the emptied GPU takes a trial that needs all of it"
+
+
+def test_a_later_trial_goes_where_the_earliest_waiting_one_still_fits():
+    """Not only the emptiest GPU is tried: a later trial that would take the room the earliest waiting trial needs on
+    one GPU starts on another GPU instead of waiting."""
+    slots = GpuSlots({0: 100.0 / HEADROOM, 1: 100.0 / HEADROOM})
+    slots.acquire(60.0)  # GPU 0
+    slots.acquire(70.0)  # GPU 1
+    slots._waiting[0] = (31.0, 1)  # trial 0 waits for 31 MB: it fits on GPU 0 only (60 + 31)
+    with slots._cond:
+        assert slots._choose(1, 25.0, order=5) == [1], "GPU 0 is emptier, but 25 there would leave 15 for 31"
+        assert slots._choose(1, 35.0, order=5) is None, "35 fits only on GPU 0, where trial 0 needs the room"
+        assert slots._choose(1, 35.0, order=None) is None, "an unordered trial counts as the last"
+
+
+def test_a_waiting_trial_that_fails_gives_up_its_place(monkeypatch):
+    """`run._acquire` withdraws a trial whose wait ends in an error (here its estimate raises), so the trials behind it
+    are not held for it."""
+    from sweep.trial import run
+
+    slots = GpuSlots({0: 100.0 / HEADROOM})
+    slots.acquire_estimated(lambda: 80.0, order=1)
+    calls = iter(range(1000))
+    failed: list[BaseException] = []
+
+    def estimate() -> float:
+        if next(calls) > 3:
+            raise RuntimeError("the memory model broke")
+        return 50.0
+
+    def head() -> None:
+        try:
+            run._acquire(slots, estimate, 1, 0)
+        except RuntimeError as err:
+            failed.append(err)
+
+    thread = threading.Thread(target=head, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert failed and 0 not in slots._waiting
+    assert slots.acquire_estimated(lambda: 15.0, timeout=0.5, order=2)[0] == [0]

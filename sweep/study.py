@@ -31,7 +31,15 @@ from sweep.search import first_point
 from sweep.spec import Spec, SpecError, spec_summary
 from sweep.storage import connect_storage, open_study
 from sweep.trial import mps
-from sweep.trial.placement import CONTEXT_MB, GpuSlots, MemoryModel, ModelShape, usable_cpus, visible_gpus
+from sweep.trial.placement import (
+    CONTEXT_MB,
+    GpuSlots,
+    MemoryModel,
+    ModelShape,
+    checkpointing,
+    usable_cpus,
+    visible_gpus,
+)
 from sweep.trial.pool import WorkerPool
 from sweep.trial.run import StudyContext, TrialFailed, run_trial
 from sweep.xtuner.render import Device
@@ -318,11 +326,11 @@ def _gpu_plan(
                          lean=speed.fused_kernels(spec, cuda) and speed.lora_input_16bit(spec, cuda)
                          and not spec.model.quantize)  # measured for 16-bit LoRA only  # fmt: skip
     batch, length = int(values["batch_size"]), int(values["max_length"])
-    # planned as the trial runs: without activation checkpointing where the spec or `auto` turns it off (run's
-    # _checkpointing); planned with it, a small first point started workers and threads for trials that never fit
-    choice = spec.speed.activation_checkpointing
-    checkpointing = memory.estimate(batch, length, False) > slots.one_gpu_mb if choice == "auto" else choice == "on"
-    need = memory.estimate(batch, length, checkpointing)
+    # planned as the trial will run (with or without activation checkpointing): planned with it where `auto` turns it
+    # off, a small first point started workers and threads for trials that never fit
+    need = memory.estimate(
+        batch, length, checkpointing(spec.speed.activation_checkpointing, memory, slots, batch, length)
+    )
     n_jobs = opts.n_jobs or (len(gpus) // spec.gpus_per_trial if spec.gpus_per_trial > 1 else slots.capacity(need))
     log.info(
         "GPUs %s (%s MB); a trial of the first point needs about %.0f MB; %d trial(s) at once",

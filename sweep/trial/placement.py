@@ -161,6 +161,19 @@ class MemoryModel:
             self.floor = self.calibration
 
 
+def checkpointing(choice: str, memory: MemoryModel | None, slots: GpuSlots | None, batch_size: int,
+                  max_length: int) -> bool | None:  # fmt: skip
+    """Activation checkpointing for a trial (``speed.activation_checkpointing``): what the spec says, or (auto, on
+    GPUs) off when the trial fits on one GPU without it. Off computes the same gradients faster, for about twice the
+    activation memory (docs/benchmarks.md). None: leave the base config's choice (no GPU plan). The trial runs by
+    it and the sweep plans its workers by it."""
+    if choice != "auto":
+        return choice == "on"
+    if slots is None or memory is None:
+        return None
+    return memory.estimate(batch_size, max_length, checkpointing=False) > slots.one_gpu_mb
+
+
 class GpuSlots:
     """Hands out GPUs to trials by memory (and at most ``per_gpu`` trials on one GPU).
 

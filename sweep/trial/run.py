@@ -31,7 +31,7 @@ from sweep.progress import SweepProgress
 from sweep.registry.tracking import Tracker
 from sweep.search import suggest
 from sweep.spec import Spec
-from sweep.trial import launcher, protocol
+from sweep.trial import launcher, placement, protocol
 from sweep.trial.placement import CONTEXT_MB, FITTED_MARGIN, GpuSlots, MemoryModel
 from sweep.trial.pool import WorkerPool
 from sweep.trial.protocol import TrialFiles
@@ -509,17 +509,9 @@ def _record_failure(trial: optuna.Trial, ctx: StudyContext, err: Exception) -> N
 
 
 def _checkpointing(ctx: StudyContext, batch_size: int, max_length: int) -> bool | None:
-    """Activation checkpointing: what the spec says, or (auto, on GPUs) off when the trial fits without it.
-
-    Off computes the same gradients faster, for about twice the activation memory (docs/benchmarks.md).
-    None: leave the base config's choice.
-    """
-    choice = ctx.spec.speed.activation_checkpointing
-    if choice != "auto":
-        return choice == "on"
-    if ctx.slots is None or ctx.memory is None:
-        return None
-    return ctx.memory.estimate(batch_size, max_length, checkpointing=False) > ctx.slots.one_gpu_mb
+    """``placement.checkpointing`` for a trial of this study."""
+    return placement.checkpointing(ctx.spec.speed.activation_checkpointing, ctx.memory, ctx.slots, batch_size,
+                                   max_length)  # fmt: skip
 
 
 def _acquire(slots: GpuSlots, estimate: Callable[[], float], n: int, number: int) -> tuple[list[int], float]:

@@ -67,11 +67,33 @@ def trials(name: str) -> int:
             bad.append(t.number)
             print("    validation points without val/repetition or val/no_stop")
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    if not forked_workers(name, Path(study.user_attrs.get("work_dir", "/nonexistent")) / "workers"):
+        bad.append("workers")
     if bad or complete == 0 or len(study.trials) != expected:
         print(f"{name}: FAILED: trials {bad} failed; {complete} complete; {len(study.trials)} of {expected} trials")
         return 1
     print(f"{name}: all {len(study.trials)} trials completed or pruned ({complete} complete)")
     return 0
+
+
+def forked_workers(name: str, folder: Path) -> bool:
+    """Where the sweep started a fork server (speed.fork_workers, the default), every worker that said "ready" was
+    forked from it: a server that found CUDA initialized after its imports lets the sweep start its workers on their
+    own, which still trains, so only this check shows it."""
+    servers = sorted(folder.glob("forkserver-*.log"))
+    workers = [log.read_text(errors="replace") for log in sorted(folder.glob("worker-*.log"))]
+    ready = [text for text in workers if ": ready at" in text]
+    forked = [text for text in ready if "(forked from" in text]
+    if not servers:
+        print(f"{name}: {len(ready)} workers, no fork server (speed.fork_workers off)")
+        return True
+    print(f"{name}: {len(forked)} of {len(ready)} workers forked from the fork server")
+    if len(forked) == len(ready):
+        return True
+    print(
+        "    the fork server's log ends:\n    " + servers[0].read_text(errors="replace")[-1500:].replace("\n", "\n    ")
+    )
+    return False
 
 
 def _load_champion(name: str, tag_prefixes: tuple[str, ...]):

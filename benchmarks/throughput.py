@@ -315,6 +315,7 @@ def _run_sweep(folder: Path, study: str, indices: list[int], data_seed: int, ite
     return {"rc": rc, "wall": wall, "iters_asked": iters, "trials": trials, "failed": failed, "launched_at": launched_at,
             "trials_per_worker": TRIALS_PER_WORKER, "speed": SPEED, "mps": _mps_line(folder / "sweep.log"),
             "workers_ready": workers_ready(folder / f"sweep-runs/{study}/workers", launched_at),
+            "fork_server": fork_server(folder / f"sweep-runs/{study}/workers", launched_at),
             "last_output": round((folder / "sweep.log").stat().st_mtime - launched_at, 1),
             "log_tail": (folder / "sweep.log").read_text()[-3000:]}  # fmt: skip
 
@@ -323,11 +324,31 @@ def workers_ready(folder: Path, launched_at: float) -> list[float]:
     """When each resident worker could first train, in seconds after `sweep run` was launched (its log's "ready at"
     line): how much of the start before the first step the workers' own imports are."""
     ready = []
-    for log in sorted(folder.glob("*.log")):
+    for log in sorted(folder.glob("worker-*.log")):
         found = re.search(r": ready at ([0-9.]+)", log.read_text(errors="replace"))
         if found:
             ready.append(round(float(found.group(1)) - launched_at, 1))
     return sorted(ready)
+
+
+def fork_server(folder: Path, launched_at: float) -> dict | None:
+    """The fork server's "ready at" (seconds after the launch) and how many workers were forked from it, of all that
+    said "ready"; None where the sweep started none (speed.fork_workers: false, or an older tree)."""
+    logs = sorted(folder.glob("forkserver-*.log"))
+    found = re.search(r": ready at ([0-9.]+)", logs[0].read_text(errors="replace")) if logs else None
+    if not logs:
+        return None
+    texts = [log.read_text(errors="replace") for log in folder.glob("worker-*.log")]
+    return {"ready": round(float(found.group(1)) - launched_at, 1) if found else None,
+            "forked": sum("(forked from" in text for text in texts),
+            "workers": sum(": ready at" in text for text in texts)}  # fmt: skip
+
+
+def _forked_text(server: dict | None) -> str:
+    if not server:
+        return " (each imported on its own)"
+    ready = f", it was ready at {server['ready']:.1f}s" if server.get("ready") is not None else ", it never was ready"
+    return f" ({server['forked']} of {server['workers']} forked from the fork server{ready})"
 
 
 def _mps_line(log: Path) -> str | None:
@@ -442,7 +463,10 @@ def timeline_lines(sweep_r: dict) -> list[str]:
         f"after the last exit to the sweep's end {sweep_r['wall'] - last:.1f}s"
         + (f" (its last output at {sweep_r['last_output'] - last:.1f}s of it)" if "last_output" in sweep_r else ""),
         *(
-            [f"    workers ready at {', '.join(f'{x:.1f}s' for x in sweep_r['workers_ready'])} after the launch"]
+            [
+                f"    workers ready at {', '.join(f'{x:.1f}s' for x in sweep_r['workers_ready'])} after the launch"
+                + _forked_text(sweep_r.get("fork_server"))
+            ]
             if sweep_r.get("workers_ready")
             else []
         ),

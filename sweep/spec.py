@@ -274,6 +274,9 @@ class SpeedSpec(_Strict):
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: off when the trial fits on a GPU without
     tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
+    # resident workers forked from one process that imported the training stack once (sweep.trial.forked), not
+    # each importing it; where that process finds CUDA initialized after its imports, workers start on their own
+    fork_workers: bool = True
     # a resident worker trains up to this many of a GPU's trials at once over one copy of the base model, their
     # steps joined into one pass (sweep.training.cotrain); 1: one trial per process
     trials_per_worker: int = Field(default=1, ge=1, le=16)

@@ -32,6 +32,9 @@ from sweep.training import job as training_job
 from sweep.training.base_model import CACHE
 from sweep.trial import protocol
 
+#: The fork server's pid, in a worker forked from it (``sweep.training.forkserver``); 0 in one started on its own.
+FORKED_FROM = 0
+
 
 def _exit_code(exc: SystemExit) -> int:
     code = exc.code
@@ -146,7 +149,7 @@ def _memory_held() -> dict[str, float]:
     return held
 
 
-def _exit_when_orphaned(interval: float = 0.5) -> None:
+def exit_when_orphaned(interval: float = 0.5) -> None:
     """End this worker's process group when the sweep process is gone, even mid-job.
 
     A resident worker outlives the thread that started it, so the parent-death signal (which the
@@ -171,11 +174,15 @@ def _finish(job: protocol.Job, n: int, rc: int, started: float) -> None:
 
 def serve(jobs) -> None:
     """Run jobs until stdin closes or one fails."""
-    _exit_when_orphaned()
+    exit_when_orphaned()
     patches.prepare_process()
     at_once = int(os.environ.get(protocol.JOBS_AT_ONCE_ENV, "1") or 1)
     # the clock time: the sweep's benchmark places it on its timeline (when the imports stop delaying a first trial)
-    print(f"worker {os.getpid()}: ready at {time.time():.3f}" + (f", {at_once} jobs at once" if at_once > 1 else ""),
+    import torch
+
+    forked = f" (forked from {FORKED_FROM})" if FORKED_FROM else ""
+    print(f"worker {os.getpid()}: ready at {time.time():.3f}{forked}, GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"
+          f", {torch.get_num_threads()} CPU threads" + (f", {at_once} jobs at once" if at_once > 1 else ""),
           flush=True)  # fmt: skip
     if at_once > 1:
         serve_at_once(jobs, at_once)

@@ -109,6 +109,16 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     stop_groups([proc], grace)
 
 
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the group ``proc`` leads; a forked worker (``sweep.trial.forked``) knows its own group, or has none yet."""
+    own = getattr(proc, "signal_group", None)
+    if own is not None:
+        own(sig)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
 def stop_groups(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     """``stop_group`` for several processes at once: each signal goes to all of them before any is waited for, so
     ending n workers takes one grace period and one CUDA teardown, not n of them one after another."""
@@ -116,8 +126,7 @@ def stop_groups(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for proc in left:
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, sig)
+                signal_group(proc, sig)
         deadline = time.monotonic() + grace
         for proc in left:
             with contextlib.suppress(subprocess.TimeoutExpired):

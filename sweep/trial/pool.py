@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.trial import launcher, protocol
+from sweep.trial.forked import ForkServer
 from sweep.trial.placement import GpuSlots
 
 log = logging.getLogger("sweep")
@@ -61,11 +62,15 @@ def kill_all(workers: list[Worker], grace: float = 10.0) -> None:
 class WorkerPool:
     """Hands trials to idle workers with the same devices, starting workers as needed. Thread-safe."""
 
-    def __init__(self, folder: Path, slots: GpuSlots | None = None, idle_mb: float = 0.0, at_once: int = 1) -> None:
+    def __init__(self, folder: Path, slots: GpuSlots | None = None, idle_mb: float = 0.0, at_once: int = 1,
+                 fork: bool = False) -> None:  # fmt: skip
         self.folder = folder
         self.slots = slots
         self.idle_mb = idle_mb  # GPU memory an idle worker holds: its base model and CUDA context
         self.at_once = at_once  # jobs one worker trains at once
+        self.fork = fork  # workers forked from one server that imported the training stack (sweep.trial.forked)
+        self.server: ForkServer | None = None
+        self._server_lock = threading.Lock()
         self.env: dict[str, str] = {}  # more environment for the workers (an MPS server's pipe folder)
         self._workers: list[Worker] = []
         self._logs: list[Path] = []  # every worker's own log, for ``discard``
@@ -86,7 +91,7 @@ class WorkerPool:
             worker = self._with_room(launch)
             leaving = self._make_room(gpus)
         for idle in leaving:
-            log.info("ending idle worker %d on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
+            log.info("ending idle worker %s on GPU %d: its memory is needed", idle.proc.pid, gpus[0])
         kill_all(leaving)  # outside the lock: ending them may take their grace period
         if worker is None:
             with self._lock:  # looked for again and started under the lock: two trials at once start one worker
@@ -150,20 +155,44 @@ class WorkerPool:
         path, out = Path(name), os.fdopen(fd, "ab")
         env = launcher.environment(launch) | self.env
         env[protocol.JOBS_AT_ONCE_ENV] = str(self.at_once)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", protocol.WORKER_MODULE],
-            stdin=subprocess.PIPE,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            # no PR_SET_PDEATHSIG here: it fires when the spawning *thread* ends, and an Optuna n_jobs
-            # thread ends while other threads' trials still use its worker (seen on the H200: exit -15).
-            # The worker watches its parent process itself (sweep.training.worker).
-        )
-        out.close()  # the child holds its own copy
+
+        def own_process(stdin: int, output: int) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", protocol.WORKER_MODULE],
+                stdin=stdin,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                # no PR_SET_PDEATHSIG here: it fires when the spawning *thread* ends, and an Optuna n_jobs
+                # thread ends while other threads' trials still use its worker (seen on the H200: exit -15).
+                # The worker watches its parent process itself (sweep.training.worker).
+            )
+
+        try:
+            if self.fork:
+                proc = self._fork_server(launch).spawn(env, out.fileno(), own_process)
+            else:
+                proc = own_process(subprocess.PIPE, out.fileno())
+        finally:
+            out.close()  # the worker holds its own copy
         self._logs.append(path)
         return Worker(proc, tuple(launch.gpu_ids), launch.threads, path)
+
+    def _fork_server(self, launch: launcher.Launch) -> ForkServer:
+        """The server the workers are forked from, started with the first: the environment they share, no GPU named
+        (each fork names its own before it initializes CUDA)."""
+        with self._server_lock:
+            if self.server is None:
+                self.server = self._start_server(launch)
+            return self.server
+
+    def _start_server(self, launch: launcher.Launch) -> ForkServer:
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"forkserver-{os.getpid()}-", suffix=".log")
+        os.close(fd)
+        self._logs.append(Path(name))
+        shared = launcher.Launch(Path(), self.folder, Path(name), gpu_ids=[], threads=launch.threads)
+        return ForkServer(launcher.environment(shared) | self.env, Path(name), sys.executable)
 
     def _returned(self, worker: Worker, reusable: bool) -> None:
         """A job of ``worker`` ended; unless it ended well, the worker takes no more and ends when it is free."""
@@ -179,10 +208,13 @@ class WorkerPool:
         worker.kill()
 
     def close(self) -> None:
-        """End every worker (idle or not): the sweep is done or stopping."""
+        """End every worker (idle or not), then the server they were forked from: the sweep is done or stopping."""
         with self._lock:
             workers, self._workers = self._workers, []
+            server, self.server = self.server, None
         kill_all(workers)
+        if server is not None:
+            server.close()
 
     def discard(self) -> None:
         """End every worker and remove their logs: the run was refused before any trial (bad input leaves nothing).

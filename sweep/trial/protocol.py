@@ -391,3 +391,49 @@ class Done:
     def worker_info(self) -> dict[str, Any]:
         """Which worker trained the trial, its how-many-th job, whether the model was loaded, memory held."""
         return {"pid": self.pid, "job": self.job, "model_reused": self.model_reused, **self.held}
+
+
+#: The process that imports the training stack once and forks the resident workers (``sweep.training.forkserver``).
+FORKSERVER_MODULE = "sweep.training.forkserver"
+#: The largest message either side reads: a request carries a worker's whole environment as JSON.
+FORK_MESSAGE_MAX = 1 << 20
+
+
+@dataclass
+class Fork:
+    """A request to the fork server: one worker, with this environment, sent with two descriptors (its stdin and its
+    output) as one message of a ``SOCK_SEQPACKET`` socket. ``ref`` pairs the answer with the request."""
+
+    ref: int
+    env: dict[str, str]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Fork:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class ForkNews:
+    """What the fork server tells the sweep, one message each.
+
+    ``ready``: its imports are done (``pid``, the clock ``time``); ``unsafe``: they initialized CUDA, so no fork of it
+    could use a GPU (``reason``), and it ends: the sweep starts its workers as processes of their own;
+    ``forked``: request ``ref`` is worker ``pid``; ``exited``: worker ``pid`` ended with ``rc`` (negative: the signal).
+    """
+
+    kind: str
+    ref: int = 0
+    pid: int = 0
+    rc: int = 0
+    time: float = 0.0
+    reason: str = ""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ForkNews:
+        return cls(**json.loads(raw))

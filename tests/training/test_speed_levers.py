@@ -278,7 +278,23 @@ def plain(tmp_path_factory, tiny_model) -> dict[int, float]:
     losses = _train_losses(folder, tiny_model, "off")
     (config,) = folder.rglob("trial_0000/config.py")  # the trial's own (mmengine and MLflow keep copies)
     assert "'fused': True" not in config.read_text() and "'num_workers': 2" not in config.read_text()
+    assert _worker_lines(folder) == ["forked"], "trained by a worker forked from the fork server (the default)"
     return losses
+
+
+def _worker_lines(folder: Path) -> list[str]:
+    """How each resident worker under ``folder`` started: forked from the fork server, or on its own."""
+    texts = [log.read_text() for log in sorted(folder.rglob("workers/worker-*.log"))]
+    return ["forked" if "(forked from" in text else "own" for text in texts if ": ready at" in text]
+
+
+@pytest.mark.e2e
+def test_a_forked_worker_trains_the_same_curve_in_bf16_as_a_worker_started_on_its_own(tmp_path, tiny_model, plain):
+    """A fork inherits the server's imported state (torch's thread pool sized by the server's environment, the RNGs
+    before any seeding, patched classes): the bf16 AMP trial must train to the same losses, to the bit."""
+    own = _train_losses(tmp_path, tiny_model, "off", "fork_workers: false")
+    assert _worker_lines(tmp_path) == ["own"] and not list(tmp_path.rglob("workers/forkserver-*.log"))
+    assert own == plain
 
 
 @pytest.mark.e2e

@@ -213,21 +213,30 @@ def _spec(tmp_path, tiny_model, speed: str, name: str = ""):
     return load_spec(write_spec(folder, tiny_model, speed=f"speed: {{{speed}}}"))
 
 
+@pytest.mark.parametrize("fork", [False, True], ids=["own-processes", "forked"])
 def test_workers_of_trials_sharing_a_gpu_are_clients_of_the_sweeps_server_until_it_ends(fake_mps, tmp_path,
-                                                                                       tiny_model):  # fmt: skip
+                                                                                       tiny_model, fork):  # fmt: skip
     from sweep import study as study_mod
 
     plan = _plan(n_jobs=2)
-    study_mod._start_workers(_spec(tmp_path, tiny_model, "mps: auto"), tmp_path / "runs", plan)
+    speed = f"mps: auto, fork_workers: {str(fork).lower()}"
+    study_mod._start_workers(_spec(tmp_path, tiny_model, speed), tmp_path / "runs", plan)
     try:
         assert plan.mps is not None
         workers = plan.pool.idle_workers()
         assert len(workers) == 2
         pipe = plan.mps.env[mps.PIPE_ENV]
-        for worker in workers:
-            environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
+        # a forked worker's environment is the request's, set after the fork (/proc shows the server's at its exec):
+        # the server's holds the pipe too, and the request is the same environment a worker of its own gets
+        for proc in [plan.pool.server.proc] if fork else [w.proc for w in workers]:
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
             assert f"{mps.PIPE_ENV}={pipe}".encode() in environ
-            assert b"CUDA_VISIBLE_DEVICES=0" in environ
+            assert (b"CUDA_VISIBLE_DEVICES=0" in environ) is not fork, "the server names no GPU"
+        for worker in workers if fork else []:
+            deadline = time.monotonic() + 60
+            while ": ready at" not in worker.log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "(forked from" in worker.log.read_text() and "GPUs 0," in worker.log.read_text()
         assert mps.PIPE_ENV not in os.environ, "the sweep process itself is no client"
     finally:
         plan.end()

@@ -59,7 +59,8 @@ def _training_worker(tmp_path: Path, tiny_model: Path, study: str, *extra: str):
 
 
 def _training_processes(cwd: Path) -> list[int]:
-    """Training processes (fresh or resident workers) started by a `sweep run` that ran in ``cwd``."""
+    """Training processes (fresh or resident workers, the fork server and its forks, which keep its command line)
+    started by a `sweep run` that ran in ``cwd``."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -68,7 +69,8 @@ def _training_processes(cwd: Path) -> list[int]:
                 where = (proc / "cwd").resolve()
             except OSError:
                 continue
-            if protocol.WORKER_MODULE.encode() in cmd and where == cwd.resolve():
+            modules = (protocol.WORKER_MODULE.encode(), protocol.FORKSERVER_MODULE.encode())
+            if any(module in cmd for module in modules) and where == cwd.resolve():
                 pids.append(int(proc.name))
     return pids
 

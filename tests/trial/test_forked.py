@@ -1,0 +1,139 @@
+"""Resident workers forked from one fork server (``speed.fork_workers``): real server, real forks, real jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from sweep.trial import launcher, protocol
+from sweep.trial.pool import WorkerPool
+
+
+def _launch(tmp_path: Path, name: str, gpu: int | None = None, threads: int | None = 1) -> launcher.Launch:
+    work = tmp_path / name
+    work.mkdir(parents=True, exist_ok=True)
+    return launcher.Launch(work / "config.py", work, work / "train.log", gpu_ids=[] if gpu is None else [gpu],
+                           threads=threads)  # fmt: skip
+
+
+def _until(check, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def _send_failing_job(worker, work: Path) -> Path:
+    """A job whose config does not exist: the worker answers it with a non-zero exit code and ends."""
+    done = work / protocol.DONE_FILE
+    job = protocol.Job([str(work / "missing.py")], str(work / "train.log"), str(done))
+    worker.proc.stdin.write(job.to_line())
+    worker.proc.stdin.flush()
+    return done
+
+
+def test_workers_are_forked_from_one_server_each_with_its_own_environment_group_and_exit_code(tmp_path):
+    pool = WorkerPool(tmp_path / "workers", fork=True)
+    try:
+        first = pool._spawn(_launch(tmp_path, "a", gpu=0, threads=1))
+        second = pool._spawn(_launch(tmp_path, "b", gpu=1, threads=2))
+        server = pool.server
+        assert server is not None and first.proc.pid is None, "asked before the server's imports are done"
+        _until(lambda: first.proc.pid and second.proc.pid, what="both forks")
+        for worker in (first, second):
+            _until(lambda w=worker: ": ready at" in w.log.read_text(), what="the worker's ready line")
+            assert f"(forked from {server.proc.pid})" in worker.log.read_text()
+            assert os.getpgid(worker.proc.pid) == worker.proc.pid, "each fork leads its own group (killpg ends it)"
+            with open(f"/proc/{worker.proc.pid}/stat") as f:
+                assert int(f.read().rsplit(")", 1)[1].split()[1]) == server.proc.pid, "a child of the server"
+        # its own environment (what CUDA reads when the worker initializes it) and thread count, not the server's
+        assert "GPUs 0, 1 CPU threads" in first.log.read_text()
+        assert "GPUs 1, 2 CPU threads" in second.log.read_text()
+        server_env = _environ(server.proc.pid)
+        assert server_env["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1", "torch asks NVML, not CUDA"
+        assert server_env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES"), "no GPU of its own"
+
+        done = _send_failing_job(first, tmp_path / "a")
+        assert first.proc.wait(timeout=60) == 0, "a worker whose job failed ends, as one started on its own does"
+        assert protocol.Done.read(done).rc != 0
+        assert second.alive()
+        launcher.stop_groups([second.proc], grace=10)
+        assert second.proc.returncode == -signal.SIGTERM
+    finally:
+        pool.close()
+    assert server.proc.returncode is not None and pool.server is None
+
+
+def test_a_request_made_while_the_server_imports_gets_its_job_and_one_ended_before_its_fork_never_runs(tmp_path):
+    pool = WorkerPool(tmp_path / "workers", fork=True)
+    try:
+        asked = pool._spawn(_launch(tmp_path, "a"))
+        done = _send_failing_job(asked, tmp_path / "a")  # written to the pipe before there is a process to read it
+        cancelled = pool._spawn(_launch(tmp_path, "b"))
+        launcher.stop_groups([cancelled.proc], grace=10)
+        assert cancelled.proc.returncode == -signal.SIGTERM and cancelled.proc.pid is None, "ended at once, unforked"
+        assert asked.proc.wait(timeout=120) == 0 and protocol.Done.read(done).rc != 0
+        _until(lambda: cancelled.proc.pid is not None, what="the cancelled request's answer")
+        _until(lambda: not Path(f"/proc/{cancelled.proc.pid}").exists()
+               or Path(f"/proc/{cancelled.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+               what="the cancelled fork's end")  # fmt: skip
+        assert ": ready at" not in cancelled.log.read_text(), "killed as soon as it was forked"
+    finally:
+        pool.close()
+
+
+def test_workers_start_on_their_own_where_the_fork_server_dies(tmp_path):
+    """A request the server can no longer answer starts as a worker process of its own, with the jobs already sent."""
+    pool = WorkerPool(tmp_path / "workers", fork=True)
+    try:
+        waiting = pool._spawn(_launch(tmp_path, "a"))
+        done = _send_failing_job(waiting, tmp_path / "a")
+        os.killpg(pool.server.proc.pid, signal.SIGKILL)
+        _until(lambda: pool.server.gone, what="the sweep to see the server gone")
+        assert "the fork server ended" in pool.server.reason
+        later = pool._spawn(_launch(tmp_path, "b"))
+        assert waiting.proc.wait(timeout=120) == 0 and protocol.Done.read(done).rc != 0
+        _until(lambda: ": ready at" in later.log.read_text(), timeout=120, what="the later worker's ready line")
+        for worker in (waiting, later):
+            text = worker.log.read_text()
+            assert ": ready at" in text and "forked from" not in text, text[-2000:]
+        launcher.stop_groups([later.proc], grace=10)
+        assert later.proc.returncode == -signal.SIGTERM
+    finally:
+        pool.close()
+
+
+def test_the_server_answers_bitsandbytes_capability_question_without_initializing_cuda(monkeypatch):
+    """bitsandbytes asks every GPU's compute capability while it is imported, which initializes CUDA in torch; a
+    process that did can fork no worker that uses a GPU. The server answers from NVML for the time of its imports."""
+    import torch
+
+    from sweep.training import forkserver
+
+    monkeypatch.setattr(forkserver, "_nvml_capabilities", lambda: [(8, 0), (9, 0)])
+    original = torch.cuda.get_device_capability
+    with forkserver._capability_from_nvml():
+        assert torch.cuda.get_device_capability(torch.cuda.device(0)) == (9, 0)
+        assert torch.cuda.get_device_capability() == (9, 0)
+        assert not torch.cuda.is_initialized()
+    assert torch.cuda.get_device_capability is original
+    monkeypatch.setattr(forkserver, "_nvml_capabilities", lambda: None)
+    with forkserver._capability_from_nvml():
+        assert torch.cuda.get_device_capability is original, "without NVML torch's own answer (and `unsafe` after)"
+
+
+@pytest.mark.parametrize("kind", ["ready", "unsafe", "forked", "exited"])
+def test_fork_news_survive_the_socket(kind):
+    news = protocol.ForkNews(kind, ref=3, pid=1234, rc=-9, time=1.5, reason="why")
+    assert protocol.ForkNews.from_bytes(news.to_bytes()) == news
+    request = protocol.Fork(7, {"CUDA_VISIBLE_DEVICES": "0"})
+    assert protocol.Fork.from_bytes(request.to_bytes()) == request

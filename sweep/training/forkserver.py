@@ -28,6 +28,9 @@ from collections.abc import Iterator
 
 from sweep.trial import protocol
 
+#: The server's environment as it started, before its imports (which read it, and may add to it).
+STARTED_WITH: dict[str, str] = {}
+
 
 def _nvml_capabilities() -> list[tuple[int, int]] | None:
     """Every GPU's compute capability as NVML reports it (no CUDA context), or None where NVML cannot answer."""
@@ -103,8 +106,15 @@ def _become_worker(sock: socket.socket, request: protocol.Fork, fds: list[int]) 
         os.close(stdin)
         os.close(output)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        differs = sorted(k for k in (set(request.env) | set(STARTED_WITH)) - protocol.FORK_PER_WORKER_ENV
+                         if request.env.get(k) != STARTED_WITH.get(k))  # fmt: skip
+        if differs:  # what the server imported read other values: a fresh worker, in this very process
+            print(f"worker {os.getpid()}: its environment differs from the fork server's in {', '.join(differs)}:"
+                  " started afresh, not forked", flush=True)  # fmt: skip
+            os.execve(sys.executable, [sys.executable, "-m", protocol.WORKER_MODULE], request.env)
+        set_by_imports = {k: v for k, v in os.environ.items() if STARTED_WITH.get(k) != v}  # as the worker's own would
         os.environ.clear()
-        os.environ.update(request.env)  # putenv too: CUDA reads CUDA_VISIBLE_DEVICES when the worker initializes it
+        os.environ.update(request.env | set_by_imports)  # putenv too: CUDA reads CUDA_VISIBLE_DEVICES at its start
         threads = request.env.get("OMP_NUM_THREADS", "")
         if threads.isdigit():  # the thread pool was sized by the server's environment when torch loaded
             import torch
@@ -153,6 +163,7 @@ def _serve(sock: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
+    STARTED_WITH.update(os.environ)
     sock = socket.socket(fileno=int(argv[0]))
     from sweep.training import patches, worker
 

@@ -153,8 +153,7 @@ class WorkerPool:
         # this process's n-th; made exclusively, as sweeps in other containers may share the PID and the folder
         fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"worker-{os.getpid()}-{next(_SPAWNED)}-", suffix=".log")
         path, out = Path(name), os.fdopen(fd, "ab")
-        env = launcher.environment(launch) | self.env
-        env[protocol.JOBS_AT_ONCE_ENV] = str(self.at_once)
+        env = self._environment(launch)
 
         def own_process(stdin: int, output: int) -> subprocess.Popen:
             return subprocess.Popen(
@@ -192,7 +191,11 @@ class WorkerPool:
         os.close(fd)
         self._logs.append(Path(name))
         shared = launcher.Launch(Path(), self.folder, Path(name), gpu_ids=[], threads=launch.threads)
-        return ForkServer(launcher.environment(shared) | self.env, Path(name), sys.executable)
+        return ForkServer(self._environment(shared), Path(name), sys.executable)
+
+    def _environment(self, launch: launcher.Launch) -> dict[str, str]:
+        """A worker's environment (and, with no GPU named, its fork server's: they differ only in per-worker keys)."""
+        return launcher.environment(launch) | self.env | {protocol.JOBS_AT_ONCE_ENV: str(self.at_once)}
 
     def _returned(self, worker: Worker, reusable: bool) -> None:
         """A job of ``worker`` ended; unless it ended well, the worker takes no more and ends when it is free."""

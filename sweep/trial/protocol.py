@@ -397,6 +397,14 @@ class Done:
 FORKSERVER_MODULE = "sweep.training.forkserver"
 #: The largest message either side reads: a request carries a worker's whole environment as JSON.
 FORK_MESSAGE_MAX = 1 << 20
+#: The environment a forked worker may hold other than its server's: what nothing reads before CUDA starts or the
+#: worker applies itself (its thread count). Any other difference and the fork execs a fresh worker instead, since
+#: modules read the rest when they are imported (``JOBS_AT_ONCE_ENV`` by the base-model cache, Hugging Face's
+#: offline switches by their constants), and in a fork those imports already ran with the server's values.
+FORK_PER_WORKER_ENV = frozenset(
+    {"CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+     "PYTORCH_NVML_BASED_CUDA_CHECK"}
+)  # fmt: skip
 
 
 @dataclass

@@ -137,3 +137,22 @@ def test_fork_news_survive_the_socket(kind):
     assert protocol.ForkNews.from_bytes(news.to_bytes()) == news
     request = protocol.Fork(7, {"CUDA_VISIBLE_DEVICES": "0"})
     assert protocol.Fork.from_bytes(request.to_bytes()) == request
+
+
+def test_a_worker_whose_environment_differs_from_the_servers_where_imports_read_it_starts_afresh(tmp_path):
+    """Modules read their environment when imported (the base-model cache reads the jobs-at-once count): a fork
+    asked for with another value would run with the server's. It execs a fresh worker instead, in the same process."""
+    pool = WorkerPool(tmp_path / "workers", fork=True)
+    try:
+        same = pool._spawn(_launch(tmp_path, "a", gpu=0))
+        pool.at_once = 2  # every worker of a pool has the same count; only a test changes it
+        other = pool._spawn(_launch(tmp_path, "b", gpu=0))
+        for worker in (same, other):
+            _until(lambda w=worker: ": ready at" in w.log.read_text(), timeout=120, what="the ready line")
+        assert "(forked from" in same.log.read_text()
+        text = other.log.read_text()
+        assert f"differs from the fork server's in {protocol.JOBS_AT_ONCE_ENV}: started afresh" in text, text
+        assert "(forked from" not in text and "2 jobs at once" in text
+        assert other.proc.pid is not None and other.alive(), "the same process the server forked, exec'd"
+    finally:
+        pool.close()

@@ -275,8 +275,10 @@ class SpeedSpec(_Strict):
     tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
     # resident workers forked from one process that imported the training stack once (sweep.trial.forked), not
-    # each importing it; where that process finds CUDA initialized after its imports, workers start on their own
-    fork_workers: bool = True
+    # each importing it; where that process finds CUDA initialized after its imports, workers start on their own.
+    # auto: on for trials on the CPU; on GPUs off until a GPU run shows the server's imports leave CUDA alone (on
+    # an H100 they did not, docs/benchmarks.md): "on" there says in the sweep's log what initialized it
+    fork_workers: Literal["auto", "on", "off"] = "auto"
     # a resident worker trains up to this many of a GPU's trials at once over one copy of the base model, their
     # steps joined into one pass (sweep.training.cotrain); 1: one trial per process
     trials_per_worker: int = Field(default=1, ge=1, le=16)
@@ -319,6 +321,7 @@ class SpeedSpec(_Strict):
         "lora_input_16bit",
         "fused_optimizer",
         "mps",
+        "fork_workers",
         mode="before",
     )
     @classmethod

@@ -297,8 +297,8 @@ def _worker_pool(spec: Spec, root: Path, slots: GpuSlots | None, memory: MemoryM
     # an idle worker holds its base model and a CUDA context; planned as if all of it were fp32 (PEFT's
     # upcast), which overestimates when frozen_weights_16bit put the linear weights back in 16 bits
     idle_mb = CONTEXT_MB + 2 * memory.shape.weights_mb if memory is not None else 0.0
-    return WorkerPool(root / "workers", slots, idle_mb, at_once=spec.speed.trials_per_worker,
-                      fork=spec.speed.fork_workers)  # fmt: skip
+    fork = spec.speed.fork_workers == "on" or (spec.speed.fork_workers == "auto" and slots is None)
+    return WorkerPool(root / "workers", slots, idle_mb, at_once=spec.speed.trials_per_worker, fork=fork)
 
 
 def _cuda_gpus(opts: RunOptions) -> dict[int, float]:

@@ -58,22 +58,33 @@ def _nvml_capabilities() -> list[tuple[int, int]] | None:
 
 
 @contextlib.contextmanager
-def _capability_from_nvml() -> Iterator[None]:
+def _capability_from_nvml(seen: dict[str, str] | None = None) -> Iterator[None]:
     """While the server imports, ``torch.cuda.get_device_capability`` answers from NVML instead of a CUDA context.
 
     bitsandbytes asks it at import time (to pick its library by the highest capability; every index gets the
-    machine's highest here). Where NVML cannot answer, torch's own function runs, and ``unsafe`` follows.
+    machine's highest here). Where NVML cannot answer, torch's own function runs, and ``unsafe`` follows. ``seen``
+    gets what NVML answered and where CUDA was first initialized (torch's ``_lazy_init``), for the ``unsafe`` reason.
     """
     import torch
 
+    seen = {} if seen is None else seen
     capabilities = _nvml_capabilities()
-    original = torch.cuda.get_device_capability
+    seen["nvml"] = f"NVML answered compute capabilities {capabilities}" if capabilities else "NVML could not answer"
+    original, lazy_init = torch.cuda.get_device_capability, torch.cuda._lazy_init
     if capabilities:
         torch.cuda.get_device_capability = lambda device=None: max(capabilities)
+
+    def recorded_lazy_init() -> None:
+        if "cuda_init" not in seen:
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            seen["cuda_init"] = " <- ".join(f"{f.filename}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
+        lazy_init()
+
+    torch.cuda._lazy_init = recorded_lazy_init
     try:
         yield
     finally:
-        torch.cuda.get_device_capability = original
+        torch.cuda.get_device_capability, torch.cuda._lazy_init = original, lazy_init
 
 
 def _send(sock: socket.socket, news: protocol.ForkNews) -> None:
@@ -169,12 +180,16 @@ def main(argv: list[str]) -> None:
 
     worker.exit_when_orphaned()
     started = time.monotonic()
-    with _capability_from_nvml():
+    seen: dict[str, str] = {}
+    with _capability_from_nvml(seen):
         patches.prepare_process()
     import torch
 
     if torch.cuda.is_initialized():
-        _send(sock, protocol.ForkNews("unsafe", reason="importing the training stack initialized CUDA"))
+        where = seen.get("cuda_init", "not through torch.cuda._lazy_init")
+        reason = f"importing the training stack initialized CUDA (first at {where}; {seen['nvml']})"
+        print(f"fork server {os.getpid()}: {reason}", flush=True)
+        _send(sock, protocol.ForkNews("unsafe", reason=reason))
         return
     now = time.time()
     print(f"fork server {os.getpid()}: ready at {now:.3f} (imports {time.monotonic() - started:.1f} s)", flush=True)

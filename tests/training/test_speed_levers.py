@@ -292,7 +292,7 @@ def _worker_lines(folder: Path) -> list[str]:
 def test_a_forked_worker_trains_the_same_curve_in_bf16_as_a_worker_started_on_its_own(tmp_path, tiny_model, plain):
     """A fork inherits the server's imported state (torch's thread pool sized by the server's environment, the RNGs
     before any seeding, patched classes): the bf16 AMP trial must train to the same losses, to the bit."""
-    own = _train_losses(tmp_path, tiny_model, "off", "fork_workers: false")
+    own = _train_losses(tmp_path, tiny_model, "off", "fork_workers: off")
     assert _worker_lines(tmp_path) == ["own"] and not list(tmp_path.rglob("workers/forkserver-*.log"))
     assert own == plain
 

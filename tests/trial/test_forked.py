@@ -127,8 +127,31 @@ def test_the_server_answers_bitsandbytes_capability_question_without_initializin
         assert not torch.cuda.is_initialized()
     assert torch.cuda.get_device_capability is original
     monkeypatch.setattr(forkserver, "_nvml_capabilities", lambda: None)
-    with forkserver._capability_from_nvml():
+    seen: dict[str, str] = {}
+    with forkserver._capability_from_nvml(seen):
         assert torch.cuda.get_device_capability is original, "without NVML torch's own answer (and `unsafe` after)"
+        with pytest.raises(Exception):  # noqa: B017 - no driver here; on a GPU it would initialize CUDA
+            torch.cuda.get_device_properties(0)  # as an import might: the `unsafe` reason says where it was
+    assert seen["nvml"] == "NVML could not answer"
+    assert "test_forked.py" in seen["cuda_init"] and "test_the_server_answers_bitsandbytes" in seen["cuda_init"]
+    assert torch.cuda._lazy_init.__module__ == "torch.cuda", "torch's own initialization back in place"
+
+
+def test_forks_are_the_default_for_trials_on_the_cpu_and_asked_for_on_gpus(tmp_path, tiny_model):
+    """On an H100 the server's imports initialized CUDA (docs/benchmarks.md): auto leaves GPUs' workers on their own."""
+    from sweep import study as study_mod
+    from sweep.spec import load_spec
+    from sweep.trial.placement import GpuSlots
+    from tests.conftest import write_spec
+
+    for speed, gpu, fork in [("", False, True), ("", True, False), ("fork_workers: on", True, True),
+                             ("fork_workers: off", False, False)]:  # fmt: skip
+        folder = tmp_path / f"{speed.replace(': ', '-') or 'auto'}-{gpu}"
+        folder.mkdir()
+        spec = load_spec(write_spec(folder, tiny_model, **({"speed": f"speed: {{{speed}}}"} if speed else {})))
+        slots = GpuSlots({0: 80_000.0}) if gpu else None
+        pool = study_mod._worker_pool(spec, folder, slots, None)
+        assert pool.fork is fork, (speed, gpu)
 
 
 @pytest.mark.parametrize("kind", ["ready", "unsafe", "forked", "exited"])

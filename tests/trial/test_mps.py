@@ -219,7 +219,7 @@ def test_workers_of_trials_sharing_a_gpu_are_clients_of_the_sweeps_server_until_
     from sweep import study as study_mod
 
     plan = _plan(n_jobs=2)
-    speed = f"mps: auto, fork_workers: {str(fork).lower()}"
+    speed = f"mps: auto, fork_workers: {'on' if fork else 'off'}"
     study_mod._start_workers(_spec(tmp_path, tiny_model, speed), tmp_path / "runs", plan)
     try:
         assert plan.mps is not None

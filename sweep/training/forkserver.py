@@ -173,16 +173,22 @@ def _serve(sock: socket.socket) -> None:
         _send(sock, protocol.ForkNews("forked", ref=request.ref, pid=pid))
 
 
+def import_training_stack(seen: dict[str, str]) -> None:
+    """Everything a worker imports, every import inside ``_capability_from_nvml``: even importing the worker module
+    imports bitsandbytes (the first H100 run imported it before the NVML answer was in place, and CUDA started)."""
+    with _capability_from_nvml(seen):
+        from sweep.training import patches, worker
+
+        worker.exit_when_orphaned()
+        patches.prepare_process()
+
+
 def main(argv: list[str]) -> None:
     STARTED_WITH.update(os.environ)
     sock = socket.socket(fileno=int(argv[0]))
-    from sweep.training import patches, worker
-
-    worker.exit_when_orphaned()
     started = time.monotonic()
     seen: dict[str, str] = {}
-    with _capability_from_nvml(seen):
-        patches.prepare_process()
+    import_training_stack(seen)
     import torch
 
     if torch.cuda.is_initialized():

@@ -179,3 +179,29 @@ def test_a_worker_whose_environment_differs_from_the_servers_where_imports_read_
         assert other.proc.pid is not None and other.alive(), "the same process the server forked, exec'd"
     finally:
         pool.close()
+
+
+def test_the_server_has_its_nvml_answer_in_place_before_bitsandbytes_is_imported(tmp_path):
+    """The first H100 run imported the worker module (and with it bitsandbytes, which asks for the GPUs' capability)
+    before the NVML answer was in place, and CUDA started in the server. A fresh interpreter, as the server is: when
+    bitsandbytes is first looked for, ``torch.cuda.get_device_capability`` must already be the server's answer."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from sweep.training import forkserver
+forkserver._nvml_capabilities = lambda: [(9, 0)]
+at_import = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "bitsandbytes" and not at_import:
+            at_import.append(torch.cuda.get_device_capability.__module__)
+sys.meta_path.insert(0, Watch())
+assert "bitsandbytes" not in sys.modules
+forkserver.import_training_stack({})
+print(at_import)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['sweep.training.forkserver']", out.stdout[-2000:]

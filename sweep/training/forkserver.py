@@ -15,8 +15,10 @@ The server stays single-threaded but for the parent watch, so a fork inherits no
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import ctypes.util
 import os
 import select
 import signal
@@ -27,6 +29,9 @@ import traceback
 from collections.abc import Iterator
 
 from sweep.trial import protocol
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_PR_SET_PDEATHSIG = 1
 
 #: The server's environment as it started, before its imports (which read it, and may add to it).
 STARTED_WITH: dict[str, str] = {}
@@ -104,10 +109,17 @@ def _reap(sock: socket.socket) -> None:
         _send(sock, protocol.ForkNews("exited", pid=pid, rc=os.waitstatus_to_exitcode(status)))
 
 
-def _become_worker(sock: socket.socket, request: protocol.Fork, fds: list[int]) -> None:
-    """In the fork: take the sweep's descriptors and environment, leave the server's group, serve jobs; never return."""
+def _become_worker(sock: socket.socket, request: protocol.Fork, fds: list[int], server: int) -> None:
+    """In the fork: take the sweep's descriptors and environment, leave the server's group, serve jobs; never return.
+
+    It dies with the server (the parent-death signal, then a check that the server had not died already): a fork whose
+    server died before saying "forked" is started again by the sweep as a process of its own, on the same stdin.
+    """
     code = 1
     try:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != server:
+            os._exit(1)
         sock.close()
         os.setsid()  # a group of its own, as a spawned worker leads: the sweep ends it with killpg
         stdin, output = fds
@@ -142,6 +154,7 @@ def _become_worker(sock: socket.socket, request: protocol.Fork, fds: list[int]) 
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()  # the handlers a worker of its own runs at its end (logging's flush, ...)
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -165,12 +178,18 @@ def _serve(sock: socket.socket) -> None:
             continue
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        server = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as err:  # a process limit, or memory: this request starts on its own; the forks stay
+            pid = -1
+            _send(sock, protocol.ForkNews("refused", ref=request.ref, reason=f"fork failed: {err}"))
         if pid == 0:
-            _become_worker(sock, request, fds)
+            _become_worker(sock, request, fds, server)
         for fd in fds:
             os.close(fd)
-        _send(sock, protocol.ForkNews("forked", ref=request.ref, pid=pid))
+        if pid > 0:
+            _send(sock, protocol.ForkNews("forked", ref=request.ref, pid=pid))
 
 
 def import_training_stack(seen: dict[str, str]) -> None:

@@ -84,7 +84,7 @@ class ForkedProcess:
             if self._own is not None:
                 return self._own.poll()
             if self._rc is None and self.pid is not None and self._server.gone and not _exists(self.pid):
-                self._rc = -signal.SIGKILL  # its server died, and with it (parent watch) the worker
+                self._rc = -signal.SIGKILL  # its server died, and with it (parent-death signal) the worker
             return self._rc
 
     def wait(self, timeout: float | None = None) -> int:
@@ -123,13 +123,12 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _exists(pid: int) -> bool:
+    """Alive: a zombie is not (a sweep that is PID 1 inherits the orphaned forks and never reaps them)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ForkServer:
@@ -170,9 +169,14 @@ class ForkServer:
                 try:
                     socket.send_fds(self._sock, [protocol.Fork(ref, env).to_bytes()], list(proc._fds))
                     return proc
-                except OSError as err:
+                except ConnectionError as err:
                     self._end(f"the fork server is gone ({err})")
-            self._waiting.pop(ref)
+                except OSError as err:  # this request could not be sent (too large): it alone starts on its own
+                    log.warning("a worker starts as a process of its own: its fork request failed (%s)", err)
+                    self._waiting.pop(ref, None)
+                    proc._on_its_own(str(err))
+                    return proc
+            self._waiting.pop(ref, None)
             proc._on_its_own(self.reason)
         return proc
 
@@ -186,22 +190,33 @@ class ForkServer:
                 with self.cond:
                     self._end(f"the fork server ended (exit code {self.proc.poll()}; its log: {self.log_path})")
                 return
-            news = protocol.ForkNews.from_bytes(raw)
             with self.cond:
-                if news.kind == "ready":
-                    self.ready_at = news.time
-                elif news.kind == "unsafe":
-                    log.warning("workers start as processes of their own, not forked: %s", news.reason)
-                    self._end(news.reason)
-                elif news.kind == "forked" and news.ref in self._waiting:
-                    proc = self._waiting.pop(news.ref)
-                    self._forked[news.pid] = proc
-                    proc._forked(news.pid)
-                elif news.kind == "exited":
-                    proc = self._forked.pop(news.pid, None) or self._waiting.pop(news.ref, None)
-                    if proc is not None:
-                        proc._exited(news.rc)
+                try:
+                    self._handle(protocol.ForkNews.from_bytes(raw))
+                except Exception as err:  # noqa: BLE001 - a reader that dies silently would leave every poll at None
+                    log.error("the fork server's answer could not be handled (%s): no more forks", err)
+                    self._end(f"its answer could not be handled ({err})")
+                    return
                 self.cond.notify_all()
+
+    def _handle(self, news: protocol.ForkNews) -> None:
+        """One answer of the server (called with ``cond`` held)."""
+        if news.kind == "ready":
+            self.ready_at = news.time
+        elif news.kind == "unsafe":
+            log.warning("workers start as processes of their own, not forked: %s", news.reason)
+            self._end(news.reason)
+        elif news.kind == "refused" and news.ref in self._waiting:
+            log.warning("a worker starts as a process of its own: %s", news.reason)
+            self._waiting.pop(news.ref)._on_its_own(news.reason)
+        elif news.kind == "forked" and news.ref in self._waiting:
+            proc = self._waiting.pop(news.ref)
+            self._forked[news.pid] = proc
+            proc._forked(news.pid)
+        elif news.kind == "exited":
+            proc = self._forked.pop(news.pid, None) or self._waiting.pop(news.ref, None)
+            if proc is not None:
+                proc._exited(news.rc)
 
     def _end(self, why: str) -> None:
         """No more forks (called with ``cond`` held): every waiting request starts as a process of its own."""
@@ -220,6 +235,7 @@ class ForkServer:
             self.gone, self.reason = True, self.reason or "closed"
             for proc in self._waiting.values():
                 proc.signal_group(signal.SIGKILL)
+                proc._close_fds()
             self._waiting = {}
             self.cond.notify_all()
         with contextlib.suppress(OSError):

@@ -429,7 +429,8 @@ class ForkNews:
 
     ``ready``: its imports are done (``pid``, the clock ``time``); ``unsafe``: they initialized CUDA, so no fork of it
     could use a GPU (``reason``), and it ends: the sweep starts its workers as processes of their own;
-    ``forked``: request ``ref`` is worker ``pid``; ``exited``: worker ``pid`` ended with ``rc`` (negative: the signal).
+    ``forked``: request ``ref`` is worker ``pid``; ``refused``: request ``ref`` could not be forked (``reason``), and
+    starts as a process of its own; ``exited``: worker ``pid`` ended with ``rc`` (negative: the signal).
     """
 
     kind: str

@@ -218,7 +218,7 @@ def main(argv: list[str]) -> None:
         return
     now = time.time()
     print(f"fork server {os.getpid()}: ready at {now:.3f} (imports {time.monotonic() - started:.1f} s)", flush=True)
-    _send(sock, protocol.ForkNews("ready", pid=os.getpid(), time=now))
+    _send(sock, protocol.ForkNews("ready", pid=os.getpid()))
     _serve(sock)
 
 

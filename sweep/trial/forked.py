@@ -153,7 +153,6 @@ class ForkServer:
         self._refs = itertools.count(1)
         self._waiting: dict[int, ForkedProcess] = {}  # by request ref: asked, not forked yet
         self._forked: dict[int, ForkedProcess] = {}  # by pid
-        self.ready_at: float | None = None
         self.gone = False  # no more forks: unsafe, dead or closed
         self.reason = ""
         threading.Thread(target=self._read, daemon=True, name="fork-server").start()
@@ -201,9 +200,7 @@ class ForkServer:
 
     def _handle(self, news: protocol.ForkNews) -> None:
         """One answer of the server (called with ``cond`` held)."""
-        if news.kind == "ready":
-            self.ready_at = news.time
-        elif news.kind == "unsafe":
+        if news.kind == "unsafe":  # "ready" needs nothing: requests were queued in the socket meanwhile
             log.warning("workers start as processes of their own, not forked: %s", news.reason)
             self._end(news.reason)
         elif news.kind == "refused" and news.ref in self._waiting:

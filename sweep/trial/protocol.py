@@ -427,7 +427,7 @@ class Fork:
 class ForkNews:
     """What the fork server tells the sweep, one message each.
 
-    ``ready``: its imports are done (``pid``, the clock ``time``); ``unsafe``: they initialized CUDA, so no fork of it
+    ``ready``: its imports are done (``pid``); ``unsafe``: they initialized CUDA, so no fork of it
     could use a GPU (``reason``), and it ends: the sweep starts its workers as processes of their own;
     ``forked``: request ``ref`` is worker ``pid``; ``refused``: request ``ref`` could not be forked (``reason``), and
     starts as a process of its own; ``exited``: worker ``pid`` ended with ``rc`` (negative: the signal).
@@ -437,7 +437,6 @@ class ForkNews:
     ref: int = 0
     pid: int = 0
     rc: int = 0
-    time: float = 0.0
     reason: str = ""
 
     def to_bytes(self) -> bytes:

@@ -159,7 +159,7 @@ def test_forks_are_the_default_for_trials_on_the_cpu_and_asked_for_on_gpus(tmp_p
 
 @pytest.mark.parametrize("kind", ["ready", "unsafe", "forked", "exited"])
 def test_fork_news_survive_the_socket(kind):
-    news = protocol.ForkNews(kind, ref=3, pid=1234, rc=-9, time=1.5, reason="why")
+    news = protocol.ForkNews(kind, ref=3, pid=1234, rc=-9, reason="why")
     assert protocol.ForkNews.from_bytes(news.to_bytes()) == news
     request = protocol.Fork(7, {"CUDA_VISIBLE_DEVICES": "0"})
     assert protocol.Fork.from_bytes(request.to_bytes()) == request

@@ -10,7 +10,8 @@
 # probes), prunes (median), gates on the test split and registers a champion; (1) and (4)'s champions must answer
 # through `mlflow.pyfunc` on the GPU. Exits non-zero unless every trial COMPLETEs or is PRUNED, the curves match, the
 # joined trials trained joined and every champion answers. SMOKE_MATH=0, SMOKE_JOINED=0 and SMOKE_QLORA=0 skip
-# (2), (3) and (4): a partial run, which the last line says when QLoRA was skipped.
+# (2), (3) and (4): a partial run, which the last line says when QLoRA was skipped. SMOKE_SPEED adds speed settings
+# to every sweep's spec (e.g. SMOKE_SPEED='fork_workers: on').
 # Without a GPU it runs (1) to (3) on the tiny model with `cpu_amp: true`: a dry run of the script itself.
 set -uo pipefail
 NAME=smoke RESULTS=${OUT:-/tmp/gpu-smoke-results} WORK=${SMOKE_WORK:-/tmp/gpu-smoke}
@@ -25,7 +26,8 @@ fi
 versions
 say "model ready: $MODEL"
 
-spec() {  # NAME BASE_CONFIG QUANTIZE N_TRIALS [SPEED]
+spec() {  # NAME BASE_CONFIG QUANTIZE N_TRIALS [SPEED_ITEMS]: the speed settings, after $SMOKE_SPEED's
+  local speed=${SMOKE_SPEED:-}; [ -n "${5:-}" ] && speed="${speed:+$speed, }$5"
   cat > "$WORK/$1.yaml" <<YAML
 study: $1
 base_config: $2
@@ -45,7 +47,7 @@ probes: ["Who are you?", "你是谁？"]
 generation: {max_new_tokens: 16, max_rows: 8}
 registry: {name: $1}
 cpu_amp: $CPU_AMP
-${5:-}
+speed: {$speed}
 YAML
 }
 
@@ -75,12 +77,12 @@ spec smoke-lora "$ROOT/benchmarks/bench_base.py" false 3
 sweep smoke-lora "$TRIAL0" || fail=1
 (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" champion smoke-lora) || fail=1
 if [ "${SMOKE_MATH:-1}" = 1 ]; then  # SMOKE_MATH=0 skips it (docs/benchmarks.md has its time)
-  spec smoke-fp32 "$ROOT/benchmarks/bench_base.py" false 1 "speed: {frozen_weights_16bit: false}"
+  spec smoke-fp32 "$ROOT/benchmarks/bench_base.py" false 1 "frozen_weights_16bit: false"
   sweep smoke-fp32 "$TRIAL0" || fail=1
   (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" same-math smoke-lora smoke-fp32) || fail=1
 fi
 if [ "${SMOKE_JOINED:-1}" = 1 ]; then  # speed.trials_per_worker: two trials at once in one worker, steps joined
-  spec smoke-joined "$ROOT/benchmarks/bench_base.py" false 2 "speed: {trials_per_worker: 2}"
+  spec smoke-joined "$ROOT/benchmarks/bench_base.py" false 2 "trials_per_worker: 2"
   RUN_ARGS="--n-jobs 2" sweep smoke-joined "$TRIAL0" '{"lr": 0.0002, "lora_r": 8, "batch_size": 1, "mix_ratio": 0.2}' || fail=1
   (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" joined smoke-joined) || fail=1
 fi

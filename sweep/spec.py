@@ -275,9 +275,9 @@ class SpeedSpec(_Strict):
     tokenize_once: bool = True  # tokenize the study's rows once; trials only mix and pack them
     resident_workers: bool = True  # train trial after trial in long-lived processes that keep the model loaded
     # resident workers forked from one process that imported the training stack once (sweep.trial.forked), not
-    # each importing it; where that process finds CUDA initialized after its imports, workers start on their own.
-    # auto: on for trials on the CPU; on GPUs off until a GPU run shows the server's imports leave CUDA alone (on
-    # an H100 they did not, docs/benchmarks.md): "on" there says in the sweep's log what initialized it
+    # each importing it; where that process finds CUDA initialized after its imports, workers start on their own
+    # and the sweep's log says where it was initialized. auto and on: forked, on the CPU and GPUs alike (auto was
+    # CPU-only until a GPU run proved the forks, docs/benchmarks.md; both words stay valid); off: each on its own
     fork_workers: Literal["auto", "on", "off"] = "auto"
     # a resident worker trains up to this many of a GPU's trials at once over one copy of the base model, their
     # steps joined into one pass (sweep.training.cotrain); 1: one trial per process

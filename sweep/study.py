@@ -297,7 +297,7 @@ def _worker_pool(spec: Spec, root: Path, slots: GpuSlots | None, memory: MemoryM
     # an idle worker holds its base model and a CUDA context; planned as if all of it were fp32 (PEFT's
     # upcast), which overestimates when frozen_weights_16bit put the linear weights back in 16 bits
     idle_mb = CONTEXT_MB + 2 * memory.shape.weights_mb if memory is not None else 0.0
-    fork = spec.speed.fork_workers == "on" or (spec.speed.fork_workers == "auto" and slots is None)
+    fork = spec.speed.fork_workers != "off"
     return WorkerPool(root / "workers", slots, idle_mb, at_once=spec.speed.trials_per_worker, fork=fork)
 
 

@@ -140,15 +140,15 @@ def test_the_server_answers_bitsandbytes_capability_question_without_initializin
     assert torch.cuda._lazy_init is stand_in, "the initialization in place before is back"
 
 
-def test_forks_are_the_default_for_trials_on_the_cpu_and_asked_for_on_gpus(tmp_path, tiny_model):
-    """On an H100 the server's imports initialized CUDA (docs/benchmarks.md): auto leaves GPUs' workers on their own."""
+def test_forks_are_the_default_on_the_cpu_and_on_gpus_and_off_turns_them_off(tmp_path, tiny_model):
+    """auto forks on GPUs too since the H100 run where every worker of a LoRA and a QLoRA sweep was forked."""
     from sweep import study as study_mod
     from sweep.spec import load_spec
     from sweep.trial.placement import GpuSlots
     from tests.conftest import write_spec
 
-    for speed, gpu, fork in [("", False, True), ("", True, False), ("fork_workers: on", True, True),
-                             ("fork_workers: off", False, False)]:  # fmt: skip
+    for speed, gpu, fork in [("", False, True), ("", True, True), ("fork_workers: on", True, True),
+                             ("fork_workers: off", False, False), ("fork_workers: off", True, False)]:  # fmt: skip
         folder = tmp_path / f"{speed.replace(': ', '-') or 'auto'}-{gpu}"
         folder.mkdir()
         spec = load_spec(write_spec(folder, tiny_model, **({"speed": f"speed: {{{speed}}}"} if speed else {})))

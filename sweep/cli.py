@@ -509,9 +509,13 @@ def entry() -> None:
     """The ``sweep`` command: ``main``, then an exit that skips the interpreter's last collection of every object the
     sweep made (torch, Transformers, MLflow, Optuna: seconds after the report was printed, docs/benchmarks.md).
     Frozen objects are left to the process's end; atexit handlers still run. Not in ``main``: tests call it
-    in-process, where frozen objects would never be collected."""
+    in-process, where frozen objects would never be collected. Before ``main``, the frameworks Transformers would
+    import for nothing are kept out (``sweep.lean_imports``): the sweep's checks import XTuner's model code."""
     import gc
 
+    from sweep.lean_imports import skip_unused_frameworks
+
+    skip_unused_frameworks()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,57 +1,111 @@
-"""Frameworks Transformers would import though neither side of a sweep uses them, kept out.
+"""What Transformers and bitsandbytes import though neither side of a sweep uses it, kept out.
 
 Importing Transformers' model code pulls in JAX where Flax is installed (``image_transforms``) and scikit-learn where
-it is installed (``generation.candidate_generator``, for assisted generation's confidence threshold). On an H100
-machine the two were about 4 of a training process's 24 s of imports (``python -X importtime``, docs/benchmarks.md),
-paid by every training process, by the fork server before its first fork and by the sweep's own checks, all on the
-way to a sweep's first trial. A sweep trains and validates with PyTorch only and never generates with an assistant
-model. ``USE_TF``/``USE_FLAX`` are Transformers' own switches (a value the user set wins); scikit-learn has none, so
-Transformers' flag for it is cleared when its ``import_utils`` is first executed.
+it is installed (``generation.candidate_generator``, for assisted generation's confidence threshold); importing
+bitsandbytes wraps its CPU kernels in ``torch.compile``, which imports TorchInductor's compiler. On an H100 machine the
+three were about 6 of a training process's 24 s of imports (``python -X importtime``, docs/benchmarks.md), paid by
+every training process, by the fork server before its first fork and by the sweep's own checks, all on the way to a
+sweep's first trial. A sweep trains and validates with PyTorch only and never generates with an assistant model.
+``USE_TF``/``USE_FLAX`` are Transformers' own switches (a value the user set wins); scikit-learn has none, so
+Transformers' flag for it is cleared when its ``import_utils`` is first executed; bitsandbytes' kernels are compiled
+when first called (as ``torch.compile`` does anyway), not wrapped at import.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.abc
 import importlib.machinery
 import os
 import sys
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 IMPORT_UTILS = "transformers.utils.import_utils"
+BITSANDBYTES = "bitsandbytes"
 
 
 def skip_unused_frameworks() -> None:
-    """Before Transformers is imported: TensorFlow, Flax/JAX and scikit-learn stay unimported by it."""
+    """Before Transformers and bitsandbytes are imported: TensorFlow, Flax/JAX, scikit-learn and TorchInductor's
+    compiler stay unimported by them."""
     os.environ.setdefault("USE_TF", "0")
     os.environ.setdefault("USE_FLAX", "0")
     module = sys.modules.get(IMPORT_UTILS)
     if module is not None:  # imported already (a test process): too late for the imports, right for the flag
         _no_sklearn(module)
-    elif not any(isinstance(finder, _ClearSklearnFlag) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _ClearSklearnFlag())
+    wraps = {name: wrap for name, wrap in _WRAPS.items() if name not in sys.modules}
+    if wraps and not any(isinstance(finder, _AroundImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AroundImport(wraps))
+
+
+@contextlib.contextmanager
+def _no_sklearn_after(module: ModuleType) -> Iterator[None]:
+    yield
+    _no_sklearn(module)
 
 
 def _no_sklearn(module: ModuleType) -> None:
     module._sklearn_available = False
 
 
-class _ClearSklearnFlag(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loader of Transformers' ``import_utils`` to clear the flag right after the
-    module runs, before anything reads it, then steps out of ``sys.meta_path``."""
+@contextlib.contextmanager
+def _compile_on_first_call(module: ModuleType) -> Iterator[None]:
+    """``torch.compile`` as bitsandbytes' import sees it: the real one, called when the function is first called.
+
+    bitsandbytes' own wrapper falls back to the plain function where compiling fails, at either moment."""
+    import torch
+
+    real = torch.compile
+
+    def compile_later(model: Callable | None = None, **kwargs: Any) -> Any:
+        if model is None:
+            return lambda fn: compile_later(fn, **kwargs)
+        compiled: list[Callable] = []
+
+        @functools.wraps(model)
+        def call(*args: Any, **kw: Any) -> Any:
+            if not compiled:
+                compiled.append(real(model, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return call
+
+    torch.compile = compile_later
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+_WRAPS: dict[str, Callable[[ModuleType], contextlib.AbstractContextManager]] = {
+    IMPORT_UTILS: _no_sklearn_after,
+    BITSANDBYTES: _compile_on_first_call,
+}
+
+
+class _AroundImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the execution of each named module in its context (once), and steps out of
+    ``sys.meta_path`` when none is left."""
+
+    def __init__(self, wraps: dict[str, Callable[[ModuleType], contextlib.AbstractContextManager]]) -> None:
+        self.wraps = wraps
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != IMPORT_UTILS:
+        wrap = self.wraps.pop(fullname, None)
+        if wrap is None:
             return None
-        sys.meta_path.remove(self)
+        if not self.wraps and self in sys.meta_path:
+            sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return spec
-        loader = spec.loader
-        run = loader.exec_module
+        run = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
-            run(module)
-            _no_sklearn(module)
+            with wrap(module):
+                run(module)
 
-        loader.exec_module = exec_module  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec

@@ -1,5 +1,6 @@
-"""Frameworks Transformers would import for nothing (``sweep.lean_imports``): checked in fresh interpreters against
-installed stand-ins for Flax and JAX and the real scikit-learn, as a training process and the `sweep` command import."""
+"""What Transformers and bitsandbytes would import for nothing (``sweep.lean_imports``): checked in fresh interpreters
+against installed stand-ins for Flax and JAX, the real scikit-learn and the real bitsandbytes, as a training process
+and the `sweep` command import them."""
 
 from __future__ import annotations
 
@@ -46,6 +47,40 @@ def _run(code: str, site: Path, **env: str) -> list[str]:
 ])  # fmt: skip
 def test_a_training_process_imports_neither_jax_nor_sklearn_through_transformers(flax_installed, first, env, expected):
     assert _run(f"import sys; {first}{IMPORT_TRANSFORMERS}; {REPORT}", flax_installed, **env) == expected
+
+
+def test_bitsandbytes_leaves_torchinductors_compiler_unimported_and_its_kernels_compile_when_first_called(
+    flax_installed,
+):
+    code = "import sys; {}import bitsandbytes; print('torch._inductor.compile_fx' in sys.modules)"
+    assert _run(code.format(""), flax_installed) == ["True"]  # what the step saves
+    assert _run(code.format("import sweep.training; "), flax_installed) == ["False"]
+
+
+def test_a_function_compiled_during_the_import_is_compiled_once_at_its_first_call(monkeypatch):
+    import torch
+
+    from sweep import lean_imports
+
+    compiled: list[tuple] = []
+
+    def recording_compile(fn, **kwargs):
+        compiled.append((fn.__name__, kwargs))
+        return lambda *a: ("compiled", fn(*a))
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    with lean_imports._compile_on_first_call(None):
+
+        @torch.compile(dynamic=False)  # bitsandbytes' two forms
+        def double(x):
+            return 2 * x
+
+        plain = torch.compile(lambda x: x + 1)
+        assert compiled == [], "nothing is compiled while the module is imported"
+    assert torch.compile is recording_compile, "the real torch.compile is back after the import"
+    assert double.__name__ == "double"
+    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8) and plain(1) == ("compiled", 2)
+    assert compiled == [("double", {"dynamic": False}), ("<lambda>", {})], "each compiled once, with its arguments"
 
 
 def test_the_sweep_command_keeps_them_out_before_its_own_imports(flax_installed):

@@ -9,8 +9,8 @@
 # tutorial's internlm2 QLoRA config). Each sweep validates (loss, general loss, greedy answers for val/rouge_l,
 # probes), prunes (median), gates on the test split and registers a champion; (1) and (4)'s champions must answer
 # through `mlflow.pyfunc` on the GPU. Exits non-zero unless every trial COMPLETEs or is PRUNED, the curves match, the
-# joined trials trained joined and every champion answers. SMOKE_MATH=0, SMOKE_JOINED=0 and SMOKE_QLORA=0 skip
-# (2), (3) and (4): a partial run, which the last line says when QLoRA was skipped. SMOKE_SPEED adds speed settings
+# joined trials trained joined and every champion answers. SMOKE_LORA=0 (with it (2)), SMOKE_MATH=0, SMOKE_JOINED=0
+# and SMOKE_QLORA=0 skip (1), (2), (3) and (4): a partial run, which the last line says. SMOKE_SPEED adds speed settings
 # to every sweep's spec (e.g. SMOKE_SPEED='fork_workers: on').
 # Without a GPU it runs (1) to (3) on the tiny model with `cpu_amp: true`: a dry run of the script itself.
 set -uo pipefail
@@ -73,10 +73,12 @@ PY
 
 fail=0
 TRIAL0='{"lr": 0.0005, "lora_r": 64, "batch_size": 4, "mix_ratio": 0.1}'
-spec smoke-lora "$ROOT/benchmarks/bench_base.py" false 3
-sweep smoke-lora "$TRIAL0" || fail=1
-(cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" champion smoke-lora) || fail=1
-if [ "${SMOKE_MATH:-1}" = 1 ]; then  # SMOKE_MATH=0 skips it (docs/benchmarks.md has its time)
+if [ "${SMOKE_LORA:-1}" = 1 ]; then  # SMOKE_LORA=0 skips it, and with it (2)
+  spec smoke-lora "$ROOT/benchmarks/bench_base.py" false 3
+  sweep smoke-lora "$TRIAL0" || fail=1
+  (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" champion smoke-lora) || fail=1
+fi
+if [ "${SMOKE_LORA:-1}" = 1 ] && [ "${SMOKE_MATH:-1}" = 1 ]; then  # SMOKE_MATH=0 skips it (docs/benchmarks.md has its time)
   spec smoke-fp32 "$ROOT/benchmarks/bench_base.py" false 1 "frozen_weights_16bit: false"
   sweep smoke-fp32 "$TRIAL0" || fail=1
   (cd "$WORK" && $PY "$ROOT/benchmarks/smoke_check.py" same-math smoke-lora smoke-fp32) || fail=1
@@ -93,6 +95,9 @@ if [ "$GPU" = 1 ] && [ "${SMOKE_QLORA:-1}" = 1 ]; then  # SMOKE_QLORA=0 skips it
 fi
 (cd "$WORK" && tar czf "$RESULTS/trials.tgz" sweep-runs/*/trial_*/sweep_metrics.jsonl sweep-runs/*/trial_*/train.log \
   sweep-runs/*/workers 2>/dev/null)
-skipped=""; [ "$GPU" = 1 ] && [ "${SMOKE_QLORA:-1}" != 1 ] && skipped=" (QLoRA skipped)"
+skipped=""
+for part in LORA MATH JOINED QLORA; do var=SMOKE_$part; [ "${!var:-1}" = 1 ] || skipped="$skipped $part"; done
+[ "$GPU" = 1 ] || skipped="$skipped QLORA (no GPU)"
+[ -n "$skipped" ] && skipped=" (partial: skipped$skipped)"
 say "$([ $fail = 0 ] && echo PASSED || echo FAILED)$skipped"
 exit $fail

@@ -96,7 +96,9 @@ fi
 (cd "$WORK" && tar czf "$RESULTS/trials.tgz" sweep-runs/*/trial_*/sweep_metrics.jsonl sweep-runs/*/trial_*/train.log \
   sweep-runs/*/workers 2>/dev/null)
 skipped=""
-for part in LORA MATH JOINED QLORA; do var=SMOKE_$part; [ "${!var:-1}" = 1 ] || skipped="$skipped $part"; done
+for part in LORA MATH JOINED QLORA; do
+  var=SMOKE_$part; { [ "${!var:-1}" = 1 ] && { [ $part != MATH ] || [ "${SMOKE_LORA:-1}" = 1 ]; }; } || skipped="$skipped $part"
+done
 [ "$GPU" = 1 ] || skipped="$skipped QLORA (no GPU)"
 [ -n "$skipped" ] && skipped=" (partial: skipped$skipped)"
 say "$([ $fail = 0 ] && echo PASSED || echo FAILED)$skipped"

@@ -20,8 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = "from sweep.training import patches; patches.prepare_process()"
-CHECK = ("import sys; from sweep.lean_imports import skip_unused_frameworks; skip_unused_frameworks(); "  # as `sweep` does
-         "from sweep.spec import load_spec; from sweep.preflight import check; check(load_spec(sys.argv[1]))")
+CHECK = (
+    "import sys; from sweep.lean_imports import skip_unused_frameworks; skip_unused_frameworks(); "  # as `sweep` does
+    "from sweep.spec import load_spec; from sweep.preflight import check; check(load_spec(sys.argv[1]))"
+)
 
 
 def _timed(code: str, *args: str, importtime: bool = False) -> subprocess.Popen:

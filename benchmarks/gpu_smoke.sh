@@ -27,7 +27,12 @@ versions
 say "model ready: $MODEL"
 
 spec() {  # NAME BASE_CONFIG QUANTIZE N_TRIALS [SPEED_ITEMS]: the speed settings, after $SMOKE_SPEED's
-  local speed=${SMOKE_SPEED:-}; [ -n "${5:-}" ] && speed="${speed:+$speed, }$5"
+  local speed=${SMOKE_SPEED:-} item items=""
+  if [ -n "${5:-}" ]; then  # the part's own item wins over $SMOKE_SPEED's for the same key
+    IFS=',' read -ra parts <<< "$speed"
+    for item in "${parts[@]}"; do item=${item# }; [ "${item%%:*}" = "${5%%:*}" ] || items="${items:+$items, }$item"; done
+    speed="${items:+$items, }$5"
+  fi
   cat > "$WORK/$1.yaml" <<YAML
 study: $1
 base_config: $2
@@ -99,7 +104,7 @@ skipped=""
 for part in LORA MATH JOINED QLORA; do
   var=SMOKE_$part; { [ "${!var:-1}" = 1 ] && { [ $part != MATH ] || [ "${SMOKE_LORA:-1}" = 1 ]; }; } || skipped="$skipped $part"
 done
-[ "$GPU" = 1 ] || skipped="$skipped QLORA (no GPU)"
+[ "$GPU" = 1 ] || [ "${SMOKE_QLORA:-1}" != 1 ] || skipped="$skipped QLORA (no GPU)"
 [ -n "$skipped" ] && skipped=" (partial: skipped$skipped)"
 say "$([ $fail = 0 ] && echo PASSED || echo FAILED)$skipped"
 exit $fail

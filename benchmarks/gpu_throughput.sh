@@ -16,8 +16,9 @@
 #   BENCH_SPEED="mps: off" STEPS=sweep bash ...       # (b) with its trials taking turns on the GPU (no MPS server),
 #                                                    # as before speed.mps became auto
 #   STEPS=speeds SPEEDS="fork_workers: off;fork_workers: on" ROUNDS=2 BENCH_STOCK=... bash ...   # (b) of this tree
-#                                                    # with each of SPEEDS (BENCH_SPEED values) in turn, ROUNDS times,
-#                                                    # after one warm-up: an A/B of speed settings on one machine
+#                                                    # with each of SPEEDS (BENCH_SPEED values) in turn, ROUNDS times
+#                                                    # (every other round in reverse), after one warm-up: an A/B of
+#                                                    # speed settings on one machine
 #   BENCH_WARM=0 STEPS=sweep bash ...                # (b) without its unmeasured 1-trial warm-up sweep first: a fresh
 #                                                    # machine's cold page cache and empty Triton cache in the figures
 # The device returns at most 8 files from $OUT: STEPS="sweep stock" writes 8; run `alone` in a call of its own.
@@ -52,7 +53,8 @@ if [[ " $STEPS " == *" speeds "* ]]; then
   IFS=';' read -ra speeds <<< "${SPEEDS:?STEPS=speeds needs SPEEDS, e.g. \"fork_workers: off;fork_workers: on\"}"
   warm=${BENCH_WARM:-1}; runs=()
   for round in $(seq "${ROUNDS:-1}"); do
-    for i in "${!speeds[@]}"; do  # alternating, so that drift over the call falls on both sides
+    order=("${!speeds[@]}"); [ $((round % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
+    for i in "${order[@]}"; do  # ABBA...: drift over the call falls on both sides alike
       run="r$round-s$i"; runs+=("$run"); mkdir -p "$RESULTS/$run"; rm -rf "$BENCH_WORK/sweep"
       BENCH_SPEED="${speeds[$i]}" BENCH_WARM=$warm OUT="$RESULTS/$run" python3 benchmarks/throughput.py sweep \
         > "$RESULTS/$run/sweep_step.log" 2>&1; echo "$run (${speeds[$i]}): sweep step exit $?"; warm=0
@@ -60,9 +62,10 @@ if [[ " $STEPS " == *" speeds "* ]]; then
       (cd "$BENCH_WORK/sweep" && tar czf "$RESULTS/$run/trials.tgz" sweep-runs/throughput/trial_*/sweep_metrics.jsonl \
         sweep-runs/throughput/workers 2>/dev/null)
       OUT="$RESULTS/$run" python3 benchmarks/throughput.py report > "$RESULTS/$run/report.txt" 2>&1
-      grep -E "^\(b\)|timeline:" "$RESULTS/$run/report.txt" | sed "s/^/$run (${speeds[$i]}): /"
+      grep -E "^\(b\)|timeline:" "$RESULTS/$run/report.txt" | while IFS= read -r line; do echo "$run (${speeds[$i]}): $line"; done
     done
   done
+  [ ${#runs[@]} -gt 0 ] || { echo "STEPS=speeds: ROUNDS must be at least 1"; exit 1; }
   (cd "$RESULTS" && tar czf speeds.tgz "${runs[@]}" && rm -rf "${runs[@]}")
   exit 0
 fi

@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.abc
-import importlib.machinery
 import os
 import sys
+import types
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -26,12 +26,17 @@ from typing import Any
 IMPORT_UTILS = "transformers.utils.import_utils"
 BITSANDBYTES = "bitsandbytes"
 
+#: The environment variables ``skip_unused_frameworks`` added (absent before): the fork server leaves them out of the
+#: environment it compares a worker's with, so a sweep process that never called it still gets forks.
+SET_HERE: dict[str, str] = {}
+
 
 def skip_unused_frameworks() -> None:
     """Before Transformers and bitsandbytes are imported: TensorFlow, Flax/JAX, scikit-learn and TorchInductor's
     compiler stay unimported by them."""
-    os.environ.setdefault("USE_TF", "0")
-    os.environ.setdefault("USE_FLAX", "0")
+    for key in ("USE_TF", "USE_FLAX"):
+        if key not in os.environ:
+            os.environ[key] = SET_HERE[key] = "0"
     module = sys.modules.get(IMPORT_UTILS)
     if module is not None:  # imported already (a test process): too late for the imports, right for the flag
         _no_sklearn(module)
@@ -62,12 +67,18 @@ def _compile_on_first_call(module: ModuleType) -> Iterator[None]:
     def compile_later(model: Callable | None = None, **kwargs: Any) -> Any:
         if model is None:
             return lambda fn: compile_later(fn, **kwargs)
+        if not isinstance(model, types.FunctionType):  # a module or other callable: what torch.compile returns
+            return real(model, **kwargs)
         compiled: list[Callable] = []
 
         @functools.wraps(model)
         def call(*args: Any, **kw: Any) -> Any:
             if not compiled:
-                compiled.append(real(model, **kwargs))
+                try:
+                    compiled.append(real(model, **kwargs))
+                except Exception:
+                    compiled.append(model)  # as bitsandbytes keeps the plain function where compiling fails
+                    raise
             return compiled[0](*args, **kw)
 
         return call
@@ -86,26 +97,42 @@ _WRAPS: dict[str, Callable[[ModuleType], contextlib.AbstractContextManager]] = {
 
 
 class _AroundImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the execution of each named module in its context (once), and steps out of
-    ``sys.meta_path`` when none is left."""
+    """Finds nothing itself: asks the finders after it for each named module and wraps the module's execution in
+    its context. A spec only looked up (``importlib.util.find_spec``, as Transformers checks what is installed) is
+    wrapped too; the first execution uses the wrap up, and the finder leaves ``sys.meta_path`` when none is left."""
 
     def __init__(self, wraps: dict[str, Callable[[ModuleType], contextlib.AbstractContextManager]]) -> None:
         self.wraps = wraps
 
     def find_spec(self, fullname, path, target=None):
-        wrap = self.wraps.pop(fullname, None)
-        if wrap is None:
+        if fullname not in self.wraps:
             return None
-        if not self.wraps and self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        spec = self._found_by_the_others(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
+            wrap = self.wraps.pop(fullname, None)
+            if not self.wraps and self in sys.meta_path:  # not while a finder loop reads it: this is an execution
+                sys.meta_path.remove(self)
+            if wrap is None:
+                run(module)
+                return
             with wrap(module):
                 run(module)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+    def _found_by_the_others(self, fullname, path, target):
+        """What the import system would find without this finder: every other finder, in order (editable installs
+        and zip imports included, not just the file system's ``PathFinder``)."""
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                return spec
+        return None

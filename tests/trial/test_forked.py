@@ -41,7 +41,10 @@ def _send_failing_job(worker, work: Path) -> Path:
     return done
 
 
-def test_workers_are_forked_from_one_server_each_with_its_own_environment_group_and_exit_code(tmp_path):
+def test_workers_are_forked_from_one_server_each_with_its_own_environment_group_and_exit_code(tmp_path, monkeypatch):
+    # as from a sweep process that never ran `sweep`'s entry (tests, library use): the server's package sets them
+    monkeypatch.delenv("USE_TF", raising=False)
+    monkeypatch.delenv("USE_FLAX", raising=False)
     pool = WorkerPool(tmp_path / "workers", fork=True)
     try:
         first = pool._spawn(_launch(tmp_path, "a", gpu=0, threads=1))

@@ -53,16 +53,17 @@ def load_base_config(name_or_path: str) -> dict[str, Any]:
             if type(value).__name__ != "LazyObject"  # a top-level import of the base config, not a setting
         }
     except Exception as err:  # the user's file: any error is theirs to see, with the file named
-        raise SpecError(f"base_config {path}: mmengine could not load it: {err}") from None
+        raise SpecError(f"base_config {path}: mmengine could not load it or import what it names: {err}") from None
 
 
 def _built(value: Any, key: str | None = None) -> Any:
     """Plain values with real objects: mmengine keeps a pure-Python config's imports as lazy proxies.
 
     A ``type`` (what mmengine builds: always a class or function) that the config imported by name stays that import
-    path where the module's source visibly defines or imports the name: the trial's process imports it, the sweep's
-    checks need not (XTuner's model, PEFT and bitsandbytes are most of their imports). Any other, or one that cannot
-    be seen in the source, is imported here, and an import that fails is the config's error, as before."""
+    path where the sources alone show mmengine will find it there (``_import_path_unbuilt``): the trial's process
+    imports it, the sweep's checks need not (XTuner's model, PEFT and bitsandbytes are most of their imports). Any
+    other is imported here, and an import that fails is the config's error, as before. What the sources cannot show
+    (a package that breaks on import, a name deleted at run time) then fails in the first trial, not here."""
     if type(value).__name__ in ("LazyObject", "LazyAttr"):
         if key == "type" and (path := _import_path_unbuilt(value)) is not None:
             return path
@@ -77,44 +78,103 @@ def _built(value: Any, key: str | None = None) -> Any:
 
 
 def _import_path_unbuilt(lazy: Any) -> str | None:
-    """``module.Name`` of ``from module import Name`` where the module's source shows the name, else None."""
+    """``module.Name`` of the config's ``from module import Name``, where mmengine's ``get_object_from_string`` will
+    walk that path to that module and take ``Name`` from it: the module's source binds ``Name``, and no package on the
+    way binds an attribute named like the next part (a package that re-exports a function under its submodule's name,
+    as XTuner's ``collate_fns`` does, would stop the walk at the function). None where a source cannot tell."""
     module, name = getattr(lazy, "_module", None), getattr(lazy, "_imported", None)
     if type(lazy).__name__ != "LazyObject" or not isinstance(module, str) or not name:
         return None
-    return f"{module}.{name}" if name in _names_in_source(module) else None
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+        above = _names_in_source(".".join(parts[:i]))
+        if above is None or parts[i] in above:
+            return None
+    names = _names_in_source(module)
+    return f"{module}.{name}" if names is not None and name in names else None
 
 
 @functools.cache
-def _names_in_source(module: str) -> frozenset[str]:
+def _names_in_source(module: str) -> frozenset[str] | None:
     """The names a module's own source binds at its top level (defs, classes, assignments, imports, also inside
-    ``if``/``try`` blocks), read without importing it or its packages (``_source_file``). Empty where there is no
-    such file or it binds names it cannot show (``import *``)."""
+    ``if``/``try``/``with`` blocks; not under ``if TYPE_CHECKING:``, not a bare annotation, not one it deletes), read
+    without importing it or its packages (``_source_file``). None where it cannot tell: no source file, a source that
+    does not parse, or an ``import *`` of a module whose ``__all__`` is not a literal list."""
     import ast
 
     try:
         origin = _source_file(module)
-        tree = ast.parse(Path(origin).read_text(encoding="utf-8")) if origin else None
-    except (ImportError, ValueError, OSError, SyntaxError):
-        return frozenset()
-    if tree is None:
-        return frozenset()
+        if origin is None:
+            return None
+        text = Path(origin).read_text(encoding="utf-8")
+        with PARSE_LOCK:
+            tree = ast.parse(text)
+    except Exception:  # noqa: BLE001 - anything unreadable is "cannot tell": the value is then imported
+        return None
     names: set[str] = set()
+    deleted: set[str] = set()
     statements = list(tree.body)
     while statements:
         node = statements.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
+        elif isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+            exported = _exported_names(_absolute(module, origin, node))
+            if exported is None:
+                return None
+            names.update(exported)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any(alias.name == "*" for alias in node.names):
-                return frozenset()
             names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+        elif isinstance(node, ast.Assign) or (isinstance(node, ast.AnnAssign) and node.value is not None):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.update(t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name))
-        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+        elif isinstance(node, ast.Delete):
+            deleted.update(t.id for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name))
+        elif isinstance(node, ast.If):
+            test = node.test
+            type_checking = (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            )
+            statements.extend(node.orelse if type_checking else node.body + node.orelse)
+        elif isinstance(node, (ast.Try, ast.With)):
             statements.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
             statements.extend(stmt for handler in getattr(node, "handlers", []) for stmt in handler.body)
-    return frozenset(names)
+    return frozenset(names - deleted)
+
+
+def _absolute(module: str, origin: str, node: Any) -> str:
+    """The module a ``from ... import *`` in ``module`` (whose source is ``origin``) names."""
+    if not node.level:
+        return node.module
+    package = module if Path(origin).name == "__init__.py" else module.rpartition(".")[0]
+    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+    return f"{base}.{node.module}" if node.module else base
+
+
+@functools.cache
+def _exported_names(module: str) -> frozenset[str] | None:
+    """The literal ``__all__`` of a module's source (what its ``import *`` binds), or None where there is none."""
+    import ast
+
+    try:
+        origin = _source_file(module)
+        if origin is None:
+            return None
+        text = Path(origin).read_text(encoding="utf-8")
+        with PARSE_LOCK:
+            tree = ast.parse(text)
+        values = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]  # fmt: skip
+        changed = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                   and node.value.id == "__all__"]  # fmt: skip  # __all__.extend(...), __all__.append(...)
+        augmented = [node for node in tree.body if isinstance(node, ast.AugAssign)
+                     and isinstance(node.target, ast.Name) and node.target.id == "__all__"]  # fmt: skip
+        if len(values) != 1 or changed or augmented:
+            return None
+        with PARSE_LOCK:
+            return frozenset(ast.literal_eval(values[0]))
+    except Exception:  # noqa: BLE001 - a computed __all__: cannot tell
+        return None
 
 
 def _source_file(module: str) -> str | None:

@@ -102,15 +102,10 @@ def _names_in_source(module: str) -> frozenset[str] | None:
     does not parse, or an ``import *`` of a module whose ``__all__`` is not a literal list."""
     import ast
 
-    try:
-        origin = _source_file(module)
-        if origin is None:
-            return None
-        text = Path(origin).read_text(encoding="utf-8")
-        with PARSE_LOCK:
-            tree = ast.parse(text)
-    except Exception:  # noqa: BLE001 - anything unreadable is "cannot tell": the value is then imported
+    parsed = _parsed_source(module)
+    if parsed is None:
         return None
+    origin, tree = parsed
     names: set[str] = set()
     deleted: set[str] = set()
     statements = list(tree.body)
@@ -156,13 +151,11 @@ def _exported_names(module: str) -> frozenset[str] | None:
     """The literal ``__all__`` of a module's source (what its ``import *`` binds), or None where there is none."""
     import ast
 
+    parsed = _parsed_source(module)
+    if parsed is None:
+        return None
+    tree = parsed[1]
     try:
-        origin = _source_file(module)
-        if origin is None:
-            return None
-        text = Path(origin).read_text(encoding="utf-8")
-        with PARSE_LOCK:
-            tree = ast.parse(text)
         values = [node.value for node in tree.body if isinstance(node, ast.Assign)
                   and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]  # fmt: skip
         changed = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
@@ -174,6 +167,21 @@ def _exported_names(module: str) -> frozenset[str] | None:
         with PARSE_LOCK:
             return frozenset(ast.literal_eval(values[0]))
     except Exception:  # noqa: BLE001 - a computed __all__: cannot tell
+        return None
+
+
+def _parsed_source(module: str) -> tuple[str, Any] | None:
+    """A module's source file and its syntax tree, read without importing it; None where either cannot be had."""
+    import ast
+
+    try:
+        origin = _source_file(module)
+        if origin is None:
+            return None
+        text = Path(origin).read_text(encoding="utf-8")
+        with PARSE_LOCK:
+            return origin, ast.parse(text)
+    except Exception:  # noqa: BLE001 - anything unreadable is "cannot tell": the value is then imported
         return None
 
 

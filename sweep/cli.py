@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     console = _logging()
-    for noisy in ("alembic", "mlflow", "optuna", "urllib3", "httpx"):
+    for noisy in ("alembic", "mlflow", "optuna", "urllib3", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         commands = {

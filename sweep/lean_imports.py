@@ -4,7 +4,8 @@ Importing Transformers' model code pulls in JAX where Flax is installed (``image
 it is installed (``generation.candidate_generator``, for assisted generation's confidence threshold); importing
 bitsandbytes wraps its CPU kernels in ``torch.compile``, which imports TorchInductor's compiler. They are seconds of a
 training process's imports on a GPU machine (docs/benchmarks.md), paid by every training process, by the fork server
-before its first fork and by the sweep's own checks, all on the way to a sweep's first trial. A sweep trains and validates with PyTorch only and never generates with an assistant model.
+before its first fork and by the sweep's own checks, all on the way to a sweep's first trial. A sweep trains and
+validates with PyTorch only and never generates with an assistant model.
 ``USE_TF``/``USE_FLAX`` are Transformers' own switches (a value the user set wins); scikit-learn has none, so
 Transformers' flag for it is cleared when its ``import_utils`` is first executed; bitsandbytes' kernels are compiled
 when first called (as ``torch.compile`` does anyway), not wrapped at import.

@@ -158,8 +158,8 @@ def _exported_names(module: str) -> frozenset[str] | None:
     try:
         values = [node.value for node in tree.body if isinstance(node, ast.Assign)
                   and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]  # fmt: skip
-        changed = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                   and node.value.id == "__all__"]  # fmt: skip  # __all__.extend(...), __all__.append(...)
+        changed = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)  # __all__.extend(...) and such
+                   and isinstance(node.value, ast.Name) and node.value.id == "__all__"]  # fmt: skip
         augmented = [node for node in tree.body if isinstance(node, ast.AugAssign)
                      and isinstance(node.target, ast.Name) and node.target.id == "__all__"]  # fmt: skip
         if len(values) != 1 or changed or augmented:

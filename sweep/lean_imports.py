@@ -20,23 +20,21 @@ import os
 import sys
 import types
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any
 
 IMPORT_UTILS = "transformers.utils.import_utils"
 BITSANDBYTES = "bitsandbytes"
 
-#: The environment variables ``skip_unused_frameworks`` added (absent before): the fork server leaves them out of the
-#: environment it compares a worker's with, so a sweep process that never called it still gets forks.
-SET_HERE: dict[str, str] = {}
+#: Transformers' own switches, set where the user has not: ``skip_unused_frameworks`` in this process, and
+#: ``sweep.trial.launcher.environment`` for every training process (so a fork server and its workers agree on them).
+ENVIRONMENT = {"USE_TF": "0", "USE_FLAX": "0"}
 
 
 def skip_unused_frameworks() -> None:
     """Before Transformers and bitsandbytes are imported: TensorFlow, Flax/JAX, scikit-learn and TorchInductor's
     compiler stay unimported by them."""
-    for key in ("USE_TF", "USE_FLAX"):
-        if key not in os.environ:
-            os.environ[key] = SET_HERE[key] = "0"
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
     module = sys.modules.get(IMPORT_UTILS)
     if module is not None:  # imported already (a test process): too late for the imports, right for the flag
         _no_sklearn(module)
@@ -46,17 +44,17 @@ def skip_unused_frameworks() -> None:
 
 
 @contextlib.contextmanager
-def _no_sklearn_after(module: ModuleType) -> Iterator[None]:
+def _no_sklearn_after(module: types.ModuleType) -> Iterator[None]:
     yield
     _no_sklearn(module)
 
 
-def _no_sklearn(module: ModuleType) -> None:
+def _no_sklearn(module: types.ModuleType) -> None:
     module._sklearn_available = False
 
 
 @contextlib.contextmanager
-def _compile_on_first_call(module: ModuleType) -> Iterator[None]:
+def _compile_on_first_call(module: types.ModuleType) -> Iterator[None]:
     """``torch.compile`` as bitsandbytes' import sees it: the real one, called when the function is first called.
 
     bitsandbytes' own wrapper falls back to the plain function where compiling fails, at either moment."""
@@ -90,7 +88,7 @@ def _compile_on_first_call(module: ModuleType) -> Iterator[None]:
         torch.compile = real
 
 
-_WRAPS: dict[str, Callable[[ModuleType], contextlib.AbstractContextManager]] = {
+_WRAPS: dict[str, Callable[[types.ModuleType], contextlib.AbstractContextManager]] = {
     IMPORT_UTILS: _no_sklearn_after,
     BITSANDBYTES: _compile_on_first_call,
 }
@@ -101,7 +99,7 @@ class _AroundImport(importlib.abc.MetaPathFinder):
     its context. A spec only looked up (``importlib.util.find_spec``, as Transformers checks what is installed) is
     wrapped too; the first execution uses the wrap up, and the finder leaves ``sys.meta_path`` when none is left."""
 
-    def __init__(self, wraps: dict[str, Callable[[ModuleType], contextlib.AbstractContextManager]]) -> None:
+    def __init__(self, wraps: dict[str, Callable[[types.ModuleType], contextlib.AbstractContextManager]]) -> None:
         self.wraps = wraps
 
     def find_spec(self, fullname, path, target=None):
@@ -112,7 +110,7 @@ class _AroundImport(importlib.abc.MetaPathFinder):
             return spec
         run = spec.loader.exec_module
 
-        def exec_module(module: ModuleType) -> None:
+        def exec_module(module: types.ModuleType) -> None:
             wrap = self.wraps.pop(fullname, None)
             if not self.wraps and self in sys.meta_path:  # not while a finder loop reads it: this is an execution
                 sys.meta_path.remove(self)

@@ -28,15 +28,12 @@ import time
 import traceback
 from collections.abc import Iterator
 
-from sweep import lean_imports
 from sweep.trial import protocol
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_PDEATHSIG = 1
 
-#: The server's environment as it started, before its imports (which read it, and may add to it); the keys this package
-#: set on import (``lean_imports.SET_HERE``, absent from a sweep process that never called it) are left out, and reach
-#: the forks as the other keys its imports set do.
+#: The server's environment as it started, before its imports (which read it, and may add to it).
 STARTED_WITH: dict[str, str] = {}
 
 
@@ -206,7 +203,7 @@ def import_training_stack(seen: dict[str, str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    STARTED_WITH.update({k: v for k, v in os.environ.items() if k not in lean_imports.SET_HERE})
+    STARTED_WITH.update(os.environ)
     sock = socket.socket(fileno=int(argv[0]))
     started = time.monotonic()
     seen: dict[str, str] = {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from sweep import lean_imports
 from sweep.trial import protocol
 
 #: Set (by a signal handler) to stop every running trial of this process and start no new one.
@@ -92,6 +93,8 @@ def environment(launch: Launch) -> dict[str, str]:
             "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
         }
     )
+    for key, value in lean_imports.ENVIRONMENT.items():  # a user's own value wins
+        env.setdefault(key, value)
     if launch.gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in launch.gpu_ids)
         # trials share a GPU by their planned peaks, which are the allocator's reserve; without expandable segments

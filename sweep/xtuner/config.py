@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import os
 import threading
 from pathlib import Path
@@ -85,129 +84,15 @@ def _import_path_unbuilt(lazy: Any) -> str | None:
     module, name = getattr(lazy, "_module", None), getattr(lazy, "_imported", None)
     if type(lazy).__name__ != "LazyObject" or not isinstance(module, str) or not name:
         return None
+    from sweep.xtuner import source_names  # it takes PARSE_LOCK from here
+
     parts = module.split(".")
     for i in range(1, len(parts)):
-        above = _names_in_source(".".join(parts[:i]))
+        above = source_names.names_in_source(".".join(parts[:i]))
         if above is None or parts[i] in above:
             return None
-    names = _names_in_source(module)
+    names = source_names.names_in_source(module)
     return f"{module}.{name}" if names is not None and name in names else None
-
-
-@functools.cache
-def _names_in_source(module: str) -> frozenset[str] | None:
-    """The names a module's own source binds at its top level (defs, classes, assignments, imports, also inside
-    ``if``/``try``/``with`` blocks; not under ``if TYPE_CHECKING:``, not a bare annotation, not one it deletes), read
-    without importing it or its packages (``_source_file``). None where it cannot tell: no source file, a source that
-    does not parse, or an ``import *`` of a module whose ``__all__`` is not a literal list."""
-    import ast
-
-    parsed = _parsed_source(module)
-    if parsed is None:
-        return None
-    origin, tree = parsed
-    names: set[str] = set()
-    deleted: set[str] = set()
-    statements = list(tree.body)
-    while statements:
-        node = statements.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
-            exported = _exported_names(_absolute(module, origin, node))
-            if exported is None:
-                return None
-            names.update(exported)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.Assign) or (isinstance(node, ast.AnnAssign) and node.value is not None):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name))
-        elif isinstance(node, ast.Delete):
-            deleted.update(t.id for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name))
-        elif isinstance(node, ast.If):
-            test = node.test
-            type_checking = (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-            )
-            statements.extend(node.orelse if type_checking else node.body + node.orelse)
-        elif isinstance(node, (ast.Try, ast.With)):
-            statements.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
-            statements.extend(stmt for handler in getattr(node, "handlers", []) for stmt in handler.body)
-    return frozenset(names - deleted)
-
-
-def _absolute(module: str, origin: str, node: Any) -> str:
-    """The module a ``from ... import *`` in ``module`` (whose source is ``origin``) names."""
-    if not node.level:
-        return node.module
-    package = module if Path(origin).name == "__init__.py" else module.rpartition(".")[0]
-    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-    return f"{base}.{node.module}" if node.module else base
-
-
-@functools.cache
-def _exported_names(module: str) -> frozenset[str] | None:
-    """The literal ``__all__`` of a module's source (what its ``import *`` binds), or None where there is none."""
-    import ast
-
-    parsed = _parsed_source(module)
-    if parsed is None:
-        return None
-    tree = parsed[1]
-    try:
-        values = [node.value for node in tree.body if isinstance(node, ast.Assign)
-                  and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]  # fmt: skip
-        changed = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)  # __all__.extend(...) and such
-                   and isinstance(node.value, ast.Name) and node.value.id == "__all__"]  # fmt: skip
-        augmented = [node for node in tree.body if isinstance(node, ast.AugAssign)
-                     and isinstance(node.target, ast.Name) and node.target.id == "__all__"]  # fmt: skip
-        if len(values) != 1 or changed or augmented:
-            return None
-        with PARSE_LOCK:
-            return frozenset(ast.literal_eval(values[0]))
-    except Exception:  # noqa: BLE001 - a computed __all__: cannot tell
-        return None
-
-
-def _parsed_source(module: str) -> tuple[str, Any] | None:
-    """A module's source file and its syntax tree, read without importing it; None where either cannot be had."""
-    import ast
-
-    try:
-        origin = _source_file(module)
-        if origin is None:
-            return None
-        text = Path(origin).read_text(encoding="utf-8")
-        with PARSE_LOCK:
-            return origin, ast.parse(text)
-    except Exception:  # noqa: BLE001 - anything unreadable is "cannot tell": the value is then imported
-        return None
-
-
-def _source_file(module: str) -> str | None:
-    """The ``.py`` file ``import module`` would run, found on disk from its top-level package's folders: a
-    submodule's ``find_spec`` would run every package above it (``xtuner.engine`` alone imports XTuner's models)."""
-    import importlib.util
-
-    top, *rest = module.split(".")
-    spec = importlib.util.find_spec(top)  # a top-level name: nothing is imported to find it
-    if spec is None:
-        return None
-    if not rest:
-        return spec.origin if spec.origin and spec.origin.endswith(".py") else None
-    folders = [Path(d) for d in spec.submodule_search_locations or []]
-    for i, part in enumerate(rest):
-        last = i == len(rest) - 1
-        package = next((d / part for d in folders if (d / part / "__init__.py").is_file()), None)
-        if last:
-            if package is not None:
-                return str(package / "__init__.py")
-            return next((str(d / f"{part}.py") for d in folders if (d / f"{part}.py").is_file()), None)
-        if package is None:
-            return None
-        folders = [package]
-    return None
 
 
 def prompt_template(name: str) -> dict[str, Any]:

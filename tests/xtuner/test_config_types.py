@@ -12,7 +12,9 @@ import pytest
 from mmengine.utils import get_object_from_string
 
 from sweep.spec import SpecError
-from sweep.xtuner.config import _names_in_source, _source_file, load_base_config
+from sweep.xtuner import source_names
+from sweep.xtuner.config import load_base_config
+from sweep.xtuner.source_names import source_file
 from tests.conftest import ROOT
 
 
@@ -74,6 +76,11 @@ def test_a_name_a_package_reexports_under_its_submodules_name_is_imported_not_a_
     assert load_base_config(str(config))["loader"]["collate_fn"]["type"] is collate_fns.default_collate_fn
 
 
+def _clear_caches() -> None:
+    source_names.names_in_source.cache_clear()
+    source_names._parsed_source.cache_clear()
+
+
 PACKAGES = {
     "pkgshown": "try:\n    from .impl import Thing\nexcept ImportError:\n    raise\n",  # bound where it can be read
     "pkghidden": "from .impl import *\n",  # bound where it cannot
@@ -89,9 +96,9 @@ def packages(tmp_path, monkeypatch):
         (tmp_path / name / "__init__.py").write_text(init)
         (tmp_path / name / "impl.py").write_text("class Thing:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _names_in_source.cache_clear()
+    _clear_caches()
     yield tmp_path
-    _names_in_source.cache_clear()
+    _clear_caches()
     for module in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
         del sys.modules[module]
 
@@ -104,9 +111,9 @@ def test_a_name_the_source_shows_stays_a_path_and_one_behind_import_star_is_impo
     assert base["model"]["type"] == "pkgshown.Thing" and "pkgshown" not in sys.modules, "not imported by the check"
     assert isinstance(base["model"]["inner"]["type"], type), "`import *` hides the name: imported, as before"
     assert isinstance(base["plain"]["kind"], type), "only `type` keys, which mmengine always builds, become paths"
-    assert _source_file("pkgshown.impl") == str(packages / "pkgshown" / "impl.py")
-    assert _source_file("pkghidden") == str(packages / "pkghidden" / "__init__.py")
-    assert _source_file("pkgshown.missing") is None and _source_file("no_such_package_here.x") is None
+    assert source_file("pkgshown.impl") == str(packages / "pkgshown" / "impl.py")
+    assert source_file("pkghidden") == str(packages / "pkghidden" / "__init__.py")
+    assert source_file("pkgshown.missing") is None and source_file("no_such_package_here.x") is None
 
 
 @pytest.mark.parametrize(("package", "name"), [("pkgshown", "Thingg"), ("pkgtyping", "Thing"), ("pkgdeleted", "Thing")])
